@@ -1,0 +1,109 @@
+"""A model's channel structure, as data.
+
+Every pfa_jax model describes its prunable channel *groups* with a
+:class:`Structure`. A group is one keep-set: a set of output channels that is
+pruned as a unit. For a plain conv layer the group is that layer's filters;
+for a residual stage it is the stream shared, through the residual adds, by
+every layer that writes into it.
+
+Each group names
+
+* ``producers``: module paths whose every ``params`` / ``batch_stats`` leaf
+  holds the group's channels on its **last** axis (conv kernel ``[H, W, I, O]``,
+  bias, BN scale/bias/mean/var, dense kernel ``[I, O]``);
+* ``consumers``: paths of kernels that read the group's channels on axis
+  ``-2`` (the input-channel axis of conv ``HWIO`` and dense ``[I, O]``
+  kernels). A dense layer after a channel-last flatten reads each channel at
+  ``I / C`` positions; the slicer infers that repeat from the kernel shape.
+* ``index``: its position in the model's ``widths`` tuple.
+
+``index_maps`` describe parameter-free channel maps between groups, such as
+ResNet-56's zero-padding ("option A") shortcut, stored as a model field.
+
+The slicer, the masker, the cost model and PFA's response taps all read this
+one description, so adding a model means writing its modules and its
+``structure()``; no pruning code changes.
+"""
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+  """One prunable keep-set.
+
+  Attributes:
+    name: layer name used in every layer tree (widths, spectra, keep-sets).
+    index: position of this group's width in the model's ``widths`` field.
+    producers: module paths writing these channels (sliced on the last axis).
+    consumers: kernel paths reading these channels (sliced on axis -2).
+    stream: True for a residual stream shared by several producers.
+  """
+
+  name: str
+  index: int
+  producers: tuple[str, ...]
+  consumers: tuple[str, ...]
+  stream: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexMap:
+  """A parameter-free channel map stored in a model field.
+
+  ``getattr(model, field)[position][j]`` is the ``source`` channel that output
+  channel ``j`` of ``target`` copies, or ``-1`` for a zero channel.
+  """
+
+  field: str
+  position: int
+  source: str
+  target: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Structure:
+  """All prunable groups of a model, in ``widths`` order."""
+
+  groups: tuple[Group, ...]
+  index_maps: tuple[IndexMap, ...] = ()
+
+  @property
+  def names(self) -> tuple[str, ...]:
+    return tuple(g.name for g in self.groups)
+
+  def group(self, name: str) -> Group:
+    for g in self.groups:
+      if g.name == name:
+        return g
+    raise KeyError(
+      f'Unknown layer {name!r}; this model has: {", ".join(self.names)}.'
+    )
+
+  def stream_of(self, path: str) -> str | None:
+    """The stream group that module ``path`` writes into, if any."""
+    for g in self.groups:
+      if g.stream and path in g.producers:
+        return g.name
+    return None
+
+
+def widths_of(model) -> dict[str, int]:
+  """The model's widths as a layer tree ``{group name: width}``."""
+  s = model.structure()
+  return {g.name: int(model.widths[g.index]) for g in s.groups}
+
+
+def with_widths(model, widths) -> object:
+  """A copy of ``model`` with the named groups set to the given widths.
+
+  Groups not named keep their width. Unknown names raise ``KeyError``.
+  """
+  s = model.structure()
+  new = list(model.widths)
+  for name, w in widths.items():
+    w = int(w)
+    if w < 1:
+      raise ValueError(f'Layer {name!r}: width must be >= 1, got {w}.')
+    new[s.group(name).index] = w
+  return model.clone(widths=tuple(new))
