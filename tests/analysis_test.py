@@ -1,0 +1,112 @@
+"""Tests for pfa_jax.analysis (the one-call API) and its CLI."""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+from absl.testing import absltest, parameterized
+
+from pfa_jax import analysis
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _responses(seed=0, m=64):
+  rng = np.random.default_rng(seed)
+  low = rng.standard_normal((m, 2)) @ rng.standard_normal((2, 6))
+  conv = rng.standard_normal((m, 3, 4, 5)).astype(np.float32)
+  return {
+    'conv1': conv,
+    'fc': (low + 0.1 * rng.standard_normal((m, 6))).astype(np.float32),
+  }
+
+
+class AnalyzeTest(parameterized.TestCase):
+  def test_structure_and_json_round_trip(self):
+    out = analysis.analyze(_responses(), energies=(0.5, 0.9, 1.0))
+    self.assertEqual(json.loads(json.dumps(out)), out)
+    self.assertEqual(
+      set(out['recipes']), {'energy_0.5', 'energy_0.9', 'energy_1', 'kl'}
+    )
+    self.assertLen(out['spectra']['conv1'], 5)
+    self.assertAlmostEqual(sum(out['spectra']['fc']), 1.0)
+    for recipe in out['recipes'].values():
+      for layer, entry in recipe.items():
+        c = len(out['spectra'][layer])
+        self.assertBetween(entry['width'], 1, c)
+        self.assertLen(entry['kept'], entry['width'])
+        self.assertEqual(entry['kept'], sorted(set(entry['kept'])))
+    # fc is rank 2 + small noise: 90% energy in at most 2 units.
+    self.assertLessEqual(out['recipes']['energy_0.9']['fc']['width'], 2)
+    # Selection is one nested order: smaller keep-sets are subsets.
+    small = set(out['recipes']['energy_0.5']['fc']['kept'])
+    self.assertLessEqual(small, set(out['recipes']['energy_1']['fc']['kept']))
+    self.assertNotIn('kl', analysis.analyze(_responses(), kl=False)['recipes'])
+
+  def test_4d_max_pooled_equals_pre_pooled(self):
+    resp = _responses()
+    pooled = dict(resp, conv1=resp['conv1'].max(axis=(1, 2)))
+    self.assertEqual(analysis.analyze(resp), analysis.analyze(pooled))
+
+  def test_dead_units_and_single_unit_layer_are_finite(self):
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((20, 4)).astype(np.float32)
+    x[:, 2] = 1.0
+    out = analysis.analyze(
+      {'a': x, 'one': x[:, :1], 'dead': np.zeros((20, 3), np.float32)}
+    )
+    self.assertEqual(out['recipes']['kl']['one'], {'width': 1, 'kept': [0]})
+    self.assertEqual(out['recipes']['kl']['dead']['width'], 1)
+    self.assertEqual(out['spectra']['dead'], [1.0, 0.0, 0.0])
+    self.assertNotIn(2, out['recipes']['energy_0.99']['a']['kept'])
+    self.assertTrue(np.all(np.isfinite(out['spectra']['a'])))
+
+  @parameterized.named_parameters(
+    ('nan', {'l1': np.array([[0.0, 1.0], [np.nan, 2.0]])}, r"'l1'.*NaN"),
+    ('inf', {'l1': np.array([[0.0, 1.0], [np.inf, 2.0]])}, r"'l1'.*NaN or Inf"),
+    ('1d', {'l2': np.zeros(5)}, r"'l2'.*1-D"),
+    ('5d', {'l3': np.zeros((2, 1, 1, 1, 2))}, r"'l3'.*5-D"),
+    ('one_sample', {'l4': np.zeros((1, 3))}, r"'l4'.*at least 2 samples"),
+    ('empty', {}, r'non-empty'),
+  )
+  def test_bad_input_raises(self, responses, regex):
+    with self.assertRaisesRegex(ValueError, regex):
+      analysis.analyze(responses)
+
+  def test_bad_tau_raises(self):
+    with self.assertRaisesRegex(ValueError, r'tau.*1.5'):
+      analysis.analyze(_responses(), energies=(0.9, 1.5))
+
+  def test_cli(self):
+    resp = _responses(m=16)
+    with tempfile.TemporaryDirectory() as d:
+      path = os.path.join(d, 'r.npz')
+      np.savez(path, **resp)
+      proc = subprocess.run(
+        [
+          sys.executable,
+          '-m',
+          'pfa_jax.analyze',
+          path,
+          '--energies',
+          '0.9,0.95',
+          '--no-kl',
+        ],
+        cwd=_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+        env=dict(os.environ, JAX_PLATFORMS='cpu'),
+      )
+    out = json.loads(proc.stdout)
+    self.assertEqual(set(out['recipes']), {'energy_0.9', 'energy_0.95'})
+    expected = analysis.analyze(resp, energies=(0.9, 0.95), kl=False)
+    self.assertEqual(out, json.loads(json.dumps(expected)))
+
+
+if __name__ == '__main__':
+  absltest.main()

@@ -1,0 +1,223 @@
+"""Tests for pfa_jax.stats against float64 NumPy references."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl.testing import absltest, parameterized
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from pfa_jax import stats
+
+
+def _rel(a, b):
+  return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+def _data(seed, n, c, offset=0.0):
+  rng = np.random.default_rng(seed)
+  mix = rng.standard_normal((c, c)) / np.sqrt(c)
+  x = offset + rng.standard_normal((n, c)) @ mix
+  return x.astype(np.float32)
+
+
+class StatsTest(parameterized.TestCase):
+  @parameterized.parameters((1, 7), (5, 2), (64, 100), (300, 2500))
+  def test_covariance_matches_np_cov(self, c, n):
+    x = _data(0, n, c, offset=3.0)
+    state = stats.update(stats.init(c), x)
+    ref = np.cov(x.astype(np.float64), rowvar=False).reshape(c, c)
+    got = stats.covariance(state)
+    self.assertEqual(got.dtype, np.float64)
+    self.assertLess(_rel(got, ref), 1e-6)
+    np.testing.assert_allclose(got, got.T)
+    np.testing.assert_allclose(stats.mean(state), x.mean(0), rtol=1e-5)
+    self.assertEqual(stats.count(state), n)
+
+  def test_block_triangular_path_is_exact_and_symmetric(self):
+    c = 2 * stats._BLOCK + 40  # forces the block-upper-triangular product
+    x = _data(1, 64, c)
+    got = stats.covariance(stats.update(stats.init(c), x))
+    ref = np.cov(x.astype(np.float64), rowvar=False)
+    self.assertLess(_rel(got, ref), 1e-6)
+    np.testing.assert_array_equal(got, got.T)
+
+  @parameterized.parameters(0, 1, 2)
+  def test_merge_of_random_chunks_equals_one_pass(self, seed):
+    rng = np.random.default_rng(seed)
+    c = 12
+    x = _data(seed, 300, c, offset=50.0)
+    cuts = np.sort(rng.choice(np.arange(1, 300), size=8, replace=False))
+    cuts = np.concatenate([[0, 0, 1], cuts, [299, 300, 300]])  # empty, size 1
+    rows = np.arange(300)
+    chunk_states = []
+    for a, b in zip(cuts[:-1], cuts[1:], strict=True):
+      # Each chunk is a masked view of x (one compile); a == b is empty.
+      chunk_states.append(
+        stats.update(stats.init(c), x, (rows >= a) & (rows < b))
+      )
+    one = stats.update(stats.init(c), x)
+    # Merge in a random tree shape: associativity.
+    while len(chunk_states) > 1:
+      i = int(rng.integers(len(chunk_states) - 1))
+      merged = stats.merge(chunk_states[i], chunk_states[i + 1])
+      chunk_states[i : i + 2] = [merged]
+    got = chunk_states[0]
+    self.assertEqual(stats.count(got), 300)
+    ref = np.cov(x.astype(np.float64), rowvar=False)
+    self.assertLess(_rel(stats.covariance(got), ref), 1e-6)
+    self.assertLess(_rel(stats.covariance(got), stats.covariance(one)), 1e-6)
+    np.testing.assert_allclose(stats.mean(got), stats.mean(one), rtol=1e-6)
+
+  def test_empty_state_is_identity(self):
+    x = _data(3, 20, 4, offset=7.0)
+    s = stats.update(stats.init(4), x)
+    for got in (
+      stats.merge(stats.init(4), s),
+      stats.merge(s, stats.init(4)),
+    ):
+      for f in ('count', 'mean', 'm2', 'm2_comp'):
+        np.testing.assert_array_equal(getattr(got, f), getattr(s, f))
+
+  def test_mask_equals_dropping_rows(self):
+    x = _data(4, 50, 6, offset=-20.0)
+    mask = np.random.default_rng(4).random(50) < 0.6
+    for m in (mask, mask.astype(np.float32)):
+      masked = stats.update(stats.init(6), x, m)
+      dropped = stats.update(stats.init(6), x[mask])
+      self.assertEqual(stats.count(masked), mask.sum())
+      np.testing.assert_allclose(
+        stats.covariance(masked),
+        stats.covariance(dropped),
+        rtol=1e-5,
+        atol=1e-6,
+      )
+    # Masked rows may hold garbage (but finite) values.
+    x_bad = x.copy()
+    x_bad[~mask] = 1e6
+    np.testing.assert_allclose(
+      stats.covariance(stats.update(stats.init(6), x_bad, mask)),
+      stats.covariance(dropped),
+      rtol=1e-5,
+      atol=1e-6,
+    )
+
+  def test_fewer_than_two_samples_raises(self):
+    s = stats.update(stats.init(3), np.ones((1, 3), np.float32))
+    with self.assertRaisesRegex(ValueError, r"'conv1'.*at least 2 samples"):
+      stats.covariance(s, name='conv1')
+    with self.assertRaisesRegex(ValueError, r'at least 2 samples, got 0'):
+      stats.covariance(stats.init(3))
+
+  def test_non_finite_raises_naming_layer(self):
+    x = _data(5, 10, 3)
+    x[4, 1] = np.nan
+    states = stats.update_tree({'fc': stats.init(3)}, {'fc': x})
+    with self.assertRaisesRegex(ValueError, r"'fc'.*NaN or Inf"):
+      stats.check_finite_tree(states)
+    with self.assertRaisesRegex(ValueError, r"'fc'.*NaN or Inf"):
+      stats.covariance_tree(states)
+
+  @parameterized.parameters((np.zeros((4,)),), (np.zeros((2, 3, 4)),))
+  def test_bad_shape_raises(self, x):
+    with self.assertRaisesRegex(ValueError, r"'conv2'.*\[N, 4\]"):
+      stats.update_tree({'conv2': stats.init(4)}, {'conv2': x})
+
+  def test_tree_key_mismatch_raises(self):
+    states = stats.init_tree({'a': 2, 'b': 3})
+    with self.assertRaisesRegex(ValueError, r"missing \['b'\].*extra \['c'\]"):
+      stats.update_tree(states, {'a': np.ones((2, 2)), 'c': np.ones((2, 3))})
+
+  def test_tree_api(self):
+    xs = {'a': _data(6, 30, 2), 'b/conv': _data(7, 30, 5)}
+    s1 = stats.update_tree(stats.init_tree({'a': 2, 'b/conv': 5}), xs)
+    half = {k: v[:10] for k, v in xs.items()}
+    rest = {k: v[10:] for k, v in xs.items()}
+    s2 = stats.merge_tree(
+      stats.update_tree(stats.init_tree({'a': 2, 'b/conv': 5}), half),
+      stats.update_tree(stats.init_tree({'a': 2, 'b/conv': 5}), rest),
+    )
+    c1, c2 = stats.covariance_tree(s1), stats.covariance_tree(s2)
+    for k, x in xs.items():
+      ref = np.cov(x.astype(np.float64), rowvar=False)
+      self.assertLess(_rel(c1[k], ref), 1e-6)
+      self.assertLess(_rel(c2[k], ref), 1e-6)
+
+
+class ShardingTest(parameterized.TestCase):
+  def setUp(self):
+    super().setUp()
+    if jax.device_count() < 8:
+      self.skipTest('needs 8 (fake) devices')
+    self.mesh = Mesh(np.array(jax.devices()[:8]), ('data',))
+    self.x = _data(8, 8 * 37, 10, offset=30.0)
+    self.mask = np.random.default_rng(8).random(8 * 37) < 0.8
+    self.ref = stats.update(stats.init(10), self.x[self.mask])
+
+  def test_jit_with_named_sharding_matches_one_device(self):
+    sh = NamedSharding(self.mesh, PartitionSpec('data'))
+    x = jax.device_put(self.x, sh)
+    mask = jax.device_put(self.mask, sh)
+    state = jax.device_put(
+      stats.init(10), NamedSharding(self.mesh, PartitionSpec())
+    )
+    self.assertLen(x.sharding.device_set, 8)
+    got = jax.jit(stats.update)(state, x, mask)
+    np.testing.assert_allclose(
+      stats.covariance(got), stats.covariance(self.ref), rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_allclose(stats.mean(got), stats.mean(self.ref), 1e-6)
+
+  def test_shard_map_psum_matches_one_device(self):
+    p = PartitionSpec
+
+    @jax.jit
+    @functools.partial(
+      jax.shard_map,
+      mesh=self.mesh,
+      in_specs=(p(), p('data'), p('data')),
+      out_specs=p(),
+    )
+    def step(state, x, mask):
+      return stats.update(state, x, mask, axis_name='data')
+
+    got = step(stats.init(10), jnp.asarray(self.x), jnp.asarray(self.mask))
+    self.assertEqual(stats.count(got), self.mask.sum())
+    np.testing.assert_allclose(
+      stats.covariance(got), stats.covariance(self.ref), rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_allclose(stats.mean(got), stats.mean(self.ref), 1e-6)
+
+
+class Float32AccuracyTest(absltest.TestCase):
+  def test_float32_streaming_with_large_mean_matches_float64(self):
+    c, batch, num_batches = 16, 2048, 600  # 1.2M samples, mean/std ~ 100
+    key = jax.random.PRNGKey(0)
+    mix = jax.random.normal(jax.random.PRNGKey(1), (c, c)) / np.sqrt(c)
+
+    @jax.jit
+    def step(state, i):
+      z = jax.random.normal(jax.random.fold_in(key, i), (batch, c))
+      x = 100.0 + z @ mix
+      return stats.update(state, x), x
+
+    state = stats.init(c)
+    # Independent reference: exact float64 sums of (x - 100), on the host.
+    s1 = np.zeros(c)
+    s2 = np.zeros((c, c))
+    for i in range(num_batches):
+      state, x = step(state, i)
+      xd = np.asarray(x, np.float64) - 100.0
+      s1 += xd.sum(0)
+      s2 += xd.T @ xd
+    m = batch * num_batches
+    d = s1 / m
+    ref = (s2 - m * np.outer(d, d)) / (m - 1)
+    self.assertEqual(stats.count(state), m)
+    self.assertLess(_rel(stats.covariance(state), ref), 1e-6)
+    np.testing.assert_allclose(stats.mean(state), 100.0 + d, rtol=1e-6)
+
+
+if __name__ == '__main__':
+  absltest.main()
