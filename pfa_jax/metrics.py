@@ -1,0 +1,132 @@
+"""Metric writers and results files.
+
+* ``JsonlWriter``: a clu ``MetricWriter`` that appends one JSON object per
+  ``write_scalars`` call to ``metrics.jsonl`` (``{'step': N, name: value}``),
+  so every logged number survives outside TensorBoard.
+* ``create_writer(workdir)``: clu's default writer (TensorBoard + logging)
+  combined with a ``JsonlWriter`` through clu's ``MultiWriter``; hosts other
+  than process 0 only log.
+* ``write_config(config, workdir)``: dumps the config to ``config.json``.
+* ``eval_summary(sums)``: masked eval sums -> mean loss and accuracy.
+"""
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from clu import metric_writers
+
+METRICS_FILE = 'metrics.jsonl'
+CONFIG_FILE = 'config.json'
+
+
+def _to_json_number(value: Any) -> float | int | str | None:
+  value = np.asarray(value)
+  if value.size != 1:
+    raise ValueError(f'Expected a scalar, got shape {value.shape}.')
+  value = value.reshape(()).item()
+  if isinstance(value, float) and not math.isfinite(value):
+    return str(value)  # 'nan' / 'inf': keep the file valid JSON.
+  return value
+
+
+class JsonlWriter(metric_writers.MetricWriter):
+  """Appends ``{'step': step, **scalars}`` lines to a JSONL file.
+
+  Only scalars (and hparams, as one ``{'hparams': ...}`` line) are written;
+  images, histograms and the like are ignored.
+  """
+
+  def __init__(self, path: str | os.PathLike):
+    self._path = os.fspath(path)
+    os.makedirs(os.path.dirname(self._path) or '.', exist_ok=True)
+    self._file = open(self._path, 'a')  # noqa: SIM115 (closed in close()).
+
+  @property
+  def path(self) -> str:
+    return self._path
+
+  def _write(self, obj: Mapping[str, Any]) -> None:
+    self._file.write(json.dumps(obj, sort_keys=False) + '\n')
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    line = {'step': int(step)}
+    line.update({k: _to_json_number(v) for k, v in scalars.items()})
+    self._write(line)
+
+  def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+    self._write({'hparams': json.loads(json.dumps(hparams, default=str))})
+
+  def write_summaries(self, step, values, metadata=None):
+    del step, values, metadata
+
+  def write_images(self, step, images):
+    del step, images
+
+  def write_videos(self, step, videos):
+    del step, videos
+
+  def write_audios(self, step, audios, *, sample_rate):
+    del step, audios, sample_rate
+
+  def write_texts(self, step, texts):
+    del step, texts
+
+  def write_histograms(self, step, arrays, num_buckets=None):
+    del step, arrays, num_buckets
+
+  def flush(self) -> None:
+    self._file.flush()
+
+  def close(self) -> None:
+    if not self._file.closed:
+      self._file.close()
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+  """All objects of a JSONL file, in order."""
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def create_writer(workdir: str | os.PathLike) -> metric_writers.MetricWriter:
+  """TensorBoard + logging + ``workdir/metrics.jsonl`` (process 0 only)."""
+  lead = jax.process_index() == 0
+  default = metric_writers.create_default_writer(
+    os.fspath(workdir), just_logging=not lead
+  )
+  if not lead:
+    return default
+  return metric_writers.MultiWriter(
+    [default, JsonlWriter(os.path.join(workdir, METRICS_FILE))]
+  )
+
+
+def write_config(config, workdir: str | os.PathLike) -> str | None:
+  """Dumps ``config`` (a ConfigDict or dict) to ``workdir/config.json``."""
+  if jax.process_index() != 0:
+    return None
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, CONFIG_FILE)
+  if hasattr(config, 'to_json_best_effort'):
+    text = config.to_json_best_effort(indent=2, sort_keys=True)
+  else:
+    text = json.dumps(config, indent=2, sort_keys=True, default=str)
+  with open(path, 'w') as f:
+    f.write(text + '\n')
+  return path
+
+
+def eval_summary(sums: Mapping[str, Any]) -> dict[str, float]:
+  """``{'loss_sum', 'correct', 'count'}`` -> ``{'loss', 'accuracy', 'count'}``."""
+  count = float(sums['count'])
+  denom = max(count, 1.0)
+  return {
+    'loss': float(sums['loss_sum']) / denom,
+    'accuracy': float(sums['correct']) / denom,
+    'count': count,
+  }
