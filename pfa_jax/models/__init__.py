@@ -146,8 +146,8 @@ def _from_json(v):
 def init(model: nn.Module, rng: jax.Array, input_shape) -> dict:
   """Initialises variables for one NHWC input of ``input_shape`` (H, W, C)."""
   x = jax.numpy.zeros((1, *input_shape), jax.numpy.float32)
-  variables = model.init({'params': rng, 'dropout': rng}, x, train=False)
-  return model_variables(variables)
+  init_fn = jax.jit(lambda r, x: model.init({'params': r, 'dropout': r}, x))
+  return model_variables(init_fn(rng, x))
 
 
 def model_variables(variables) -> dict:
