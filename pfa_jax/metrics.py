@@ -130,3 +130,39 @@ def eval_summary(sums: Mapping[str, Any]) -> dict[str, float]:
     'accuracy': float(sums['correct']) / denom,
     'count': count,
   }
+
+
+def provenance() -> dict[str, Any]:
+  """pfa_jax version, git commit (if any), JAX version and devices."""
+  import subprocess  # noqa: PLC0415
+
+  import pfa_jax  # noqa: PLC0415
+
+  here = os.path.dirname(os.path.abspath(__file__))
+  try:
+    commit = subprocess.run(
+      ['git', 'rev-parse', 'HEAD'],
+      cwd=here,
+      capture_output=True,
+      text=True,
+      timeout=10,
+      check=True,
+    ).stdout.strip()
+    dirty = bool(
+      subprocess.run(
+        ['git', 'status', '--porcelain', '--untracked-files=no'],
+        cwd=here,
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=True,
+      ).stdout.strip()
+    )
+  except (OSError, subprocess.SubprocessError):
+    commit, dirty = 'unknown', False
+  return {
+    'pfa_jax_version': pfa_jax.__version__,
+    'git_commit': commit + ('-dirty' if dirty else ''),
+    'jax_version': jax.__version__,
+    'devices': [str(d) for d in jax.devices()],
+  }

@@ -1,0 +1,72 @@
+"""`make demo`: train SimpleCNN on CIFAR-10, compress with PFA, fine-tune.
+
+Runs ``configs/demo_cifar10.py`` through the library (``pfa_jax.main.run``),
+then prints the summary table and draws the plots from the result files.
+
+  python -m experiments.demo --workdir workdirs/demo [--config-arg epochs=2]
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from absl import logging
+
+from configs import demo_cifar10
+from experiments.figures import demo_plots
+
+
+def table(result: dict) -> str:
+  """The summary table of a compress ``result.json``."""
+  full = result['full']
+  rows = [
+    ('recipe', 'params', 'FLOPs', 'size', 'acc pruned', 'acc fine-tuned'),
+    ('full', f'{full["params"]:,}', f'{full["flops"] / 1e6:.1f}M', '1.00x',
+     f'{full["accuracy"]:.4f}', '-'),
+  ]
+  for name, r in result['recipes'].items():
+    rows.append((
+      name,
+      f'{r["params"]:,}',
+      f'{r["flops"] / 1e6:.1f}M',
+      f'{1 / r["params_ratio"]:.2f}x smaller',
+      f'{r["accuracy_pruned"]:.4f}',
+      f'{r.get("accuracy_finetuned", float("nan")):.4f}',
+    ))
+  widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+  lines = ['  '.join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+  lines.insert(1, '  '.join('-' * w for w in widths))
+  return '\n'.join(lines)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--workdir', default='workdirs/demo')
+  parser.add_argument('--config-arg', default=None,
+                      help="e.g. 'epochs=2,finetune_epochs=0.5'")
+  args = parser.parse_args(argv)
+  logging.set_verbosity(logging.INFO)
+  from pfa_jax import main as pfa_main  # noqa: PLC0415
+
+  pfa_main.quiet_third_party_logs()
+  config = demo_cifar10.get_config(args.config_arg)
+  t0 = time.time()
+  pfa_main.run(config, args.workdir)
+  minutes = (time.time() - t0) / 60
+  path = os.path.join(args.workdir, 'compress', 'result.json')
+  with open(path) as f:
+    result = json.load(f)
+  plots = demo_plots.draw(args.workdir)
+  print()
+  print(f'PFA on SimpleCNN / CIFAR-10 (JPEG q75 copy), {minutes:.1f} min')
+  print(table(result))
+  print(f'\nResults: {path}')
+  for p in plots:
+    print(f'Plot:    {p}')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,111 @@
+"""Command line: the only module that defines flags.
+
+  python -m pfa_jax.main --config configs/simple_cnn_cifar10.py:runlocal \
+    --workdir runs/demo --config.job=all
+
+Jobs (``config.job``):
+
+* ``train``: train ``config.model`` in ``<workdir>/train`` (resumes from its
+  latest checkpoint);
+* ``compress``: PFA on the trained checkpoint (``config.pfa.source``, default
+  ``<workdir>/train``), results in ``<workdir>/compress``;
+* ``evaluate``: evaluate the trained checkpoint, ``<workdir>/evaluate``;
+* ``all``: train, then compress.
+"""
+
+import json
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+  'config', None, 'Experiment config file (configs/*.py[:args]).',
+  lock_config=True,
+)
+flags.DEFINE_string('workdir', None, 'Directory for checkpoints and results.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+JOBS = ('train', 'compress', 'evaluate', 'all')
+
+
+def run(config, workdir: str) -> dict:
+  """Dispatches ``config.job``; returns the job's result dict."""
+  # Imported here so `--help` and flag errors are instant.
+  from pfa_jax import checkpoint  # noqa: PLC0415
+  from pfa_jax import compress  # noqa: PLC0415
+  from pfa_jax import input_pipeline  # noqa: PLC0415
+  from pfa_jax import metrics  # noqa: PLC0415
+  from pfa_jax import train  # noqa: PLC0415
+
+  if config.job not in JOBS:
+    raise ValueError(f'config.job must be one of {JOBS}, got {config.job!r}.')
+  input_pipeline.get_spec(config.input.dataset)  # Unknown dataset: fail now.
+  from pfa_jax import models  # noqa: PLC0415
+
+  if config.model.name not in models.MODELS:
+    raise ValueError(
+      f'Unknown model {config.model.name!r}; known: {sorted(models.MODELS)}.'
+    )
+  input_pipeline.configure_tf()
+  out = {}
+  if config.job in ('train', 'all'):
+    train_dir = os.path.join(workdir, 'train')
+    result = train.train_and_evaluate(config, train_dir)
+    out['train'] = {**result.metrics, 'arch': result.arch,
+                    **metrics.provenance()}
+    _write(os.path.join(train_dir, 'result.json'), out['train'])
+  if config.job in ('compress', 'all'):
+    out['compress'] = compress.compress(
+      config, os.path.join(workdir, 'compress')
+    )
+  if config.job == 'evaluate':
+    source = config.pfa.source or os.path.join(workdir, 'train')
+    model, variables, arch, step = checkpoint.restore_model(source)
+    ev = train.evaluate_model(config, model, variables)
+    out['evaluate'] = {**ev, 'step': step, 'arch': arch, 'source': source,
+                       **metrics.provenance()}
+    eval_dir = os.path.join(workdir, 'evaluate')
+    metrics.write_config(config, eval_dir)
+    _write(os.path.join(eval_dir, 'result.json'), out['evaluate'])
+  return out
+
+
+def _write(path, obj):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, 'w') as f:
+    json.dump(obj, f, indent=2, default=str)
+
+
+class _DropThirdParty:
+  """A logging filter that keeps orbax's INFO chatter out of the progress."""
+
+  def filter(self, record):
+    return record.levelno >= 30 or '/orbax/' not in record.pathname
+
+
+def quiet_third_party_logs() -> None:
+  import logging as std_logging  # noqa: PLC0415
+
+  for handler in std_logging.getLogger().handlers + [
+    logging.get_absl_handler()
+  ]:
+    handler.addFilter(_DropThirdParty())
+
+
+def main(argv):
+  quiet_third_party_logs()
+  if len(argv) > 1:
+    raise app.UsageError(f'Too many command-line arguments: {argv[1:]}')
+  import jax  # noqa: PLC0415
+
+  logging.info('JAX process %d/%d, devices: %s', jax.process_index(),
+               jax.process_count(), jax.devices())
+  run(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,54 @@
+"""Every config (and its runlocal variant) builds, dumps to JSON, and names
+a registered model and dataset."""
+
+import glob
+import importlib
+import json
+import os
+
+from absl.testing import absltest
+from absl.testing import parameterized
+
+from configs import common
+from pfa_jax import compress
+from pfa_jax import input_pipeline
+from pfa_jax import models
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_NAMES = sorted(
+  os.path.basename(p)[:-3]
+  for p in glob.glob(os.path.join(_ROOT, 'configs', '*.py'))
+  if not os.path.basename(p).startswith(('_', 'common'))
+)
+
+
+class ConfigsTest(parameterized.TestCase):
+  def test_the_issue_configs_exist(self):
+    for name in ('simple_cnn_cifar10', 'simple_cnn_cifar100', 'vgg16_cifar10',
+                 'vgg16_cifar100', 'resnet56_cifar10', 'resnet56_cifar100',
+                 'vgg16_imagenet', 'resnet34_imagenet'):
+      self.assertIn(name, _NAMES)
+
+  @parameterized.parameters(*_NAMES)
+  def test_builds_and_dumps(self, name):
+    mod = importlib.import_module(f'configs.{name}')
+    for arg in (None, 'runlocal') if name != 'demo_cifar10' else (None,):
+      with self.subTest(arg=arg):
+        c = mod.get_config(arg)
+        json.loads(c.to_json())
+        self.assertIn(c.model.name, models.MODELS)
+        input_pipeline.get_spec(c.input.dataset)
+        for spec in c.pfa.recipes:
+          compress.parse_recipe(spec)
+        self.assertIn(c.pfa.resnet_mode, compress.RESNET_MODES)
+
+  def test_parse_arg(self):
+    a = common.parse_arg('runlocal,job=compress', runlocal=False, job='train')
+    self.assertTrue(a.runlocal)
+    self.assertEqual(a.job, 'compress')
+    with self.assertRaisesRegex(ValueError, "'bogus'"):
+      common.parse_arg('bogus=1', runlocal=False)
+
+
+if __name__ == '__main__':
+  absltest.main()

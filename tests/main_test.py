@@ -1,0 +1,63 @@
+"""CLI error paths: clear, early errors before any expensive work."""
+
+import os
+import subprocess
+import sys
+import tempfile
+
+from absl.testing import absltest
+
+from configs import simple_cnn_cifar10
+from pfa_jax import main as pfa_main
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(**kw):
+  c = simple_cnn_cifar10.get_config('runlocal')
+  for k, v in kw.items():
+    node = c
+    *path, leaf = k.split('.')
+    for p in path:
+      node = node[p]
+    node[leaf] = v
+  return c
+
+
+class MainErrorTest(absltest.TestCase):
+  def test_unknown_model(self):
+    with self.assertRaisesRegex(ValueError, "Unknown model 'vgg19'"):
+      pfa_main.run(_config(**{'model.name': 'vgg19'}), tempfile.mkdtemp())
+
+  def test_unknown_dataset(self):
+    with self.assertRaisesRegex(ValueError, "mnist"):
+      pfa_main.run(_config(**{'input.dataset': 'mnist'}), tempfile.mkdtemp())
+
+  def test_unknown_job(self):
+    with self.assertRaisesRegex(ValueError, "config.job.*'fly'"):
+      pfa_main.run(_config(job='fly'), tempfile.mkdtemp())
+
+  def test_missing_data_says_how_to_fix(self):
+    c = _config(**{'input.data_dir': tempfile.mkdtemp()})
+    with self.assertRaisesRegex(FileNotFoundError, 'TFDS_DATA_DIR'):
+      pfa_main.run(c, tempfile.mkdtemp())
+
+  def test_flag_type_error_is_clear(self):
+    # ml_collections rejects a wrong-typed override with the field's name.
+    proc = subprocess.run(
+      [sys.executable, '-m', 'pfa_jax.main',
+       '--config', 'configs/simple_cnn_cifar10.py:runlocal',
+       '--workdir', tempfile.mkdtemp(), '--config.num_epochs=lots'],
+      cwd=_ROOT, capture_output=True, text=True, timeout=120,
+    )
+    self.assertNotEqual(proc.returncode, 0)
+    self.assertIn('num_epochs', proc.stderr)
+
+  def test_compress_without_checkpoint(self):
+    c = _config(job='compress')
+    with self.assertRaisesRegex(FileNotFoundError, 'checkpoint'):
+      pfa_main.run(c, tempfile.mkdtemp())
+
+
+if __name__ == '__main__':
+  absltest.main()
