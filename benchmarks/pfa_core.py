@@ -32,7 +32,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pfa_jax import analyze, select, stats
+from pfa_jax import analyze
+from pfa_jax import select
+from pfa_jax import stats
 
 VGG_WIDTHS = (64, 64, 128, 128, 256, 256, 256) + (512,) * 7
 _OUT = os.path.join(os.path.dirname(__file__), 'results', 'pfa_core.json')

@@ -78,42 +78,46 @@ def optim(
   nesterov: bool = False,
   warmup_epochs: float = 0.0,
 ) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict({
-    'name': 'sgd',
-    'lr': lr,
-    'momentum': 0.9,
-    'nesterov': nesterov,
-    'weight_decay': weight_decay,
-    'schedule': schedule,  # 'constant' | 'step' | 'cosine'
-    'boundaries': list(boundaries),  # epochs, for 'step'
-    'decay_factor': 0.1,
-    'warmup_epochs': warmup_epochs,
-    'bn_l1': 0.0,  # Network Slimming's s (1e-4 VGG, 1e-5 ResNet)
-  })
+  return ml_collections.ConfigDict(
+    {
+      'name': 'sgd',
+      'lr': lr,
+      'momentum': 0.9,
+      'nesterov': nesterov,
+      'weight_decay': weight_decay,
+      'schedule': schedule,  # 'constant' | 'step' | 'cosine'
+      'boundaries': list(boundaries),  # epochs, for 'step'
+      'decay_factor': 0.1,
+      'warmup_epochs': warmup_epochs,
+      'bn_l1': 0.0,  # Network Slimming's s (1e-4 VGG, 1e-5 ResNet)
+    }
+  )
 
 
 def pfa() -> ml_collections.ConfigDict:
   """PFA compression settings (METHODS §1)."""
-  return ml_collections.ConfigDict({
-    # Where the trained model's checkpoint is; '' = <workdir>/train.
-    'source': '',
-    # Data for the response statistics: split, batches (0 = whole split).
-    'split': 'train',
-    'num_batches': 0,
-    'batch_size': 512,
-    # Accumulator dtype of the streaming covariance ('float32'|'float64').
-    'stats_dtype': 'float32',
-    # Which groups PFA prunes. For ResNets, 'inner' prunes the first conv of
-    # each block; 'inner+stream' also prunes each stage's residual stream.
-    'resnet_mode': 'inner',
-    # Recipes, each a string: 'kl', 'energy:0.9', 'params:0.5' (fraction of
-    # the full model, or an absolute count if > 1), 'flops:0.4'.
-    'recipes': ['kl', 'energy:0.9', 'energy:0.95'],
-    # Which filters to keep: 'pfa' (Pearson selection), 'random', or
-    # 'scratch' (same widths, re-initialised).
-    'select': 'pfa',
-    'seed': 0,
-  })
+  return ml_collections.ConfigDict(
+    {
+      # Where the trained model's checkpoint is; '' = <workdir>/train.
+      'source': '',
+      # Data for the response statistics: split, batches (0 = whole split).
+      'split': 'train',
+      'num_batches': 0,
+      'batch_size': 512,
+      # Accumulator dtype of the streaming covariance ('float32'|'float64').
+      'stats_dtype': 'float32',
+      # Which groups PFA prunes. For ResNets, 'inner' prunes the first conv of
+      # each block; 'inner+stream' also prunes each stage's residual stream.
+      'resnet_mode': 'inner',
+      # Recipes, each a string: 'kl', 'energy:0.9', 'params:0.5' (fraction of
+      # the full model, or an absolute count if > 1), 'flops:0.4'.
+      'recipes': ['kl', 'energy:0.9', 'energy:0.95'],
+      # Which filters to keep: 'pfa' (Pearson selection), 'random', or
+      # 'scratch' (same widths, re-initialised).
+      'select': 'pfa',
+      'seed': 0,
+    }
+  )
 
 
 def finetune() -> ml_collections.ConfigDict:

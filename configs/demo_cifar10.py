@@ -22,7 +22,10 @@ def get_config(arg=None):
   c.input.batch_size = 128
   c.num_epochs = args.epochs
   c.optim = common.optim(
-    lr=0.1, weight_decay=5e-4, schedule='cosine', nesterov=True,
+    lr=0.1,
+    weight_decay=5e-4,
+    schedule='cosine',
+    nesterov=True,
     warmup_epochs=0.5,
   )
   c.log_every_steps = 50

@@ -23,18 +23,26 @@ def table(result: dict) -> str:
   full = result['full']
   rows = [
     ('recipe', 'params', 'FLOPs', 'size', 'acc pruned', 'acc fine-tuned'),
-    ('full', f'{full["params"]:,}', f'{full["flops"] / 1e6:.1f}M', '1.00x',
-     f'{full["accuracy"]:.4f}', '-'),
+    (
+      'full',
+      f'{full["params"]:,}',
+      f'{full["flops"] / 1e6:.1f}M',
+      '1.00x',
+      f'{full["accuracy"]:.4f}',
+      '-',
+    ),
   ]
   for name, r in result['recipes'].items():
-    rows.append((
-      name,
-      f'{r["params"]:,}',
-      f'{r["flops"] / 1e6:.1f}M',
-      f'{1 / r["params_ratio"]:.2f}x smaller',
-      f'{r["accuracy_pruned"]:.4f}',
-      f'{r.get("accuracy_finetuned", float("nan")):.4f}',
-    ))
+    rows.append(
+      (
+        name,
+        f'{r["params"]:,}',
+        f'{r["flops"] / 1e6:.1f}M',
+        f'{1 / r["params_ratio"]:.2f}x smaller',
+        f'{r["accuracy_pruned"]:.4f}',
+        f'{r.get("accuracy_finetuned", float("nan")):.4f}',
+      )
+    )
   widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
   lines = ['  '.join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
   lines.insert(1, '  '.join('-' * w for w in widths))
@@ -44,8 +52,9 @@ def table(result: dict) -> str:
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--workdir', default='workdirs/demo')
-  parser.add_argument('--config-arg', default=None,
-                      help="e.g. 'epochs=2,finetune_epochs=0.5'")
+  parser.add_argument(
+    '--config-arg', default=None, help="e.g. 'epochs=2,finetune_epochs=0.5'"
+  )
   args = parser.parse_args(argv)
   logging.set_verbosity(logging.INFO)
   from pfa_jax import main as pfa_main  # noqa: PLC0415

@@ -17,5 +17,11 @@ from pfa_jax.analysis import analyze
 __version__ = '0.1.0'
 
 __all__ = [
-  'analyze', 'costs', 'recipes', 'select', 'slicing', 'spectra', 'stats',
+  'analyze',
+  'costs',
+  'recipes',
+  'select',
+  'slicing',
+  'spectra',
+  'stats',
 ]

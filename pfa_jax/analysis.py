@@ -31,8 +31,10 @@ from collections.abc import Mapping, Sequence
 import jax
 import numpy as np
 
-from pfa_jax import recipes, select, stats
+from pfa_jax import recipes
+from pfa_jax import select
 from pfa_jax import spectra as spectra_lib
+from pfa_jax import stats
 
 DEFAULT_ENERGIES = (0.8, 0.85, 0.93, 0.95, 0.96, 0.97, 0.98, 0.99)
 

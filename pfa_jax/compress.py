@@ -66,7 +66,9 @@ def parse_recipe(spec: str) -> tuple[str, float | None]:
   try:
     v = float(value)
   except ValueError:
-    raise ValueError(f'Recipe {spec!r} needs a number after the colon.') from None
+    raise ValueError(
+      f'Recipe {spec!r} needs a number after the colon.'
+    ) from None
   if not np.isfinite(v) or v <= 0:
     raise ValueError(f'Recipe {spec!r}: value must be positive and finite.')
   return kind, v
@@ -110,9 +112,7 @@ def recipe_widths(
     return recipes.energy(spectra, v), {'tau': v}
   full = costs.count(model, input_shape)[kind]
   target = v * full if v <= 1 else v
-  fixed = {
-    n: w for n, w in models.widths_of(model).items() if n not in spectra
-  }
+  fixed = {n: w for n, w in models.widths_of(model).items() if n not in spectra}
   cost_of = costs.cost_fn(model, input_shape, kind)
   try:
     tau, widths = recipes.to_target(
@@ -273,14 +273,45 @@ def compress(config, workdir: str | os.PathLike) -> dict[str, Any]:
       full_cost=full_cost,
       input_shape=input_shape,
     )
-    _write_result(workdir, config, arch, full_cost, full_eval, full_widths,
-                  data_info, results, timings, t_start)
-  return _write_result(workdir, config, arch, full_cost, full_eval,
-                       full_widths, data_info, results, timings, t_start)
+    _write_result(
+      workdir,
+      config,
+      arch,
+      full_cost,
+      full_eval,
+      full_widths,
+      data_info,
+      results,
+      timings,
+      t_start,
+    )
+  return _write_result(
+    workdir,
+    config,
+    arch,
+    full_cost,
+    full_eval,
+    full_widths,
+    data_info,
+    results,
+    timings,
+    t_start,
+  )
 
 
-def _run_recipe(config, workdir, spec, *, model, variables, spectra, orders,
-                full_widths, full_cost, input_shape):
+def _run_recipe(
+  config,
+  workdir,
+  spec,
+  *,
+  model,
+  variables,
+  spectra,
+  orders,
+  full_widths,
+  full_cost,
+  input_shape,
+):
   p = config.pfa
   name = recipe_name(spec)
   t0 = time.time()
@@ -339,8 +370,18 @@ def _input_shape(config) -> tuple[int, int, int]:
   return (size, size, 3)
 
 
-def _write_result(workdir, config, arch, full_cost, full_eval, full_widths,
-                  data_info, results, timings, t_start):
+def _write_result(
+  workdir,
+  config,
+  arch,
+  full_cost,
+  full_eval,
+  full_widths,
+  data_info,
+  results,
+  timings,
+  t_start,
+):
   result = {
     'job': 'compress',
     'model': config.model.name,

@@ -23,7 +23,9 @@ from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
-  'config', None, 'Experiment config file (configs/*.py[:args]).',
+  'config',
+  None,
+  'Experiment config file (configs/*.py[:args]).',
   lock_config=True,
 )
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints and results.')
@@ -55,8 +57,11 @@ def run(config, workdir: str) -> dict:
   if config.job in ('train', 'all'):
     train_dir = os.path.join(workdir, 'train')
     result = train.train_and_evaluate(config, train_dir)
-    out['train'] = {**result.metrics, 'arch': result.arch,
-                    **metrics.provenance()}
+    out['train'] = {
+      **result.metrics,
+      'arch': result.arch,
+      **metrics.provenance(),
+    }
     _write(os.path.join(train_dir, 'result.json'), out['train'])
   if config.job in ('compress', 'all'):
     out['compress'] = compress.compress(
@@ -66,8 +71,13 @@ def run(config, workdir: str) -> dict:
     source = config.pfa.source or os.path.join(workdir, 'train')
     model, variables, arch, step = checkpoint.restore_model(source)
     ev = train.evaluate_model(config, model, variables)
-    out['evaluate'] = {**ev, 'step': step, 'arch': arch, 'source': source,
-                       **metrics.provenance()}
+    out['evaluate'] = {
+      **ev,
+      'step': step,
+      'arch': arch,
+      'source': source,
+      **metrics.provenance(),
+    }
     eval_dir = os.path.join(workdir, 'evaluate')
     metrics.write_config(config, eval_dir)
     _write(os.path.join(eval_dir, 'result.json'), out['evaluate'])
@@ -102,8 +112,12 @@ def main(argv):
     raise app.UsageError(f'Too many command-line arguments: {argv[1:]}')
   import jax  # noqa: PLC0415
 
-  logging.info('JAX process %d/%d, devices: %s', jax.process_index(),
-               jax.process_count(), jax.devices())
+  logging.info(
+    'JAX process %d/%d, devices: %s',
+    jax.process_index(),
+    jax.process_count(),
+    jax.devices(),
+  )
   run(FLAGS.config, FLAGS.workdir)
 
 

@@ -233,6 +233,7 @@ def _masked_index_maps(model, keep):
     src = set(keep.get(m.source, range(model.widths[s.group(m.source).index])))
     tgt = set(keep.get(m.target, range(model.widths[s.group(m.target).index])))
     maps[m.position] = [
-      c if (j in tgt and c in src) else -1 for j, c in enumerate(maps[m.position])
+      c if (j in tgt and c in src) else -1
+      for j, c in enumerate(maps[m.position])
     ]
   return {f: tuple(tuple(x) for x in maps) for f, maps in fields.items()}

@@ -30,10 +30,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
-from clu import metric_writers, parameter_overview, periodic_actions
+from clu import metric_writers
+from clu import parameter_overview
+from clu import periodic_actions
 from flax.training import train_state
 
-from pfa_jax import checkpoint, input_pipeline, metrics
+from pfa_jax import checkpoint
+from pfa_jax import input_pipeline
+from pfa_jax import metrics
 
 LrFn = Callable[[jax.typing.ArrayLike], jax.Array]
 Init = tuple[nn.Module, Mapping[str, Any], Mapping[str, Any]]

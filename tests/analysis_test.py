@@ -7,7 +7,8 @@ import sys
 import tempfile
 
 import numpy as np
-from absl.testing import absltest, parameterized
+from absl.testing import absltest
+from absl.testing import parameterized
 
 from pfa_jax import analysis
 

@@ -10,7 +10,8 @@ import ml_collections
 import numpy as np
 from absl.testing import absltest
 
-from pfa_jax import checkpoint, train
+from pfa_jax import checkpoint
+from pfa_jax import train
 
 
 class _TinyCNN(nn.Module):

@@ -4,7 +4,6 @@ import json
 import os
 import tempfile
 
-import jax
 import numpy as np
 import tensorflow_datasets as tfds
 from absl.testing import absltest
@@ -59,7 +58,9 @@ class CompressTest(absltest.TestCase):
       _, r = models.responses(model, variables, b['image'])
       for n, x in r.items():
         resp.setdefault(n, []).append(np.asarray(x, np.float64)[b['mask']])
-    cls.ref_covs = {n: np.cov(np.concatenate(v), rowvar=False) for n, v in resp.items()}
+    cls.ref_covs = {
+      n: np.cov(np.concatenate(v), rowvar=False) for n, v in resp.items()
+    }
     cls.model = model
 
   def test_result_json_is_complete(self):
@@ -72,14 +73,24 @@ class CompressTest(absltest.TestCase):
       self.assertIn(key, r)
     for name, rec in r['recipes'].items():
       with self.subTest(name):
-        for key in ('widths', 'kept', 'params', 'flops', 'params_ratio',
-                    'flops_ratio', 'accuracy_pruned', 'accuracy_finetuned'):
+        for key in (
+          'widths',
+          'kept',
+          'params',
+          'flops',
+          'params_ratio',
+          'flops_ratio',
+          'accuracy_pruned',
+          'accuracy_finetuned',
+        ):
           self.assertIn(key, rec)
         for layer, kept in rec['kept'].items():
           self.assertEqual(len(kept), rec['widths'][layer])
           self.assertEqual(kept, sorted(set(kept)))
         pruned = models.with_widths(self.model, rec['widths'])
-        self.assertEqual(costs.count(pruned, (32, 32, 3))['params'], rec['params'])
+        self.assertEqual(
+          costs.count(pruned, (32, 32, 3))['params'], rec['params']
+        )
         ft = os.path.join(self.workdir, 'compress', name)
         for f in ('config.json', 'metrics.jsonl', 'result.json'):
           self.assertTrue(os.path.exists(os.path.join(ft, f)), f)
@@ -102,8 +113,12 @@ class CompressTest(absltest.TestCase):
     self.assertLessEqual(rec['params'], 0.5 * r['full']['params'])
 
   def test_bad_recipes_fail_early(self):
-    for spec, pattern in [('energy:1.5', 'tau'), ('kl:2', 'Unknown recipe'),
-                          ('flops', 'number'), ('size:3', 'Unknown recipe')]:
+    for spec, pattern in [
+      ('energy:1.5', 'tau'),
+      ('kl:2', 'Unknown recipe'),
+      ('flops', 'number'),
+      ('size:3', 'Unknown recipe'),
+    ]:
       with self.subTest(spec):
         c = _tiny_config((spec,))
         with self.assertRaisesRegex(ValueError, pattern):

@@ -24,9 +24,16 @@ _NAMES = sorted(
 
 class ConfigsTest(parameterized.TestCase):
   def test_the_issue_configs_exist(self):
-    for name in ('simple_cnn_cifar10', 'simple_cnn_cifar100', 'vgg16_cifar10',
-                 'vgg16_cifar100', 'resnet56_cifar10', 'resnet56_cifar100',
-                 'vgg16_imagenet', 'resnet34_imagenet'):
+    for name in (
+      'simple_cnn_cifar10',
+      'simple_cnn_cifar100',
+      'vgg16_cifar10',
+      'vgg16_cifar100',
+      'resnet56_cifar10',
+      'resnet56_cifar100',
+      'vgg16_imagenet',
+      'resnet34_imagenet',
+    ):
       self.assertIn(name, _NAMES)
 
   @parameterized.parameters(*_NAMES)

@@ -30,7 +30,7 @@ class MainErrorTest(absltest.TestCase):
       pfa_main.run(_config(**{'model.name': 'vgg19'}), tempfile.mkdtemp())
 
   def test_unknown_dataset(self):
-    with self.assertRaisesRegex(ValueError, "mnist"):
+    with self.assertRaisesRegex(ValueError, 'mnist'):
       pfa_main.run(_config(**{'input.dataset': 'mnist'}), tempfile.mkdtemp())
 
   def test_unknown_job(self):
@@ -45,10 +45,20 @@ class MainErrorTest(absltest.TestCase):
   def test_flag_type_error_is_clear(self):
     # ml_collections rejects a wrong-typed override with the field's name.
     proc = subprocess.run(
-      [sys.executable, '-m', 'pfa_jax.main',
-       '--config', 'configs/simple_cnn_cifar10.py:runlocal',
-       '--workdir', tempfile.mkdtemp(), '--config.num_epochs=lots'],
-      cwd=_ROOT, capture_output=True, text=True, timeout=120,
+      [
+        sys.executable,
+        '-m',
+        'pfa_jax.main',
+        '--config',
+        'configs/simple_cnn_cifar10.py:runlocal',
+        '--workdir',
+        tempfile.mkdtemp(),
+        '--config.num_epochs=lots',
+      ],
+      cwd=_ROOT,
+      capture_output=True,
+      text=True,
+      timeout=120,
     )
     self.assertNotEqual(proc.returncode, 0)
     self.assertIn('num_epochs', proc.stderr)

@@ -3,7 +3,8 @@
 import math
 
 import numpy as np
-from absl.testing import absltest, parameterized
+from absl.testing import absltest
+from absl.testing import parameterized
 
 from pfa_jax import recipes
 

@@ -66,7 +66,9 @@ class SlicingTest(parameterized.TestCase):
     }
     pm, pv = slicing.prune(model, variables, keep)
     self.assertEqual(pm.widths, model.widths)
-    np.testing.assert_array_equal(_apply(pm, pv, x), _apply(model, variables, x))
+    np.testing.assert_array_equal(
+      _apply(pm, pv, x), _apply(model, variables, x)
+    )
 
   @parameterized.named_parameters(*[(c[0], *c) for c in CASES])
   def test_pruned_equals_masked_dense(self, name, shape, kw):

@@ -1,7 +1,8 @@
 """Tests for pfa_jax.spectra."""
 
 import numpy as np
-from absl.testing import absltest, parameterized
+from absl.testing import absltest
+from absl.testing import parameterized
 
 from pfa_jax import spectra
 

@@ -5,8 +5,11 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl.testing import absltest, parameterized
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from absl.testing import absltest
+from absl.testing import parameterized
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
 
 from pfa_jax import stats
 

@@ -12,9 +12,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
-from absl.testing import absltest, parameterized
+from absl.testing import absltest
+from absl.testing import parameterized
 
-from pfa_jax import checkpoint, input_pipeline, metrics, train
+from pfa_jax import checkpoint
+from pfa_jax import input_pipeline
+from pfa_jax import metrics
+from pfa_jax import train
 
 
 class _TinyCNN(nn.Module):

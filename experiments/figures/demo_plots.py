@@ -26,22 +26,37 @@ def draw(workdir: str) -> list[str]:
   paths = []
 
   fig, ax = plt.subplots(figsize=(6, 4))
-  ax.scatter([full['params']], [full['accuracy']], marker='*', s=200,
-             color='k', label='full model', zorder=3)
+  ax.scatter(
+    [full['params']],
+    [full['accuracy']],
+    marker='*',
+    s=200,
+    color='k',
+    label='full model',
+    zorder=3,
+  )
   for name, r in recipes.items():
-    line = ax.plot([r['params']] * 2,
-                   [r['accuracy_pruned'], r.get('accuracy_finetuned',
-                                                r['accuracy_pruned'])],
-                   ':', color='gray')[0]
+    line = ax.plot(
+      [r['params']] * 2,
+      [r['accuracy_pruned'], r.get('accuracy_finetuned', r['accuracy_pruned'])],
+      ':',
+      color='gray',
+    )[0]
     del line
-    ax.scatter([r['params']], [r['accuracy_pruned']], marker='x',
-               color='tab:red')
+    ax.scatter(
+      [r['params']], [r['accuracy_pruned']], marker='x', color='tab:red'
+    )
     if 'accuracy_finetuned' in r:
-      ax.scatter([r['params']], [r['accuracy_finetuned']], marker='o',
-                 color='tab:blue')
-    ax.annotate(name, (r['params'], r.get('accuracy_finetuned',
-                                          r['accuracy_pruned'])),
-                textcoords='offset points', xytext=(5, 5), fontsize=8)
+      ax.scatter(
+        [r['params']], [r['accuracy_finetuned']], marker='o', color='tab:blue'
+      )
+    ax.annotate(
+      name,
+      (r['params'], r.get('accuracy_finetuned', r['accuracy_pruned'])),
+      textcoords='offset points',
+      xytext=(5, 5),
+      fontsize=8,
+    )
   ax.scatter([], [], marker='x', color='tab:red', label='pruned')
   ax.scatter([], [], marker='o', color='tab:blue', label='fine-tuned')
   ax.set_xscale('log')
