@@ -49,6 +49,26 @@ def table(result: dict) -> str:
   return '\n'.join(lines)
 
 
+def _save_summary(args, result, minutes):
+  """The committed summary: command, table and the full result.json."""
+  os.makedirs(args.summary_dir, exist_ok=True)
+  base = os.path.join(args.summary_dir, 'demo_cifar10')
+  command = 'make demo  # = python -m experiments.demo --workdir workdirs/demo'
+  if args.config_arg:
+    command = f'python -m experiments.demo --config-arg {args.config_arg}'
+  with open(base + '.json', 'w') as f:
+    json.dump({'command': command, 'minutes': minutes, **result}, f, indent=2)
+  with open(base + '.md', 'w') as f:
+    f.write(
+      f'# `make demo`: SimpleCNN on CIFAR-10 (JPEG q75 copy)\n\n'
+      f'Command: `{command}`  \n'
+      f'Wall time: {minutes:.1f} min on {os.cpu_count()} CPU cores, commit '
+      f'{result.get("git_commit", "?")}.\n\n```\n{table(result)}\n```\n\n'
+      f'Full result: `demo_cifar10.json`.\n'
+    )
+  print(f'Summary: {base}.md')
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--workdir', default='workdirs/demo')
@@ -72,6 +92,8 @@ def main(argv=None) -> int:
   print(f'PFA on SimpleCNN / CIFAR-10 (JPEG q75 copy), {minutes:.1f} min')
   print(table(result))
   print(f'\nResults: {path}')
+  if args.summary_dir:
+    _save_summary(args, result, minutes)
   for p in plots:
     print(f'Plot:    {p}')
   return 0

@@ -1,0 +1,255 @@
+"""Which CPU settings help JAX training throughput (levers vs a baseline).
+
+Run from the repository root::
+
+  python -m benchmarks.conv_levers                       # ResNet-56, train
+  python -m benchmarks.conv_levers --models simple_cnn,resnet56
+
+Each lever is one `benchmarks.train_throughput` subprocess (XLA flags must be
+set before jax is imported): conv_impl 'fast', batch 128, train steps only,
+no torch. The baseline runs first and last to bracket the machine's speed
+drift; each lever is reported relative to the mean of the baseline runs.
+
+Levers: two host devices with the batch sharded (data parallelism over the
+two cores), single-threaded Eigen, no buffer donation, batch 64 / 256, and
+the weight-gradient chunk size of `pfa_jax.conv`.
+
+With ``--part layers`` it instead times single 3x3 conv layers (forward,
+input gradient, weight gradient) at batch 128 for lax, `pfa_jax.conv` and
+PyTorch (oneDNN, channels_last), interleaved, in GFLOP/s against a plain
+float32 matmul, and writes ``benchmarks/results/conv_layers.json``.
+
+Writes ``benchmarks/results/conv_levers.json``.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+
+_RESULTS = os.path.join(os.path.dirname(__file__), 'results')
+_OUT = os.path.join(_RESULTS, 'conv_levers.json')
+# (name, H=W, Cin, Cout, stride) at batch 128: VGG-16 / ResNet-56 layers.
+LAYERS = (
+  ('vgg_32x32x64', 32, 64, 64, 1),
+  ('vgg_16x16x128', 16, 128, 128, 1),
+  ('vgg_8x8x256', 8, 256, 256, 1),
+  ('vgg_4x4x512', 4, 512, 512, 1),
+  ('vgg_2x2x512', 2, 512, 512, 1),
+  ('resnet_32x32x16', 32, 16, 16, 1),
+  ('resnet_32to16_s2', 32, 16, 32, 2),
+)
+
+# name -> (extra XLA_FLAGS, extra train_throughput args)
+LEVERS = {
+  'data_parallel_2_host_devices': (
+    '--xla_force_host_platform_device_count=2',
+    ['--data-parallel'],
+  ),
+  'eigen_single_thread': ('--xla_cpu_multi_thread_eigen=false', []),
+  'no_donation': ('', ['--no-donate']),
+  'batch_64': ('', ['--batch', '64']),
+  'batch_256': ('', ['--batch', '256']),
+  'chunk_1MiB': ('', ['--chunk-bytes', str(2**20)]),
+  'chunk_16MiB': ('', ['--chunk-bytes', str(16 * 2**20)]),
+}
+
+
+def _run(xla_flags, extra, args):
+  with tempfile.TemporaryDirectory() as tmp:
+    out = os.path.join(tmp, 'r.json')
+    cmd = [
+      sys.executable,
+      '-m',
+      'benchmarks.train_throughput',
+      '--models',
+      args.models,
+      '--impls',
+      'fast',
+      '--modes',
+      'train',
+      '--no-torch',
+      '--steps',
+      str(args.steps),
+      '--repeats',
+      str(args.repeats),
+      '--out',
+      out,
+      *extra,
+    ]
+    env = dict(os.environ)
+    env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + ' ' + xla_flags).strip()
+    subprocess.run(cmd, env=env, check=True, capture_output=True)
+    with open(out) as f:
+      rep = json.load(f)
+  return {
+    m: r['train']['jax_fast']['median_img_s']
+    for m, r in rep['results_img_s'].items()
+  }
+
+
+def _median_time(fn, reps):
+  import time  # noqa: PLC0415
+
+  fn()
+  ts = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    fn()
+    ts.append(time.perf_counter() - t0)
+  return statistics.median(ts)
+
+
+def _jax_layer_fns(x, w, g, s):
+  """{(impl, op): (jitted fn, args)} for one layer."""
+  import jax  # noqa: PLC0415
+
+  from pfa_jax import conv  # noqa: PLC0415
+
+  fns = {}
+  for impl in ('xla', 'fast'):
+    f = conv.get_conv(impl)
+
+    def fwd(x, w, f=f):
+      return f(x, w, (s, s), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+    def d_input(w, g, fwd=fwd):
+      return jax.vjp(lambda x_: fwd(x_, w), x)[1](g)[0]
+
+    def d_weight(x, g, fwd=fwd):
+      return jax.vjp(lambda w_: fwd(x, w_), w)[1](g)[0]
+
+    fns[(impl, 'fwd')] = (jax.jit(fwd), (x, w))
+    fns[(impl, 'd_input')] = (jax.jit(d_input), (w, g))
+    fns[(impl, 'd_weight')] = (jax.jit(d_weight), (x, g))
+  return fns
+
+
+def _torch_layer_fns(torch, x, w, g, s):
+  """{('torch', op): fn} for one layer (oneDNN, channels_last)."""
+  tx = torch.from_numpy(x).permute(0, 3, 1, 2)  # channels_last view
+  tw = torch.from_numpy(w).permute(3, 2, 0, 1)
+  tw = tw.contiguous(memory_format=torch.channels_last)
+  tg = torch.from_numpy(g).permute(0, 3, 1, 2)
+  conv_bwd = torch.ops.aten.convolution_backward
+
+  def bwd(mask):
+    return lambda: conv_bwd(
+      tg, tx, tw, None, [s, s], [1, 1], [1, 1], False, [0, 0], 1, mask
+    )
+
+  return {
+    ('torch', 'fwd'): lambda: torch.nn.functional.conv2d(tx, tw, None, s, 1),
+    ('torch', 'd_input'): bwd([True, False, False]),
+    ('torch', 'd_weight'): bwd([False, True, False]),
+  }
+
+
+def layer_table(reps=3, batch=128):
+  """GFLOP/s of fwd / d_input / d_weight per layer, lax vs fast vs torch."""
+  import jax  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+
+  try:
+    import torch  # noqa: PLC0415
+
+    torch.set_num_threads(2)
+  except ImportError:
+    torch = None
+  n = 2048
+  a = jax.numpy.ones((n, n))
+  mm = jax.jit(lambda a: a @ a)
+  peak = 2 * n**3 / _median_time(lambda: mm(a).block_until_ready(), reps) / 1e9
+  rows = {}
+  for name, hw, cin, cout, s in LAYERS:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch, hw, hw, cin), np.float32)
+    w = rng.standard_normal((3, 3, cin, cout), np.float32)
+    ho = (hw + s - 1) // s
+    g = rng.standard_normal((batch, ho, ho, cout), np.float32)
+    gflop = 2 * batch * ho * ho * 9 * cin * cout / 1e9
+    calls = {
+      k: (lambda f=f, a=args: jax.block_until_ready(f(*a)))
+      for k, (f, args) in _jax_layer_fns(x, w, g, s).items()
+    }
+    if torch is not None:
+      calls.update(_torch_layer_fns(torch, x, w, g, s))
+    times = {k: [] for k in calls}
+    for call in calls.values():
+      call()  # compile / warm up
+    for _ in range(reps):  # interleaved
+      for k, call in calls.items():
+        times[k].append(_median_time(call, 1))
+    rows[name] = {
+      f'{impl}_{op}': {
+        'ms': round(1e3 * statistics.median(v), 2),
+        'gflops': round(gflop / statistics.median(v), 1),
+      }
+      for (impl, op), v in times.items()
+    }
+    print(name, {k: v['gflops'] for k, v in rows[name].items()}, flush=True)
+  report = {
+    'benchmark': 'conv_layers',
+    'date': datetime.datetime.now().isoformat(timespec='seconds'),
+    'batch': batch,
+    'matmul_2048_gflops': round(peak, 1),
+    'layers_gflops_and_ms': rows,
+    'load_average_end': list(os.getloadavg()),
+  }
+  print('matmul GFLOP/s', round(peak, 1))
+  with open(os.path.join(_RESULTS, 'conv_layers.json'), 'w') as f:
+    json.dump(report, f, indent=1)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument('--models', default='resnet56')
+  p.add_argument('--steps', type=int, default=2)
+  p.add_argument('--repeats', type=int, default=2)
+  p.add_argument('--levers', default=','.join(LEVERS))
+  p.add_argument('--out', default=_OUT)
+  p.add_argument('--part', default='levers', choices=('levers', 'layers'))
+  args = p.parse_args(argv)
+  if args.part == 'layers':
+    layer_table()
+    return
+
+  baselines = [_run('', [], args)]
+  print('baseline', baselines[-1], flush=True)
+  raw = {}
+  for name in args.levers.split(','):
+    raw[name] = _run(*LEVERS[name], args)
+    print(name, raw[name], flush=True)
+  baselines.append(_run('', [], args))
+  print('baseline', baselines[-1], flush=True)
+
+  base = {m: statistics.mean(b[m] for b in baselines) for m in baselines[0]}
+  rel = {
+    name: {m: round(v / base[m], 3) for m, v in r.items()}
+    for name, r in raw.items()
+  }
+  print('\nimg/s relative to baseline (fast, batch 128, donation, 1 device):')
+  for name, r in rel.items():
+    print(f'  {name:30s} {r}')
+  report = {
+    'benchmark': 'conv_levers',
+    'date': datetime.datetime.now().isoformat(timespec='seconds'),
+    'command': 'python -m benchmarks.conv_levers ' + ' '.join(sys.argv[1:]),
+    'baseline_runs_img_s': baselines,
+    'lever_img_s': raw,
+    'relative_to_baseline': rel,
+    'levers': {k: {'xla_flags': v[0], 'args': v[1]} for k, v in LEVERS.items()},
+    'load_average_end': list(os.getloadavg()),
+  }
+  if args.out:
+    with open(args.out, 'w') as f:
+      json.dump(report, f, indent=1)
+    print(f'wrote {args.out}')
+
+
+if __name__ == '__main__':
+  main()

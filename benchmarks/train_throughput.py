@@ -1,0 +1,465 @@
+"""Training/evaluation throughput of pfa_jax models vs a PyTorch reference.
+
+Run from the repository root::
+
+  python -m benchmarks.train_throughput            # all three models
+  python -m benchmarks.train_throughput --models simple_cnn --steps 3
+
+Times SGD-momentum + weight-decay train steps (softmax CE, BN batch_stats
+carried, `jit(donate_argnums=0)`) and eval steps for SimpleCNN, VGG-16 (CIFAR)
+and ResNet-56 at batch 128 on 32x32x3 inputs, for each `conv_impl` in
+`--impls` ('xla' = lax's convolution, 'fast' = `pfa_jax.conv`), and the same
+three architectures in PyTorch eager (channels_last, 2 threads) when torch is
+importable (`make bench-deps`). Repetitions are interleaved round-robin over
+all (framework, model, mode) cells because this shared 2-core machine's speed
+drifts by up to 2.5x within minutes; medians are reported. Also measures a
+plain float32 matmul's GFLOP/s (the peak reference) and each model's
+achieved GFLOP/s (XLA's forward FLOP count x 3 for training).
+
+Writes ``benchmarks/results/train_throughput.json``.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from pfa_jax import conv
+from pfa_jax import models
+
+MODEL_NAMES = ('simple_cnn', 'vgg16_cifar', 'resnet56')
+_OUT = os.path.join(
+  os.path.dirname(__file__), 'results', 'train_throughput.json'
+)
+_LR, _MOMENTUM, _WD = 0.05, 0.9, 5e-4
+
+# --------------------------------------------------------------------------
+# JAX
+
+
+def make_jax_runner(
+  name,
+  impl,
+  batch,
+  variables,
+  num_classes=10,
+  seed=0,
+  donate=True,
+  data_parallel=False,
+):
+  """Returns {'train': fn(steps) -> s, 'eval': ...} plus fwd FLOPs/image."""
+  model = models.get_model(name, num_classes=num_classes, conv_impl=impl)
+  variables = jax.tree.map(jnp.copy, variables)  # train_step donates its state
+  tx = optax.chain(
+    optax.add_decayed_weights(_WD), optax.sgd(_LR, momentum=_MOMENTUM)
+  )
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.standard_normal((batch, 32, 32, 3), np.float32))
+  y = jnp.asarray(rng.integers(0, num_classes, batch), jnp.int32)
+  key = jax.random.PRNGKey(1)
+  if data_parallel:  # batch sharded over all (host) devices, state replicated
+    mesh = jax.make_mesh((jax.device_count(),), ('data',))
+    shard = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+    repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    x, y = jax.device_put(x, shard), jax.device_put(y, shard)
+    variables, key = jax.device_put((variables, key), repl)
+
+  def train_step(state, x, y, key):
+    params, batch_stats, opt_state = state
+
+    def loss_fn(p):
+      logits, new = model.apply(
+        {'params': p, 'batch_stats': batch_stats},
+        x,
+        train=True,
+        rngs={'dropout': key},
+        mutable=['batch_stats'],
+      )
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+      return loss.mean(), new['batch_stats']
+
+    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      params
+    )
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    return (params, batch_stats, opt_state), loss
+
+  def eval_step(variables, x, y):
+    logits = model.apply(variables, x, train=False)
+    return jnp.sum(jnp.argmax(logits, -1) == y)
+
+  p_train = jax.jit(train_step, donate_argnums=0 if donate else ())
+  # Compiled once: the same executable gives the FLOP count and the timings.
+  p_eval = jax.jit(eval_step).lower(variables, x, y).compile()
+  state = [
+    (
+      variables['params'],
+      variables['batch_stats'],
+      tx.init(variables['params']),
+    )
+  ]
+
+  def run_train(steps):
+    t0 = time.perf_counter()
+    for _ in range(steps):
+      state[0], loss = p_train(state[0], x, y, key)
+    jax.block_until_ready((state[0], loss))
+    return time.perf_counter() - t0
+
+  def run_eval(steps):
+    params, batch_stats, _ = state[0]
+    v = {'params': params, 'batch_stats': batch_stats}
+    t0 = time.perf_counter()
+    for _ in range(steps):
+      out = p_eval(v, x, y)
+    jax.block_until_ready(out)
+    return time.perf_counter() - t0
+
+  cost = p_eval.cost_analysis()
+  if isinstance(cost, list):  # older jax returned one dict per device
+    cost = cost[0]
+  flops = float(cost.get('flops', 0.0)) / batch
+  return {'train': run_train, 'eval': run_eval}, flops
+
+
+# --------------------------------------------------------------------------
+# PyTorch reference (same architectures, channels_last, eager)
+
+
+def make_torch_runner(name, batch, num_classes=10, seed=0):
+  import torch  # noqa: PLC0415
+  from torch import nn as tnn  # noqa: PLC0415
+
+  def conv_bn(cin, cout, k=3, s=1, pad=1, relu=True):
+    layers = [
+      tnn.Conv2d(cin, cout, k, s, pad, bias=False),
+      tnn.BatchNorm2d(cout, momentum=0.1, eps=1e-5),
+    ]
+    return tnn.Sequential(*layers, *([tnn.ReLU(inplace=True)] if relu else []))
+
+  def simple_cnn():
+    w = (96, 96, 96, 192, 192, 192, 192, 192)
+    mods, cin = [], 3
+    for i, c in enumerate(w):
+      k, s = (1, 1) if i == 7 else (3, 2 if i in (2, 5) else 1)
+      pad = 0 if i in (6, 7) else 1
+      mods.append(conv_bn(cin, c, k, s, pad))
+      if i in (2, 5):
+        mods.append(tnn.Dropout(0.5))
+      cin = c
+    mods += [
+      tnn.Conv2d(cin, num_classes, 1),
+      tnn.AdaptiveAvgPool2d(1),
+      tnn.Flatten(),
+    ]
+    return tnn.Sequential(*mods)
+
+  def vgg16():
+    w = (64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512)
+    mods, cin = [], 3
+    for i, c in enumerate(w):
+      mods.append(conv_bn(cin, c))
+      if i in (1, 3, 6, 9, 12):
+        mods.append(tnn.MaxPool2d(2))
+      else:
+        mods.append(tnn.Dropout(0.3 if i == 0 else 0.4))
+      cin = c
+    mods += [
+      tnn.Flatten(),
+      tnn.Dropout(0.5),
+      tnn.Linear(512, 512, bias=False),
+      tnn.BatchNorm1d(512),
+      tnn.ReLU(inplace=True),
+      tnn.Dropout(0.5),
+      tnn.Linear(512, num_classes),
+    ]
+    return tnn.Sequential(*mods)
+
+  class Block(tnn.Module):
+    def __init__(self, cin, cout, stride):
+      super().__init__()
+      self.body = tnn.Sequential(
+        conv_bn(cin, cout, s=stride), conv_bn(cout, cout, relu=False)
+      )
+      self.stride, self.pad = stride, cout - cin
+
+    def forward(self, x):
+      sc = x
+      if self.stride > 1:  # option A: subsample, zero-pad channels
+        sc = x[:, :, ::2, ::2]
+        p = self.pad // 2
+        sc = tnn.functional.pad(sc, (0, 0, 0, 0, p, self.pad - p))
+      return torch.relu(self.body(x) + sc)
+
+  def resnet56():
+    mods, cin = [conv_bn(3, 16)], 16
+    for s, c in enumerate((16, 32, 64)):
+      for b in range(9):
+        mods.append(Block(cin, c, 2 if (s > 0 and b == 0) else 1))
+        cin = c
+    mods += [
+      tnn.AdaptiveAvgPool2d(1),
+      tnn.Flatten(),
+      tnn.Linear(64, num_classes),
+    ]
+    return tnn.Sequential(*mods)
+
+  torch.manual_seed(seed)
+  net = {'simple_cnn': simple_cnn, 'vgg16_cifar': vgg16, 'resnet56': resnet56}
+  model = net[name]().to(memory_format=torch.channels_last)
+  opt = torch.optim.SGD(
+    model.parameters(), lr=_LR, momentum=_MOMENTUM, weight_decay=_WD
+  )
+  x = torch.randn(batch, 3, 32, 32).to(memory_format=torch.channels_last)
+  y = torch.randint(0, num_classes, (batch,))
+  loss_fn = tnn.CrossEntropyLoss()
+
+  def run_train(steps):
+    model.train()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+      opt.zero_grad(set_to_none=True)
+      loss = loss_fn(model(x), y)
+      loss.backward()
+      opt.step()
+    loss.item()
+    return time.perf_counter() - t0
+
+  def run_eval(steps):
+    model.eval()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+      for _ in range(steps):
+        out = (model(x).argmax(-1) == y).sum()
+    out.item()
+    return time.perf_counter() - t0
+
+  return {'train': run_train, 'eval': run_eval}
+
+
+# --------------------------------------------------------------------------
+# Peak reference
+
+
+def matmul_gflops(n=2048, reps=3):
+  """GFLOP/s of a float32 [n, n] @ [n, n] in XLA (median of reps)."""
+  a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), np.float32))
+  mm = jax.jit(lambda a: a @ a)
+  mm(a).block_until_ready()
+  ts = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    mm(a).block_until_ready()
+    ts.append(time.perf_counter() - t0)
+  return 2 * n**3 / statistics.median(ts) / 1e9
+
+
+def torch_matmul_gflops(n=2048, reps=3):
+  import torch  # noqa: PLC0415
+
+  a = torch.randn(n, n)
+  a @ a
+  ts = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    a @ a
+    ts.append(time.perf_counter() - t0)
+  return 2 * n**3 / statistics.median(ts) / 1e9
+
+
+# --------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument('--models', default=','.join(MODEL_NAMES))
+  p.add_argument('--impls', default='xla,fast')
+  p.add_argument('--modes', default='train,eval')
+  p.add_argument('--batch', type=int, default=128)
+  p.add_argument('--steps', type=int, default=2, help='steps per repetition')
+  p.add_argument('--repeats', type=int, default=3)
+  p.add_argument('--no-torch', action='store_true')
+  p.add_argument('--out', default=_OUT, help="JSON path ('' = don't write)")
+  p.add_argument('--note', action='append', default=[])
+  # Levers (see benchmarks/conv_levers.py).
+  p.add_argument('--no-donate', action='store_true')
+  p.add_argument(
+    '--data-parallel',
+    action='store_true',
+    help='shard the batch over all devices (set XLA_FLAGS='
+    '--xla_force_host_platform_device_count=2 before starting)',
+  )
+  p.add_argument('--chunk-bytes', type=int, default=None)
+  p.add_argument('--small-map', type=int, default=None)
+  return p.parse_args(argv)
+
+
+def _load():
+  try:
+    return [round(v, 2) for v in os.getloadavg()]
+  except OSError:
+    return None
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  names = [m for m in args.models.split(',') if m]
+  impls = [i for i in args.impls.split(',') if i]
+  modes = [m for m in args.modes.split(',') if m]
+  notes = list(args.note)
+  if args.chunk_bytes is not None:
+    conv.CHUNK_BYTES = args.chunk_bytes
+  if args.small_map is not None:
+    conv.SMALL_MAP = args.small_map
+  torch_version = None
+  if not args.no_torch:
+    try:
+      import torch  # noqa: PLC0415
+
+      torch.set_num_threads(2)
+      torch_version = torch.__version__
+    except ImportError:
+      notes.append('torch not importable: PyTorch columns skipped.')
+      print('NOTE: torch not importable (run `make bench-deps`); skipping.')
+
+  cells, flops = {}, {}  # (model, fw) -> runners
+  t_setup = time.perf_counter()
+  for name in names:
+    # conv_impl does not change the variables: initialise once per model.
+    model = models.get_model(name, num_classes=10)
+    variables = models.init(model, jax.random.PRNGKey(0), (32, 32, 3))
+    for impl in impls:
+      runners, flops[name] = make_jax_runner(
+        name,
+        impl,
+        args.batch,
+        variables,
+        donate=not args.no_donate,
+        data_parallel=args.data_parallel,
+      )
+      cells[(name, f'jax_{impl}')] = runners
+    if torch_version:
+      cells[(name, 'torch')] = make_torch_runner(name, args.batch)
+  for runners in cells.values():  # compile + warm up
+    for mode in modes:
+      runners[mode](1)
+  print(f'setup + compile: {time.perf_counter() - t_setup:.0f} s', flush=True)
+
+  times = {(k, mode): [] for k in cells for mode in modes}
+  peak = {'jax_matmul_gflops': [], 'torch_matmul_gflops': []}
+  load = [_load()]
+  for rep in range(args.repeats):
+    peak['jax_matmul_gflops'].append(matmul_gflops())
+    if torch_version:
+      peak['torch_matmul_gflops'].append(torch_matmul_gflops())
+    for key, runners in cells.items():
+      for mode in modes:
+        dt = runners[mode](args.steps)
+        times[(key, mode)].append(args.batch * args.steps / dt)
+    load.append(_load())
+    print(f'repetition {rep + 1}/{args.repeats} done', flush=True)
+
+  med = {k: statistics.median(v) for k, v in times.items()}
+  peak_med = {k: statistics.median(v) for k, v in peak.items() if v}
+  results, ratios = {}, {}
+  fws = [f'jax_{i}' for i in impls] + (['torch'] if torch_version else [])
+  header = f'{"model":12s} {"mode":5s} ' + ' '.join(f'{f:>10s}' for f in fws)
+  if torch_version:
+    header += ' ' + ' '.join(f'{"r_" + i:>8s}' for i in impls)
+  print(f'\nimages/s, batch {args.batch} (median of {args.repeats}):')
+  print(header)
+  for name in names:
+    results[name] = {}
+    ratios[name] = {}
+    for mode in modes:
+      row = {fw: med[((name, fw), mode)] for fw in fws}
+      results[name][mode] = {
+        fw: {
+          'median_img_s': round(v, 2),
+          'all_img_s': [round(t, 2) for t in times[((name, fw), mode)]],
+        }
+        for fw, v in row.items()
+      }
+      if mode == 'train':
+        for fw in fws:
+          if fw.startswith('jax') and flops.get(name):
+            results[name][mode][fw]['achieved_gflops'] = round(
+              3 * flops[name] * row[fw] / 1e9, 1
+            )
+      line = f'{name:12s} {mode:5s} ' + ' '.join(f'{row[f]:10.1f}' for f in fws)
+      if torch_version:
+        r = {i: row[f'jax_{i}'] / row['torch'] for i in impls}
+        ratios[name][mode] = {
+          f'jax_{i}/torch': round(v, 3) for i, v in r.items()
+        }
+        line += ' ' + ' '.join(f'{r[i]:8.2f}' for i in impls)
+      print(line)
+  print(
+    'matmul 2048^2 GFLOP/s: '
+    + ', '.join(f'{k} {v:.1f}' for k, v in peak_med.items())
+  )
+  print(
+    'forward GFLOP/image (XLA count): ',
+    {k: round(v / 1e9, 3) for k, v in flops.items()},
+  )
+
+  report = {
+    'benchmark': 'train_throughput',
+    'date': datetime.datetime.now().isoformat(timespec='seconds'),
+    'command': 'python -m benchmarks.train_throughput '
+    + ' '.join(sys.argv[1:]),
+    'machine': {
+      'platform': platform.platform(),
+      'processor': platform.processor(),
+      'cpu_count': os.cpu_count(),
+      'jax_devices': [str(d) for d in jax.devices()],
+      'load_average_per_repetition': load,
+    },
+    'versions': {
+      'python': platform.python_version(),
+      'jax': jax.__version__,
+      'flax': flax.__version__,
+      'optax': optax.__version__,
+      'numpy': np.__version__,
+      'torch': torch_version,
+    },
+    'settings': {
+      'batch': args.batch,
+      'steps_per_repetition': args.steps,
+      'repetitions': args.repeats,
+      'input': '32x32x3 float32 NHWC (torch: NCHW channels_last)',
+      'optimizer': f'SGD lr={_LR} momentum={_MOMENTUM} wd={_WD}',
+      'xla_flags': os.environ.get('XLA_FLAGS', ''),
+      'torch_threads': 2 if torch_version else None,
+      'donate': not args.no_donate,
+      'data_parallel': args.data_parallel,
+      'conv_chunk_bytes': conv.CHUNK_BYTES,
+      'conv_small_map': conv.SMALL_MAP,
+    },
+    'peak_reference_gflops': {k: round(v, 1) for k, v in peak_med.items()},
+    'forward_gflop_per_image': {k: round(v / 1e9, 4) for k, v in flops.items()},
+    'results_img_s': results,
+    'ratios_jax_over_torch': ratios,
+    'notes': notes,
+  }
+  if args.out:
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, 'w') as f:
+      json.dump(report, f, indent=1)
+    print(f'wrote {args.out}')
+  return report
+
+
+if __name__ == '__main__':
+  main()
