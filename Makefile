@@ -25,7 +25,7 @@ data: $(STAMP)
 	  --input $(SHARED)/datasets/cifar10_jpeg.npz --data-dir $(TFDS_DATA_DIR); fi
 
 demo: $(STAMP) data
-	TFDS_DATA_DIR=$(TFDS_DATA_DIR) $(BIN)/python -m experiments.demo --workdir $(DEMO_DIR)
+	TFDS_DATA_DIR=$(TFDS_DATA_DIR) $(BIN)/python -m experiments.demo --workdir $(DEMO_DIR) $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 -m "not slow" tests

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pfa_jax import analyze
+from pfa_jax import analysis
 from pfa_jax import select
 from pfa_jax import stats
 
@@ -55,12 +55,12 @@ def bench_analyze(reps=3):
     for i, c in enumerate(VGG_WIDTHS)
   }
   t0 = time.perf_counter()
-  out = analyze.analyze(resp)
+  out = analysis.analyze(resp)
   cold = time.perf_counter() - t0
   times, cpu = [], []
   for _ in range(reps):
     t0, p0 = time.perf_counter(), time.process_time()
-    analyze.analyze(resp)
+    analysis.analyze(resp)
     times.append(time.perf_counter() - t0)
     cpu.append(time.process_time() - p0)
   kl_widths = {k: v['width'] for k, v in out['recipes']['kl'].items()}

@@ -75,6 +75,11 @@ def main(argv=None) -> int:
   parser.add_argument(
     '--config-arg', default=None, help="e.g. 'epochs=2,finetune_epochs=0.5'"
   )
+  parser.add_argument(
+    '--summary-dir',
+    default=None,
+    help='Also write demo_cifar10.{md,json} here (experiments/results).',
+  )
   args = parser.parse_args(argv)
   logging.set_verbosity(logging.INFO)
   from pfa_jax import main as pfa_main  # noqa: PLC0415

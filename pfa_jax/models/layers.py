@@ -58,7 +58,7 @@ class ConvBN(nn.Module):
   use_bn: bool = True
   relu: bool = True
   tap: str = 'post_act'
-  conv_impl: str = 'xla'
+  conv_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x, train: bool = False):

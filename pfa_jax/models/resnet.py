@@ -57,7 +57,7 @@ class ResNet(nn.Module):
   variant: str = 'cifar'
   shortcut_maps: tuple[tuple[int, ...], ...] | None = None
   tap: str = 'post_act'
-  conv_impl: str = 'xla'
+  conv_impl: str = 'auto'
 
   # -- structure -------------------------------------------------------------
   def _blocks(self):
@@ -179,7 +179,7 @@ class BasicBlock(nn.Module):
   shortcut: str = 'option_a'  # or 'proj' (used only when stride > 1)
   channel_map: tuple[int, ...] | None = None
   tap: str = 'post_act'
-  conv_impl: str = 'xla'
+  conv_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x, train: bool = False):

@@ -25,7 +25,7 @@ class SimpleCNN(nn.Module):
   widths: tuple[int, ...] = DEFAULT_WIDTHS
   dropout: float = 0.5
   tap: str = 'post_act'
-  conv_impl: str = 'xla'
+  conv_impl: str = 'auto'
 
   def structure(self) -> structure.Structure:
     names = [f'conv{i + 1}' for i in range(9)]

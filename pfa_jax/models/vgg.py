@@ -34,7 +34,7 @@ class VGG16(nn.Module):
   variant: str = 'cifar'  # 'cifar' | 'imagenet'
   use_bn: bool = True
   tap: str = 'post_act'
-  conv_impl: str = 'xla'
+  conv_impl: str = 'auto'
 
   def _head_names(self):
     return ('fc1',) if self.variant == 'cifar' else ('fc6', 'fc7')
