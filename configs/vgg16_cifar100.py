@@ -1,30 +1,13 @@
 """VGG-16 (cifar.torch) on CIFAR-100 (paper Table 1: 3x smaller, +1.4 pp).
 
-Full scale (GPU/TPU), train then compress with every recipe:
-  python -m pfa_jax.main --config configs/vgg16_cifar100.py --workdir runs/vgg16_cifar100 \
-    --config.job=all
-CPU smoke run (minutes): --config configs/vgg16_cifar100.py:runlocal
-
-Fine-tuning reuses the training schedule, as the paper does (§4.1: "we use
-the same parameters used to train the full model").
+The CIFAR-10 config (`configs/vgg16_cifar10.py`) on CIFAR-100; same
+schedule, runlocal and commands with this file's name.
 """
 
-from configs import common
+from configs import vgg16_cifar10
 
 
 def get_config(arg=None):
-  args = common.parse_arg(arg, runlocal=False, job='train')
-  c = common.base('cifar100', 'vgg16_cifar')
-  c.job = args.job
-  # The paper does not state VGG's schedule. We use the common 160-epoch
-  # step schedule for VGG/ResNet on CIFAR (x0.1 at 80, 120), batch 128,
-  # SGD momentum 0.9, weight decay 5e-4.
-  c.num_epochs = 160.0
-  c.optim = common.optim(lr=0.1, weight_decay=5e-4, boundaries=(80, 120))
-  c.pfa.recipes = ['kl', 'energy:0.9', 'energy:0.95', 'energy:0.98']
-  c.finetune.num_epochs = c.num_epochs
-  c.finetune.optim = c.optim.copy_and_resolve_references()
-  if args.runlocal:
-    common.runlocal(c)
-    c.model.kw.width_mult = 0.125
+  c = vgg16_cifar10.get_config(arg)
+  c.input.dataset = 'cifar100'
   return c
