@@ -259,6 +259,19 @@ def compress(config, workdir: str | os.PathLike) -> dict[str, Any]:
   )
 
   results = {}
+  report = functools.partial(
+    _write_result,
+    workdir,
+    config,
+    arch,
+    full_cost,
+    full_eval,
+    full_widths,
+    data_info,
+    results,
+    timings,
+    t_start,
+  )  # Rewritten after every recipe, so a long job's partial result is kept.
   for spec in specs:
     name = recipe_name(spec)
     results[name] = _run_recipe(
@@ -273,30 +286,8 @@ def compress(config, workdir: str | os.PathLike) -> dict[str, Any]:
       full_cost=full_cost,
       input_shape=input_shape,
     )
-    _write_result(
-      workdir,
-      config,
-      arch,
-      full_cost,
-      full_eval,
-      full_widths,
-      data_info,
-      results,
-      timings,
-      t_start,
-    )
-  return _write_result(
-    workdir,
-    config,
-    arch,
-    full_cost,
-    full_eval,
-    full_widths,
-    data_info,
-    results,
-    timings,
-    t_start,
-  )
+    report()
+  return report()
 
 
 def _run_recipe(
