@@ -16,7 +16,6 @@
 """
 
 import functools
-import json
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -221,7 +220,8 @@ def compress(config, workdir: str | os.PathLike) -> dict[str, Any]:
     raise ValueError('config.pfa.recipes is empty: name at least one recipe.')
   for spec in specs:
     parse_recipe(spec)  # Fail early, before any expensive step.
-  keep_sets('pfa' if p.select == 'scratch' else p.select, {}, {}, {}, 0)
+  if p.select not in SELECTS:
+    raise ValueError(f'pfa.select must be one of {SELECTS}, got {p.select!r}.')
 
   source = p.source or os.path.join(workdir, '..', 'train')
   model, variables, arch, step = checkpoint.restore_model(source)
@@ -253,7 +253,7 @@ def compress(config, workdir: str | os.PathLike) -> dict[str, Any]:
   spectra = spectra_lib.spectra(covs)
   orders = select.removal_orders(covs)
   timings['spectra_select_s'] = time.time() - t
-  _write_json(
+  metrics.write_json(
     os.path.join(workdir, 'spectra.json'),
     {n: s.tolist() for n, s in spectra.items()},
   )
@@ -348,7 +348,7 @@ def _run_recipe(
     out['accuracy_finetuned'] = ft.metrics['eval_accuracy']
     out['loss_finetuned'] = ft.metrics['eval_loss']
     out['finetune_steps'] = ft.metrics['steps']
-    _write_json(
+    metrics.write_json(
       os.path.join(workdir, name, 'result.json'),
       {**out, 'finetune': ft.metrics},
     )
@@ -392,22 +392,5 @@ def _write_result(
     'timings': {**timings, 'total_s': time.time() - t_start},
     **metrics.provenance(),
   }
-  _write_json(os.path.join(workdir, 'result.json'), result)
+  metrics.write_json(os.path.join(workdir, 'result.json'), result)
   return result
-
-
-def _write_json(path, obj):
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=2, default=_json_default)
-  os.replace(tmp, path)
-
-
-def _json_default(o):
-  if isinstance(o, (np.integer,)):
-    return int(o)
-  if isinstance(o, (np.floating,)):
-    return float(o)
-  if isinstance(o, np.ndarray):
-    return o.tolist()
-  raise TypeError(f'Not JSON-serialisable: {type(o)}')

@@ -13,7 +13,6 @@ Jobs (``config.job``):
 * ``all``: train, then compress.
 """
 
-import json
 import os
 
 from absl import app
@@ -62,7 +61,7 @@ def run(config, workdir: str) -> dict:
       'arch': result.arch,
       **metrics.provenance(),
     }
-    _write(os.path.join(train_dir, 'result.json'), out['train'])
+    metrics.write_json(os.path.join(train_dir, 'result.json'), out['train'])
   if config.job in ('compress', 'all'):
     out['compress'] = compress.compress(
       config, os.path.join(workdir, 'compress')
@@ -80,14 +79,8 @@ def run(config, workdir: str) -> dict:
     }
     eval_dir = os.path.join(workdir, 'evaluate')
     metrics.write_config(config, eval_dir)
-    _write(os.path.join(eval_dir, 'result.json'), out['evaluate'])
+    metrics.write_json(os.path.join(eval_dir, 'result.json'), out['evaluate'])
   return out
-
-
-def _write(path, obj):
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path, 'w') as f:
-    json.dump(obj, f, indent=2, default=str)
 
 
 class _DropThirdParty:

@@ -166,3 +166,22 @@ def provenance() -> dict[str, Any]:
     'jax_version': jax.__version__,
     'devices': [str(d) for d in jax.devices()],
   }
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+  """Writes ``obj`` atomically (tmp + rename); numpy scalars become numbers."""
+  os.makedirs(os.path.dirname(os.fspath(path)) or '.', exist_ok=True)
+  tmp = f'{os.fspath(path)}.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=2, default=_json_default)
+  os.replace(tmp, path)
+
+
+def _json_default(o):
+  if isinstance(o, np.integer):
+    return int(o)
+  if isinstance(o, np.floating):
+    return float(o)
+  if isinstance(o, np.ndarray):
+    return o.tolist()
+  return str(o)

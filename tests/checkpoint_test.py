@@ -96,20 +96,7 @@ def _equal_trees(a, b):
   )
 
 
-class _FastCompileTestCase(absltest.TestCase):
-  """Tiny models: XLA optimisations cost far more than they save here."""
-
-  def setUp(self):
-    super().setUp()
-    self._prev = jax.config.read('jax_disable_most_optimizations')
-    jax.config.update('jax_disable_most_optimizations', True)
-
-  def tearDown(self):
-    jax.config.update('jax_disable_most_optimizations', self._prev)
-    super().tearDown()
-
-
-class RestoreModelTest(_FastCompileTestCase):
+class RestoreModelTest(absltest.TestCase):
   def test_arch_round_trip_with_non_default_widths(self):
     _, state = _state(widths=(3, 7))
     with tempfile.TemporaryDirectory() as workdir:
@@ -184,7 +171,7 @@ class ArchTest(absltest.TestCase):
       checkpoint.normalize_arch({'name': 'tiny'})
 
 
-class CorruptTest(_FastCompileTestCase):
+class CorruptTest(absltest.TestCase):
   def _corrupt_files(self, root, truncate):
     for dirpath, _, files in os.walk(root):
       for name in files:

@@ -95,19 +95,6 @@ def _config(**optim):
   return config
 
 
-class _FastCompileTestCase(parameterized.TestCase):
-  """Tiny models: XLA optimisations cost more than they save."""
-
-  def setUp(self):
-    super().setUp()
-    self._prev = jax.config.read('jax_disable_most_optimizations')
-    jax.config.update('jax_disable_most_optimizations', True)
-
-  def tearDown(self):
-    jax.config.update('jax_disable_most_optimizations', self._prev)
-    super().tearDown()
-
-
 class _Killed(Exception):
   pass
 
@@ -130,7 +117,7 @@ def _killed_after(num_batches):
   return get_datasets
 
 
-class ScheduleTest(_FastCompileTestCase):
+class ScheduleTest(parameterized.TestCase):
   def test_constant(self):
     lr_fn = train.learning_rate_schedule(
       base_lr=0.3, schedule='constant', num_steps=100
@@ -178,7 +165,7 @@ class ScheduleTest(_FastCompileTestCase):
       train.learning_rate_schedule(base_lr=1, schedule='poly', num_steps=1)
 
 
-class OptimizerTest(_FastCompileTestCase):
+class OptimizerTest(parameterized.TestCase):
   def test_first_update_is_coupled_decay_plus_bn_l1(self):
     config = _config(
       lr=0.5, momentum=0.9, nesterov=False, weight_decay=0.01, bn_l1=0.1
@@ -207,7 +194,7 @@ class OptimizerTest(_FastCompileTestCase):
     )
 
 
-class StepTest(_FastCompileTestCase):
+class StepTest(parameterized.TestCase):
   def test_few_steps_reduce_loss_on_fixed_batch(self):
     model, variables, _ = _init(size=8)
     config = _config(weight_decay=0.0, bn_l1=0.0, lr=0.05, schedule='constant')
@@ -299,7 +286,7 @@ class StepTest(_FastCompileTestCase):
     )
 
 
-class TrainAndEvaluateTest(_FastCompileTestCase):
+class TrainAndEvaluateTest(parameterized.TestCase):
   def test_kill_and_resume_is_bit_exact_and_writes_files(self):
     model, variables, arch = _init(widths=(3, 5))
     init = (model, variables, arch)
