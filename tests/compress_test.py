@@ -44,6 +44,9 @@ class CompressTest(absltest.TestCase):
     cls.config = _tiny_config()
     with tfds.testing.mock_data(num_examples=64):
       cls.out = pfa_main.run(cls.config, cls.workdir)
+      eval_config = cls.config.copy_and_resolve_references()
+      eval_config.job = 'evaluate'
+      cls.evaluated = pfa_main.run(eval_config, cls.workdir)['evaluate']
       # An independent reference: float64 numpy statistics of the same data.
       model, variables, _, _ = compress.checkpoint.restore_model(
         os.path.join(cls.workdir, 'train')
@@ -111,6 +114,60 @@ class CompressTest(absltest.TestCase):
     # The params target: largest tau meeting half the full footprint.
     rec = r['recipes']['params_0.5']
     self.assertLessEqual(rec['params'], 0.5 * r['full']['params'])
+
+  def test_evaluate_job_matches_compress_full_accuracy(self):
+    with open(os.path.join(self.workdir, 'evaluate', 'result.json')) as f:
+      r = json.load(f)
+    with open(os.path.join(self.workdir, 'compress', 'result.json')) as f:
+      full = json.load(f)['full']
+    self.assertEqual(r['accuracy'], full['accuracy'])
+    self.assertEqual(r['count'], 40)  # eval_subset, every example once
+    self.assertEqual(r['accuracy'], self.evaluated['accuracy'])
+
+  def test_analysed_groups_modes(self):
+    model = models.get_model('resnet8', num_classes=10)
+    inner = compress.analysed_groups(model, 'inner')
+    both = compress.analysed_groups(model, 'inner+stream')
+    self.assertEqual(inner, [f'stage{s}_block0/conv1' for s in (1, 2, 3)])
+    self.assertEqual(both, inner + ['stream1', 'stream2', 'stream3'])
+    with self.assertRaisesRegex(ValueError, "'streams'"):
+      compress.analysed_groups(model, 'streams')
+
+  def test_keep_sets_random_and_errors(self):
+    full = {'a': 10, 'b': 6}
+    widths = {'a': 3, 'b': 6}
+    keep = compress.keep_sets('random', widths, {}, full, seed=1)
+    self.assertEqual({n: len(k) for n, k in keep.items()}, widths)
+    for k, w in zip(keep.values(), full.values()):
+      self.assertTrue(np.all(np.diff(k) > 0) and k.max() < w)
+    again = compress.keep_sets('random', widths, {}, full, seed=1)
+    np.testing.assert_array_equal(keep['a'], again['a'])
+    orders = {'a': np.arange(10)[::-1], 'b': np.arange(6)}
+    pfa = compress.keep_sets('pfa', widths, orders, full, seed=0)
+    np.testing.assert_array_equal(pfa['a'], [0, 1, 2])  # removed 9, 8, ...
+    with self.assertRaisesRegex(ValueError, "'magnitude'"):
+      compress.keep_sets('magnitude', widths, orders, full, seed=0)
+    c = _tiny_config()
+    c.pfa.select = 'magnitude'
+    with self.assertRaisesRegex(ValueError, "pfa.select.*'magnitude'"):
+      compress.compress(c, tempfile.mkdtemp())
+
+  def test_demo_table_and_plots_from_result_file(self):
+    from experiments import demo  # noqa: PLC0415
+    from experiments.figures import demo_plots  # noqa: PLC0415
+
+    with open(os.path.join(self.workdir, 'compress', 'result.json')) as f:
+      r = json.load(f)
+    text = demo.table(r)
+    lines = text.splitlines()
+    self.assertLen(lines, 2 + 1 + len(r['recipes']))
+    self.assertIn(f'{r["full"]["params"]:,}', lines[2])
+    for name, rec in r['recipes'].items():
+      row = next(line for line in lines if line.startswith(name + ' '))
+      self.assertIn(f'{rec["accuracy_finetuned"]:.4f}', row)
+    for path in demo_plots.draw(self.workdir):
+      with open(path, 'rb') as f:
+        self.assertEqual(f.read(8), b'\x89PNG\r\n\x1a\n')
 
   def test_bad_recipes_fail_early(self):
     for spec, pattern in [

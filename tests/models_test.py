@@ -1,0 +1,104 @@
+"""Model registry, architecture round-trip and PFA response taps."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl.testing import absltest
+from absl.testing import parameterized
+from jax import lax
+
+from pfa_jax import models
+
+
+def _conv1_reference(variables, x, tap):
+  """SimpleCNN conv1's response, computed independently in float64 numpy."""
+  p = variables['params']['conv1']
+  bs = variables['batch_stats']['conv1']['bn']
+  y = lax.conv_general_dilated(
+    jnp.asarray(x, jnp.float32),
+    p['conv']['kernel'],
+    (1, 1),
+    'SAME',
+    dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+    precision=lax.Precision.HIGHEST,
+  )
+  y = np.asarray(y, np.float64)
+  if tap == 'pre_bn':
+    return y.max(axis=(1, 2))
+  y = (y - np.asarray(bs['mean'])) / np.sqrt(np.asarray(bs['var']) + 1e-5)
+  y = y * np.asarray(p['bn']['scale']) + np.asarray(p['bn']['bias'])
+  if tap == 'post_act':
+    y = np.maximum(y, 0.0)
+  return y.max(axis=(1, 2))
+
+
+class ModelsTest(parameterized.TestCase):
+  def test_get_model_errors_name_the_problem(self):
+    with self.assertRaisesRegex(ValueError, "Unknown model 'vgg19'"):
+      models.get_model('vgg19', num_classes=10)
+    with self.assertRaisesRegex(ValueError, r"no field\(s\) \['depth'\]"):
+      models.get_model('simple_cnn', num_classes=10, depth=3)
+    with self.assertRaisesRegex(KeyError, "'fc9'"):
+      models.get_model('vgg16_cifar', num_classes=10, widths={'fc9': 3})
+    with self.assertRaisesRegex(ValueError, "'conv2'.*>= 1"):
+      models.get_model('simple_cnn', num_classes=10, widths={'conv2': 0})
+
+  def test_widths_as_tree_and_multiplier(self):
+    m = models.get_model(
+      'simple_cnn', num_classes=10, width_mult=0.5, widths={'conv8': 7}
+    )
+    self.assertEqual(m.widths, (48, 48, 48, 96, 96, 96, 96, 7))
+    self.assertEqual(models.widths_of(m)['conv8'], 7)
+
+  @parameterized.parameters(
+    'simple_cnn', 'vgg16_cifar', 'vgg16_imagenet', 'resnet56', 'resnet34'
+  )
+  def test_arch_round_trip(self, name):
+    m = models.get_model(name, num_classes=7, width_mult=0.5, tap='post_bn')
+    self.assertEqual(models.from_arch(models.arch_of(m)), m)
+
+  def test_from_arch_unknown_class(self):
+    with self.assertRaisesRegex(ValueError, "'AlexNet'"):
+      models.from_arch({'class': 'AlexNet', 'kwargs': {}})
+
+  @parameterized.parameters('pre_bn', 'post_bn', 'post_act')
+  def test_response_tap_matches_reference(self, tap):
+    m = models.get_model(
+      'simple_cnn', num_classes=10, width_mult=0.125, tap=tap, conv_impl='xla'
+    )
+    v = models.init(m, jax.random.key(0), (16, 16, 3))
+    rng = np.random.default_rng(0)
+    v['batch_stats'] = jax.tree.map(
+      lambda a: a + rng.uniform(0.1, 1.0, a.shape).astype(np.float32),
+      v['batch_stats'],
+    )
+    v['params'] = jax.tree.map(
+      lambda a: a + 0.1 * rng.standard_normal(a.shape).astype(np.float32),
+      v['params'],
+    )
+    x = rng.standard_normal((3, 16, 16, 3)).astype(np.float32)
+    logits, resp = models.responses(m, v, x)
+    self.assertEqual(list(resp), [f'conv{i}' for i in range(1, 9)])
+    self.assertEqual(resp['conv4'].shape, (3, m.widths[3]))
+    np.testing.assert_allclose(
+      resp['conv1'], _conv1_reference(v, x, tap), rtol=1e-5, atol=1e-5
+    )
+    np.testing.assert_array_equal(logits, m.apply(v, x))
+
+  def test_stream_response_is_stage_output(self):
+    m = models.get_model('resnet8', num_classes=10, conv_impl='xla')
+    v = models.init(m, jax.random.key(0), (8, 8, 3))
+    x = (
+      np.random.default_rng(1).standard_normal((2, 8, 8, 3)).astype(np.float32)
+    )
+    _, resp = models.responses(m, v, x)
+    # The last stage's output, spatially averaged, feeds the classifier.
+    _, inter = m.apply(
+      v, x, capture_intermediates=True, mutable=['intermediates']
+    )
+    out = inter['intermediates']['stage3_block0']['__call__'][0]
+    np.testing.assert_allclose(resp['stream3'], out.max(axis=(1, 2)), rtol=1e-6)
+
+
+if __name__ == '__main__':
+  absltest.main()
