@@ -52,7 +52,7 @@ def base(dataset: str, model: str) -> ml_collections.ConfigDict:
   c.input.eval_batch_size = 512
   c.input.train_subset = 0  # 0 = the whole train split
   c.input.eval_subset = 0
-  c.input.classes = []  # [] = all classes; else a subset, relabelled 0..k-1
+  c.input.classes = ()  # () = all classes; else a subset, relabelled 0..k-1
   c.input.augment = True
   c.input.shuffle_buffer = 50_000
   c.input.image_size = 32
@@ -64,8 +64,15 @@ def base(dataset: str, model: str) -> ml_collections.ConfigDict:
   c.ckpt_every_steps = 1000
   c.keep_ckpts = 2
 
-  c.pfa = pfa()
+  # Compression: one method, a tuple of recipes (each may name another
+  # method as 'method@recipe', e.g. 'l1@params:0.5').
+  c.method = 'pfa'
+  c.recipes = ()  # () = method_recipes[method]
+  c.method_recipes = method_recipes()
+  c.method_kw = method_kw()
+  c.compress = compress()
   c.finetune = finetune()
+  c.distill = distill()
   return c
 
 
@@ -86,7 +93,7 @@ def optim(
       'nesterov': nesterov,
       'weight_decay': weight_decay,
       'schedule': schedule,  # 'constant' | 'step' | 'cosine'
-      'boundaries': list(boundaries),  # epochs, for 'step'
+      'boundaries': tuple(boundaries),  # epochs, for 'step'
       'decay_factor': 0.1,
       'warmup_epochs': warmup_epochs,
       'bn_l1': 0.0,  # Network Slimming's s (1e-4 VGG, 1e-5 ResNet)
@@ -94,30 +101,89 @@ def optim(
   )
 
 
-def pfa() -> ml_collections.ConfigDict:
-  """PFA compression settings (METHODS §1)."""
+def compress() -> ml_collections.ConfigDict:
+  """The compression job's data and bookkeeping (the method is top level)."""
   return ml_collections.ConfigDict(
     {
       # Where the trained model's checkpoint is; '' = <workdir>/train.
       'source': '',
-      # Data for the response statistics: split, batches (0 = whole split).
+      # Data the methods read (statistics, compensation, recalibration):
+      # split, batches (0 = whole split), batch size.
       'split': 'train',
       'num_batches': 0,
       'batch_size': 512,
-      # Accumulator dtype of the streaming covariance ('float32'|'float64').
-      'stats_dtype': 'float32',
-      # Which groups PFA prunes. For ResNets, 'inner' prunes the first conv of
-      # each block; 'inner+stream' also prunes each stage's residual stream.
-      'resnet_mode': 'inner',
-      # Recipes, each a string: 'kl', 'energy:0.9', 'params:0.5' (fraction of
-      # the full model, or an absolute count if > 1), 'flops:0.4'.
-      'recipes': ['kl', 'energy:0.9', 'energy:0.95'],
-      # Which filters to keep: 'pfa' (Pearson selection), 'random', or
-      # 'scratch' (same widths, re-initialised).
-      'select': 'pfa',
+      # BN recalibration after slicing, before evaluation and fine-tuning:
+      # the first N of those batches (0 = off). Accuracy is reported both
+      # right after slicing and after recalibration.
+      'recalibrate_batches': 10,
+      # Seed of methods that draw (random) and of scratch init.
       'seed': 0,
     }
   )
+
+
+def method_recipes() -> ml_collections.ConfigDict:
+  """Each method's recipes when ``config.recipes`` is empty.
+
+  So ``--config.method=l1`` works on every config without also naming
+  recipes; model configs set ``method_recipes.pfa`` to the paper's.
+  """
+  return ml_collections.ConfigDict(
+    {
+      'pfa': ('kl', 'energy:0.9', 'energy:0.95'),
+      'l1': ('prune:0.5', 'params:0.5'),
+      'slim': ('prune:0.5',),
+      'random': ('params:0.5',),
+      'cf': ('params:0.5',),
+      'fcp': ('params:0.5',),
+    }
+  )
+
+
+def method_kw() -> ml_collections.ConfigDict:
+  """Every option and method hyperparameter, declared with its type.
+
+  Declared here so that ``--config.method_kw.<key>=...`` works under
+  ``lock_config``. A key that the chosen method does not read must keep its
+  default (the job refuses it otherwise, naming it).
+  """
+  return ml_collections.ConfigDict(
+    {
+      # Which groups are pruned: 'all', 'inner' (ResNets: no residual
+      # streams; the FP/CF convention), 'inner+stream'.
+      'groups': 'all',
+      'min_width': 1,
+      'round_to': 1,  # kept widths rounded up to a multiple (budget holds)
+      'init': 'selection',  # or 'scratch' (same widths, re-initialised)
+      'compensation': 'none',  # or 'ls' (least-squares next-layer fold)
+      'ridge': 1e-3,  # LS ridge, relative to trace(Σ_kk) / n_kept
+      # pfa / random(select='pfa'): accumulator dtype ('float32'|'float64').
+      'stats_dtype': 'float32',
+      # l1: one threshold on layer-normalised scores for params/FLOPs targets.
+      'global_ranking': False,
+      # random: keep-sets 'random' or 'pfa' (Pearson selection); tolerance.
+      'select': 'random',
+      'tol': 0.01,
+      'num_batches': 5,  # cf: batches for the similarity D
+      'lam': 0.1,  # fcp: λ of λ·Σ_pairs (1 − corr)
+      'num_pairs': 0,  # fcp: pairs per layer and round (schedules.py)
+      'epochs': 2.0,  # fcp: regularised epochs per round (schedules.py)
+    }
+  )
+
+
+def schedule(kind: str = 'layer') -> ml_collections.ConfigDict:
+  """``config.job='schedule'``: CF layer by layer or FCP rounds (schedules.py)."""
+  return ml_collections.ConfigDict({'kind': kind, 'max_rounds': 100})
+
+
+def distill() -> ml_collections.ConfigDict:
+  """Knowledge distillation from the unpruned model while fine-tuning.
+
+  Off by default (weight 0): it confounds comparisons between methods, so
+  every result records these values.
+  """
+  return ml_collections.ConfigDict({'weight': 0.0, 'temperature': 4.0})
 
 
 def finetune() -> ml_collections.ConfigDict:
@@ -136,12 +202,13 @@ def runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.input.eval_batch_size = 256
   c.input.shuffle_buffer = 2048
   c.num_epochs = 2.0
-  c.optim.boundaries = [1.5]
+  c.optim.boundaries = (1.5,)
   c.log_every_steps = 8
   c.eval_every_epochs = 1.0
   c.ckpt_every_steps = 32
-  c.pfa.num_batches = 4
-  c.pfa.batch_size = 256
+  c.compress.num_batches = 4
+  c.compress.batch_size = 256
+  c.compress.recalibrate_batches = 2
   c.finetune.num_epochs = 1.0
-  c.finetune.optim.boundaries = [0.5]
+  c.finetune.optim.boundaries = (0.5,)
   return c

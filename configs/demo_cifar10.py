@@ -31,8 +31,12 @@ def get_config(arg=None):
   c.log_every_steps = 50
   c.eval_every_epochs = 4.0
   c.ckpt_every_steps = 200
-  c.pfa.num_batches = 20  # 10,000 training images for the statistics
-  c.pfa.recipes = ['kl', 'energy:0.9', 'energy:0.95']
+  c.compress.num_batches = 20  # 10,000 training images for the statistics
+  c.method_recipes.pfa = (
+    'kl',
+    'energy:0.9',
+    'energy:0.95',
+  )
   c.finetune.num_epochs = args.finetune_epochs
   c.finetune.optim = common.optim(
     lr=0.02, weight_decay=5e-4, schedule='cosine', nesterov=True

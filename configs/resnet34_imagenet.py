@@ -25,11 +25,15 @@ def get_config(arg=None):
   c.num_epochs = 90.0
   c.input.batch_size = 256
   c.optim = common.optim(lr=0.1, weight_decay=1e-4, boundaries=(30, 60))
-  c.pfa.resnet_mode = 'inner'
+  c.method_kw.groups = 'inner'
 
-  c.pfa.recipes = ['kl', 'energy:0.9', 'energy:0.95']
-  c.pfa.batch_size = 256
-  c.pfa.num_batches = 200  # 51,200 training images
+  c.method_recipes.pfa = (
+    'kl',
+    'energy:0.9',
+    'energy:0.95',
+  )
+  c.compress.batch_size = 256
+  c.compress.num_batches = 200  # 51,200 training images
   c.finetune.num_epochs = c.num_epochs
   c.finetune.optim = c.optim.copy_and_resolve_references()
   if args.runlocal:

@@ -20,8 +20,13 @@ def get_config(arg=None):
   # x0.1 at 82 and 123, weight decay 1e-4, momentum 0.9.
   c.num_epochs = 164.0
   c.optim = common.optim(lr=0.1, weight_decay=1e-4, boundaries=(82, 123))
-  c.pfa.resnet_mode = 'inner'  # or 'inner+stream' (METHODS §2)
-  c.pfa.recipes = ['kl', 'energy:0.9', 'energy:0.95', 'energy:0.98']
+  c.method_kw.groups = 'inner'  # or 'inner+stream' (METHODS §2)
+  c.method_recipes.pfa = (
+    'kl',
+    'energy:0.9',
+    'energy:0.95',
+    'energy:0.98',
+  )
   c.finetune.num_epochs = c.num_epochs
   c.finetune.optim = c.optim.copy_and_resolve_references()
   if args.runlocal:

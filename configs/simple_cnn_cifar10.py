@@ -24,7 +24,12 @@ def get_config(arg=None):
     lr=0.1, weight_decay=5e-4, boundaries=(30,), nesterov=True
   )
   c.eval_every_epochs = 5.0
-  c.pfa.recipes = ['kl', 'energy:0.9', 'energy:0.95', 'energy:0.98']
+  c.method_recipes.pfa = (
+    'kl',
+    'energy:0.9',
+    'energy:0.95',
+    'energy:0.98',
+  )
   c.finetune.num_epochs = c.num_epochs
   c.finetune.optim = c.optim.copy_and_resolve_references()
   if args.runlocal:

@@ -21,7 +21,12 @@ def get_config(arg=None):
   # SGD momentum 0.9, weight decay 5e-4.
   c.num_epochs = 160.0
   c.optim = common.optim(lr=0.1, weight_decay=5e-4, boundaries=(80, 120))
-  c.pfa.recipes = ['kl', 'energy:0.9', 'energy:0.95', 'energy:0.98']
+  c.method_recipes.pfa = (
+    'kl',
+    'energy:0.9',
+    'energy:0.95',
+    'energy:0.98',
+  )
   c.finetune.num_epochs = c.num_epochs
   c.finetune.optim = c.optim.copy_and_resolve_references()
   if args.runlocal:

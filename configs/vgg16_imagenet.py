@@ -26,9 +26,13 @@ def get_config(arg=None):
   c.num_epochs = 74.0
   c.input.batch_size = 256
   c.optim = common.optim(lr=0.01, weight_decay=5e-4, boundaries=(30, 60))
-  c.pfa.recipes = ['kl', 'energy:0.9', 'energy:0.95']
-  c.pfa.batch_size = 256
-  c.pfa.num_batches = 200  # 51,200 training images
+  c.method_recipes.pfa = (
+    'kl',
+    'energy:0.9',
+    'energy:0.95',
+  )
+  c.compress.batch_size = 256
+  c.compress.num_batches = 200  # 51,200 training images
   c.finetune.num_epochs = c.num_epochs
   c.finetune.optim = c.optim.copy_and_resolve_references()
   if args.runlocal:

@@ -18,17 +18,30 @@ from configs import demo_cifar10
 from experiments.figures import demo_plots
 
 
+def _acc(r, key):
+  return f'{r[key]:.4f}' if key in r else '-'
+
+
 def table(result: dict) -> str:
   """The summary table of a compress ``result.json``."""
   full = result['full']
   rows = [
-    ('recipe', 'params', 'FLOPs', 'size', 'acc pruned', 'acc fine-tuned'),
+    (
+      'recipe',
+      'params',
+      'FLOPs',
+      'size',
+      'acc sliced',
+      'acc BN-recal.',
+      'acc fine-tuned',
+    ),
     (
       'full',
       f'{full["params"]:,}',
       f'{full["flops"] / 1e6:.1f}M',
       '1.00x',
       f'{full["accuracy"]:.4f}',
+      '-',
       '-',
     ),
   ]
@@ -39,8 +52,9 @@ def table(result: dict) -> str:
         f'{r["params"]:,}',
         f'{r["flops"] / 1e6:.1f}M',
         f'{1 / r["params_ratio"]:.2f}x smaller',
-        f'{r["accuracy_pruned"]:.4f}',
-        f'{r.get("accuracy_finetuned", float("nan")):.4f}',
+        _acc(r, 'accuracy_pruned'),
+        _acc(r, 'accuracy_recalibrated'),
+        _acc(r, 'accuracy_finetuned'),
       )
     )
   widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

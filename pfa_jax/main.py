@@ -7,7 +7,7 @@ Jobs (``config.job``):
 
 * ``train``: train ``config.model`` in ``<workdir>/train`` (resumes from its
   latest checkpoint);
-* ``compress``: PFA on the trained checkpoint (``config.pfa.source``, default
+* ``compress``: PFA on the trained checkpoint (``config.compress.source``, default
   ``<workdir>/train``), results in ``<workdir>/compress``;
 * ``evaluate``: evaluate the trained checkpoint, ``<workdir>/evaluate``;
 * ``all``: train, then compress.
@@ -45,12 +45,17 @@ def run(config, workdir: str) -> dict:
   if config.job not in JOBS:
     raise ValueError(f'config.job must be one of {JOBS}, got {config.job!r}.')
   input_pipeline.get_spec(config.input.dataset)  # Unknown dataset: fail now.
+  if config.job in ('compress', 'all'):
+    compress.validate(config)  # Bad method/recipe/option: fail now.
   from pfa_jax import models  # noqa: PLC0415
 
   if config.model.name not in models.MODELS:
     raise ValueError(
       f'Unknown model {config.model.name!r}; known: {sorted(models.MODELS)}.'
     )
+  train.distill_settings(config)  # Bad distill.weight/temperature: fail now.
+  if config.job in ('train', 'all'):
+    check_model_config(config)
   input_pipeline.configure_tf()
   out = {}
   if config.job in ('train', 'all'):
@@ -67,7 +72,7 @@ def run(config, workdir: str) -> dict:
       config, os.path.join(workdir, 'compress')
     )
   if config.job == 'evaluate':
-    source = config.pfa.source or os.path.join(workdir, 'train')
+    source = config.compress.source or os.path.join(workdir, 'train')
     model, variables, arch, step = checkpoint.restore_model(source)
     ev = train.evaluate_model(config, model, variables)
     out['evaluate'] = {
@@ -83,24 +88,63 @@ def run(config, workdir: str) -> dict:
   return out
 
 
-class _DropThirdParty:
-  """A logging filter that keeps orbax's INFO chatter out of the progress."""
+def check_model_config(config) -> None:
+  """Builds ``config.model`` abstractly: bad widths/sizes fail in a second."""
+  from pfa_jax import input_pipeline  # noqa: PLC0415
+  from pfa_jax import models  # noqa: PLC0415
+
+  spec = input_pipeline.get_spec(config.input.dataset)
+  classes = input_pipeline.check_classes(config.input.classes, spec.num_classes)
+  model = models.get_model(
+    config.model.name,
+    num_classes=len(classes) or spec.num_classes,
+    **dict(config.model.kw),
+  )
+  size = int(config.input.image_size)
+  models.check_input(model, (size, size, 3))
+
+
+_PROGRESS = 'Setting work unit notes: %s'  # clu ReportProgress (steps/s, ETA)
+
+
+class _QuietFilter:
+  """Keeps WARNING+ (orbax's only from ERROR) and INFO from pfa_jax.
+
+  Everything else at INFO (orbax, clu's per-scalar logging writer and
+  parameter tables, absl, tf) is dropped. clu's ``ReportProgress`` note is
+  kept and relabelled as the progress line (steps/s, %, ETA).
+  """
 
   def filter(self, record):
-    return record.levelno >= 30 or '/orbax/' not in record.pathname
+    path = record.pathname.replace(os.sep, '/')
+    if '/orbax/' in path:
+      return record.levelno >= 40
+    if record.levelno >= 30:
+      return True
+    if record.msg == _PROGRESS:
+      record.msg = 'progress: %s'
+      return True
+    return '/pfa_jax/' in path or '/experiments/' in path
 
 
-def quiet_third_party_logs() -> None:
+def quiet_third_party_logs(verbose: bool = False) -> None:
+  """One line per phase: drops library INFO chatter (not with ``verbose``)."""
   import logging as std_logging  # noqa: PLC0415
 
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  if verbose:
+    return
   for handler in std_logging.getLogger().handlers + [
     logging.get_absl_handler()
   ]:
-    handler.addFilter(_DropThirdParty())
+    if not any(isinstance(f, _QuietFilter) for f in handler.filters):
+      handler.addFilter(_QuietFilter())
 
 
 def main(argv):
-  quiet_third_party_logs()
+  if not FLAGS['verbosity'].present:  # Default: our INFO lines, quietly.
+    logging.set_verbosity(logging.INFO)
+  quiet_third_party_logs(verbose=FLAGS.verbosity > 0)
   if len(argv) > 1:
     raise app.UsageError(f'Too many command-line arguments: {argv[1:]}')
   import jax  # noqa: PLC0415

@@ -2,7 +2,11 @@
 
 * ``JsonlWriter``: a clu ``MetricWriter`` that appends one JSON object per
   ``write_scalars`` call to ``metrics.jsonl`` (``{'step': N, name: value}``),
-  so every logged number survives outside TensorBoard.
+  so every logged number survives outside TensorBoard. Each row is flushed
+  and fsynced, so a SIGKILL loses none already written.
+* ``truncate_jsonl(path, last_step)``: drops rows past a restored
+  checkpoint's step (they are re-run on resume); with the writer skipping a
+  ``(step, name)`` the file already holds, no step appears twice.
 * ``create_writer(workdir)``: clu's default writer (TensorBoard + logging)
   combined with a ``JsonlWriter`` through clu's ``MultiWriter``; hosts other
   than process 0 only log.
@@ -38,12 +42,15 @@ class JsonlWriter(metric_writers.MetricWriter):
   """Appends ``{'step': step, **scalars}`` lines to a JSONL file.
 
   Only scalars (and hparams, as one ``{'hparams': ...}`` line) are written;
-  images, histograms and the like are ignored.
+  images, histograms and the like are ignored. Names already in the file at
+  its last step (a job resumed after its final checkpoint re-evaluates it)
+  are not written again.
   """
 
   def __init__(self, path: str | os.PathLike):
     self._path = os.fspath(path)
     os.makedirs(os.path.dirname(self._path) or '.', exist_ok=True)
+    self._seen = _last_step_names(self._path)
     self._file = open(self._path, 'a')  # noqa: SIM115 (closed in close()).
 
   @property
@@ -52,11 +59,18 @@ class JsonlWriter(metric_writers.MetricWriter):
 
   def _write(self, obj: Mapping[str, Any]) -> None:
     self._file.write(json.dumps(obj, sort_keys=False) + '\n')
+    self._file.flush()
+    os.fsync(self._file.fileno())
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
-    line = {'step': int(step)}
-    line.update({k: _to_json_number(v) for k, v in scalars.items()})
-    self._write(line)
+    step = int(step)
+    values = {
+      k: _to_json_number(v)
+      for k, v in scalars.items()
+      if (step, k) not in self._seen
+    }
+    if values:
+      self._write({'step': step, **values})
 
   def write_hparams(self, hparams: Mapping[str, Any]) -> None:
     self._write({'hparams': json.loads(json.dumps(hparams, default=str))})
@@ -91,6 +105,61 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
   """All objects of a JSONL file, in order."""
   with open(path) as f:
     return [json.loads(line) for line in f if line.strip()]
+
+
+def _complete_rows(path: str) -> list[str]:
+  """The file's lines that parse as JSON (a torn last line is dropped)."""
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    lines = f.read().split('\n')
+  out = []
+  for line in lines:
+    try:
+      json.loads(line)
+    except json.JSONDecodeError:
+      continue
+    out.append(line)
+  return out
+
+
+def _last_step_names(path: str) -> set[tuple[int, str]]:
+  rows = [json.loads(line) for line in _complete_rows(path)]
+  steps = [r['step'] for r in rows if 'step' in r]
+  if not steps:
+    return set()
+  last = max(steps)
+  return {(last, k) for r in rows if r.get('step') == last for k in r}
+
+
+def truncate_jsonl(path: str | os.PathLike, last_step: int) -> int:
+  """Drops rows with ``step > last_step`` (and a torn last line).
+
+  Rewrites the file atomically (tmp + fsync + rename) only if something is
+  dropped. Rows without a step (hparams) are kept.
+
+  Returns:
+    The number of rows dropped.
+  """
+  path = os.fspath(path)
+  if not os.path.exists(path):
+    return 0
+  with open(path) as f:
+    total = sum(1 for line in f if line.strip())
+  keep = [
+    line
+    for line in _complete_rows(path)
+    if json.loads(line).get('step', -1) <= last_step
+  ]
+  if len(keep) == total:
+    return 0
+  tmp = f'{path}.tmp'
+  with open(tmp, 'w') as f:
+    f.write(''.join(line + '\n' for line in keep))
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+  return total - len(keep)
 
 
 def create_writer(workdir: str | os.PathLike) -> metric_writers.MetricWriter:

@@ -1,20 +1,22 @@
-"""Physical pruning and masking of Flax models: two views of one keep-set.
+"""Physical pruning and masking of Flax models: two views of one plan.
 
-``keep`` is a layer tree ``{group name: sorted kept indices}`` over the
-groups of ``model.structure()``; unnamed groups stay whole.
+A plan (:class:`pfa_jax.plan.Plan`, or a bare ``{group name: sorted kept
+indices}`` tree) names keep-sets over the groups of ``model.structure()``
+and, optionally, next-layer folds.
 
-* :func:`prune` slices every producer leaf (last axis) and every consumer
-  kernel (axis -2) and returns the same model class with smaller ``widths``:
-  a genuinely smaller network with the kept filters' trained weights.
-* :func:`masks` / :func:`mask` express the same pruning as 0/1 multipliers on
-  the dense network's ``params``: removed channels' producers and consumers
-  are zeroed, so the masked dense net computes exactly the pruned net's
-  function (the invariant the tests check) and can be trained with the mask
-  re-applied, e.g. for vmap-parallel masked training of many variants.
+* :func:`prune` applies the folds, then slices every producer leaf (last
+  axis) and every consumer kernel (axis -2), and rewrites the index maps in
+  ``variables['consts']``. It returns the same model class with smaller
+  ``widths``: a genuinely smaller network.
+* :func:`mask` applies the same folds and expresses the keep-sets as zeros
+  in the dense network's ``params`` and ``consts``; the model object is
+  unchanged, so every masked variant shares one compiled program.
+  :func:`masks` returns the 0/1 multipliers alone (for masked training).
 
-Both read one *plan* (:func:`plan`), a list of (collection, leaf path, axis,
-indices) edits derived from the model's :class:`~pfa_jax.models.structure.
-Structure`, so they cannot disagree.
+Both read one list of leaf edits (:func:`leaf_edits`) derived from the
+model's :class:`~pfa_jax.models.structure.Structure`, after one
+:func:`apply_folds`, so the pruned and masked networks compute the same
+function (the invariant the tests check).
 """
 
 import dataclasses
@@ -24,9 +26,11 @@ import flax.linen as nn
 import numpy as np
 from flax import traverse_util
 
+from pfa_jax import plan as plan_lib
 from pfa_jax.models import structure as structure_lib
 
 _COLLECTIONS = ('params', 'batch_stats')
+_CONSTS = structure_lib.CONSTS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,14 +92,33 @@ def check_keep(model: nn.Module, keep: Mapping) -> dict[str, np.ndarray]:
   return out
 
 
-def plan(model: nn.Module, variables, keep: Mapping) -> list[Edit]:
+def _flat(variables, collection):
+  return dict(
+    traverse_util.flatten_dict(variables.get(collection, {}), sep='/')
+  )
+
+
+def _consumer_rows(name, cons, rows, width, idx) -> np.ndarray:
+  """Rows of a consumer kernel with ``rows`` inputs that read channels idx."""
+  span = width if cons.span is None else int(cons.span)
+  if rows % span or cons.offset + width > span:
+    raise ValueError(
+      f'Layer {name!r}: consumer {cons.path!r} has {rows} inputs, which do '
+      f'not hold the {width} channels at offset {cons.offset} of blocks of '
+      f'{span}.'
+    )
+  # A channel-last flatten reads channel c at rows p * span + offset + c for
+  # every spatial position p.
+  repeat = rows // span
+  base = np.arange(repeat)[:, None] * span + cons.offset
+  return (base + np.asarray(idx)[None, :]).ravel()
+
+
+def leaf_edits(model: nn.Module, variables, keep: Mapping) -> list[Edit]:
   """The leaf edits that apply ``keep`` to ``variables`` of ``model``."""
   keep = check_keep(model, keep)
   s = model.structure()
-  flat = {
-    c: traverse_util.flatten_dict(variables.get(c, {}), sep='/')
-    for c in _COLLECTIONS
-  }
+  flat = {c: _flat(variables, c) for c in _COLLECTIONS}
   edits = []
   for name, idx in keep.items():
     group = s.group(name)
@@ -109,84 +132,173 @@ def plan(model: nn.Module, variables, keep: Mapping) -> list[Edit]:
             found = True
       if not found:
         raise ValueError(f'Layer {name!r}: no variables under {prod!r}.')
-    for cons in group.consumers:
-      path = f'{cons}/kernel'
+    for cons in map(structure_lib.as_consumer, group.consumers):
+      path = f'{cons.path}/kernel'
       if path not in flat['params']:
         raise ValueError(f'Layer {name!r}: consumer kernel {path!r} missing.')
       rows = flat['params'][path].shape[-2]
-      if rows % width:
-        raise ValueError(
-          f'Layer {name!r}: consumer {path!r} has {rows} inputs, not a '
-          f'multiple of the width {width}.'
-        )
-      # A dense layer after a channel-last flatten reads channel c at rows
-      # p * width + c for every spatial position p.
-      repeat = rows // width
-      index = (np.arange(repeat)[:, None] * width + idx[None, :]).ravel()
+      index = _consumer_rows(name, cons, rows, width, idx)
       edits.append(Edit('params', path, -2, index))
   return edits
 
 
-def prune(model: nn.Module, variables, keep: Mapping):
-  """Slices ``model`` and ``variables`` to the kept channels.
+def _offset_target(name, cons_path, flat_params, flat_stats):
+  """Where a fold's constant goes: the consumer's bias, or its BN's mean."""
+  bias = f'{cons_path}/bias'
+  if bias in flat_params:
+    return 'params', bias, 1.0
+  mean = f'{cons_path.rpartition("/")[0]}/bn/mean'
+  if mean in flat_stats:
+    return 'batch_stats', mean, -1.0  # BN subtracts its mean
+  raise ValueError(
+    f'Layer {name!r}: consumer {cons_path!r} has neither a bias nor a '
+    'following BN to absorb the fold offset; use a fold without offset.'
+  )
+
+
+def apply_folds(model: nn.Module, variables, plan) -> dict:
+  """``variables`` with the plan's folds applied to the dense consumers.
+
+  Removed rows are left untouched; :func:`prune` drops them and :func:`mask`
+  zeroes them.
+  """
+  plan = plan_lib.as_plan(plan)
+  if not plan.folds:
+    return variables
+  keep = check_keep(model, plan.keep)
+  s = model.structure()
+  flat = {c: _flat(variables, c) for c in _COLLECTIONS}
+  for name, fold in plan.folds.items():
+    group = s.group(name)
+    if group.stream:
+      raise ValueError(
+        f'Layer {name!r} is a residual stream: its identity shortcuts read '
+        'it without weights, so no next-layer fold can compensate it.'
+      )
+    width = int(model.widths[group.index])
+    kept = keep[name]
+    removed = np.setdiff1d(np.arange(width), kept)
+    matrix = np.asarray(fold.matrix, np.float64)
+    if matrix.shape != (len(removed), len(kept)):
+      raise ValueError(
+        f'Layer {name!r}: fold matrix has shape {matrix.shape}, expected '
+        f'(removed, kept) = {(len(removed), len(kept))}.'
+      )
+    offset = None if fold.offset is None else np.asarray(fold.offset)
+    if offset is not None and offset.shape != (len(removed),):
+      raise ValueError(
+        f'Layer {name!r}: fold offset has shape {offset.shape}, expected '
+        f'({len(removed)},).'
+      )
+    if not np.all(np.isfinite(matrix)) or (
+      offset is not None and not np.all(np.isfinite(offset))
+    ):
+      raise ValueError(f'Layer {name!r}: fold has non-finite entries.')
+    for cons in map(structure_lib.as_consumer, group.consumers):
+      path = f'{cons.path}/kernel'
+      w = np.array(flat['params'][path], np.float64)
+      rows_k = _consumer_rows(name, cons, w.shape[-2], width, kept)
+      rows_r = _consumer_rows(name, cons, w.shape[-2], width, removed)
+      repeat = len(rows_k) // len(kept)
+      wk = w[..., rows_k, :].reshape(*w.shape[:-2], repeat, len(kept), -1)
+      wr = w[..., rows_r, :].reshape(*w.shape[:-2], repeat, len(removed), -1)
+      wk = wk + np.einsum('rk,...ro->...ko', matrix, wr)
+      w[..., rows_k, :] = wk.reshape(*w.shape[:-2], len(rows_k), -1)
+      dtype = np.asarray(flat['params'][path]).dtype
+      flat['params'][path] = w.astype(dtype)
+      if offset is not None:
+        coll, leaf, sign = _offset_target(
+          name, cons.path, flat['params'], flat['batch_stats']
+        )
+        delta = np.einsum('r,...ro->...o', offset, wr)
+        delta = delta.reshape(-1, delta.shape[-1]).sum(0)
+        old = np.asarray(flat[coll][leaf])
+        flat[coll][leaf] = (old + sign * delta).astype(old.dtype)
+  out = dict(variables)
+  for c in _COLLECTIONS:
+    if c in variables:
+      out[c] = traverse_util.unflatten_dict(flat[c], sep='/')
+  return out
+
+
+def prune(model: nn.Module, variables, plan):
+  """Slices ``model`` and ``variables`` to the plan's kept channels.
 
   Args:
     model: a pfa_jax model (has ``widths`` and ``structure()``).
-    variables: its ``{'params': ..., 'batch_stats': ...}``.
-    keep: ``{group name: sorted kept indices}``; unnamed groups stay whole.
+    variables: its ``{'params', 'batch_stats', 'consts'}``.
+    plan: a :class:`~pfa_jax.plan.Plan`, or ``{group: sorted kept indices}``;
+      unnamed groups stay whole.
 
   Returns:
     ``(pruned_model, pruned_variables)``: the same class with the new widths,
     and variables that ``pruned_model.apply`` accepts unchanged.
   """
-  keep = check_keep(model, keep)
-  flat = {
-    c: dict(traverse_util.flatten_dict(variables.get(c, {}), sep='/'))
-    for c in _COLLECTIONS
-  }
-  for e in plan(model, variables, keep):
+  plan = plan_lib.as_plan(plan)
+  keep = check_keep(model, plan.keep)
+  variables = apply_folds(model, variables, plan)
+  flat = {c: _flat(variables, c) for c in _COLLECTIONS}
+  for e in leaf_edits(model, variables, keep):
     flat[e.collection][e.path] = np.take(
       np.asarray(flat[e.collection][e.path]), e.index, axis=e.axis
     )
-  s = model.structure()
   widths = structure_lib.widths_of(model)
   widths.update({n: len(i) for n, i in keep.items()})
   pruned = structure_lib.with_widths(model, widths)
-  pruned = pruned.clone(**_pruned_index_maps(model, s, keep))
   new_vars = {
     c: traverse_util.unflatten_dict(flat[c], sep='/')
     for c in _COLLECTIONS
     if c in variables
   }
+  if _CONSTS in variables:
+    new_vars[_CONSTS] = _map_consts(model, variables, keep, _compose_map)
   return pruned, new_vars
 
 
-def _pruned_index_maps(model, s, keep):
-  """Composes each index map with the kept source and target channels."""
-  fields = {}
+def _compose_map(current, src, tgt):
+  """The map of the sliced network: kept targets read kept sources."""
+  new_pos = {int(old): new for new, old in enumerate(src)}
+  return np.asarray([new_pos.get(int(current[j]), -1) for j in tgt], np.int32)
+
+
+def _masked_map(current, src, tgt):
+  """The dense map with every entry touching a removed channel set to -1."""
+  src, tgt = set(int(i) for i in src), set(int(i) for i in tgt)
+  return np.asarray(
+    [
+      int(c) if (j in tgt and int(c) in src) else -1
+      for j, c in enumerate(current)
+    ],
+    np.int32,
+  )
+
+
+def _map_consts(model, variables, keep, fn):
+  s = model.structure()
+  flat = _flat(variables, _CONSTS)
   for m in s.index_maps:
-    if m.field not in fields:
-      current = getattr(model, m.field)
-      if current is None:  # the model's default, made explicit
-        current = model._shortcut_maps(model.widths)  # noqa: SLF001
-      fields[m.field] = [list(x) for x in current]
-    maps = fields[m.field]
+    if m.path not in flat:
+      raise ValueError(
+        f'Index map {m.path!r} (from {m.source!r} to {m.target!r}) is '
+        f'missing from variables[{_CONSTS!r}]; were the variables made by '
+        'models.init?'
+      )
     src_w = model.widths[s.group(m.source).index]
     tgt_w = model.widths[s.group(m.target).index]
     src = keep.get(m.source, np.arange(src_w))
     tgt = keep.get(m.target, np.arange(tgt_w))
-    new_pos = {int(old): new for new, old in enumerate(src)}
-    maps[m.position] = [new_pos.get(maps[m.position][j], -1) for j in tgt]
-  return {f: tuple(tuple(x) for x in maps) for f, maps in fields.items()}
+    flat[m.path] = fn(np.asarray(flat[m.path]), src, tgt)
+  return traverse_util.unflatten_dict(flat, sep='/')
 
 
-def masks(model: nn.Module, variables, keep: Mapping) -> dict:
+def masks(model: nn.Module, variables, plan) -> dict:
   """0/1 ``params``-shaped multipliers that zero the pruned channels."""
+  keep = plan_lib.as_plan(plan).keep
   flat = {
     k: np.ones(np.shape(v), np.float32)
-    for k, v in traverse_util.flatten_dict(variables['params'], sep='/').items()
+    for k, v in _flat(variables, 'params').items()
   }
-  for e in plan(model, variables, keep):
+  for e in leaf_edits(model, variables, keep):
     if e.collection != 'params':
       continue  # BN running stats need no mask: scale and offset are zeroed.
     m = flat[e.path]
@@ -197,43 +309,67 @@ def masks(model: nn.Module, variables, keep: Mapping) -> dict:
   return traverse_util.unflatten_dict(flat, sep='/')
 
 
-def mask(model: nn.Module, variables, keep: Mapping):
+def mask(model: nn.Module, variables, plan):
   """The dense view of :func:`prune`: same shapes, pruned channels zeroed.
 
   Returns:
-    ``(masked_model, masked_variables)``. The model differs from ``model``
-    only in its parameter-free index maps (ResNet-56's option-A shortcut),
-    which stop copying removed channels, so that removed stream channels are
+    ``(model, masked_variables)``. The model is returned unchanged (one
+    compiled program for every mask); the option-A index maps in
+    ``consts`` stop copying removed channels, so removed stream channels are
     exactly zero, as they are absent in the pruned network.
   """
-  keep = check_keep(model, keep)
+  plan = plan_lib.as_plan(plan)
+  keep = check_keep(model, plan.keep)
+  variables = apply_folds(model, variables, plan)
   m = traverse_util.flatten_dict(masks(model, variables, keep), sep='/')
   params = {
-    k: np.asarray(v) * m[k]
-    for k, v in traverse_util.flatten_dict(variables['params'], sep='/').items()
+    k: np.asarray(v) * m[k] for k, v in _flat(variables, 'params').items()
   }
   masked_vars = {
     **variables,
     'params': traverse_util.unflatten_dict(params, sep='/'),
   }
-  return model.clone(**_masked_index_maps(model, keep)), masked_vars
+  if _CONSTS in variables:
+    masked_vars[_CONSTS] = _map_consts(model, variables, keep, _masked_map)
+  return model, masked_vars
 
 
-def _masked_index_maps(model, keep):
-  """Index maps with entries touching removed channels set to -1."""
-  s = model.structure()
-  fields = {}
-  for m in s.index_maps:
-    if m.field not in fields:
-      current = getattr(model, m.field)
-      if current is None:
-        current = model._shortcut_maps(model.widths)  # noqa: SLF001
-      fields[m.field] = [list(x) for x in current]
-    maps = fields[m.field]
-    src = set(keep.get(m.source, range(model.widths[s.group(m.source).index])))
-    tgt = set(keep.get(m.target, range(model.widths[s.group(m.target).index])))
-    maps[m.position] = [
-      c if (j in tgt and c in src) else -1
-      for j, c in enumerate(maps[m.position])
-    ]
-  return {f: tuple(tuple(x) for x in maps) for f, maps in fields.items()}
+def scatter(model: nn.Module, pruned_variables, plan, like) -> dict:
+  """Scatters a pruned network's variables into the dense shapes of ``like``.
+
+  The inverse of :func:`prune` on kept entries: removed entries are zero
+  (``params``) or taken from ``like`` (``batch_stats``, whose removed
+  channels never influence the output), and ``consts`` are the masked maps.
+  Used for masked scratch init: initialise the *sliced* network (fan-in
+  scaled to its real widths) and train it in the dense shape.
+  """
+  keep = check_keep(model, plan_lib.as_plan(plan).keep)
+  dense = {c: _flat(like, c) for c in _COLLECTIONS}
+  small = {c: _flat(pruned_variables, c) for c in _COLLECTIONS}
+  index = {}
+  for e in leaf_edits(model, like, keep):
+    index.setdefault((e.collection, e.path), []).append((e.axis, e.index))
+  out = {}
+  for c in _COLLECTIONS:
+    if c not in like:
+      continue
+    leaves = {}
+    for path, full in dense[c].items():
+      base = (
+        np.zeros_like(np.asarray(full)) if c == 'params' else np.array(full)
+      )
+      sl = [slice(None)] * base.ndim
+      for axis, idx in index.get((c, path), []):
+        sl[axis] = idx
+      grid = np.ix_(
+        *[
+          np.arange(base.shape[a]) if isinstance(x, slice) else x
+          for a, x in enumerate(sl)
+        ]
+      )
+      base[grid] = np.asarray(small[c][path])
+      leaves[path] = base
+    out[c] = traverse_util.unflatten_dict(leaves, sep='/')
+  if _CONSTS in like:
+    out[_CONSTS] = _map_consts(model, like, keep, _masked_map)
+  return out

@@ -1,6 +1,7 @@
 """Tests for pfa_jax.checkpoint (arch round-trip, mismatch, corruption)."""
 
 import os
+import shutil
 import tempfile
 
 import flax.linen as nn
@@ -11,6 +12,7 @@ import numpy as np
 from absl.testing import absltest
 
 from pfa_jax import checkpoint
+from pfa_jax import input_pipeline
 from pfa_jax import train
 
 
@@ -60,6 +62,8 @@ def _state(widths=(3, 7), use_bn=True):
         'nesterov': False,
         'weight_decay': 1e-4,
         'schedule': 'constant',
+        'boundaries': [],
+        'decay_factor': 0.1,
         'warmup_epochs': 0.0,
         'bn_l1': 0.0,
       },
@@ -80,9 +84,9 @@ def _state(widths=(3, 7), use_bn=True):
   return model, state
 
 
-def _save(workdir, state, arch, step=5):
+def _save(workdir, state, arch, step=5, input_shape=None):
   mngr = checkpoint.create_manager(os.path.join(workdir, 'ckpt'))
-  checkpoint.save(mngr, step, state, arch)
+  checkpoint.save(mngr, step, state, arch, input_shape=input_shape)
   mngr.wait_until_finished()
   mngr.close()
   return os.path.join(workdir, 'ckpt', str(step))
@@ -131,8 +135,7 @@ class RestoreModelTest(absltest.TestCase):
       mngr = checkpoint.create_manager(os.path.join(workdir, 'ckpt'))
       self.assertEqual(mngr.latest_step(), 7)
       self.assertEqual(checkpoint.restore_arch(mngr, 7), _arch((3, 7)))
-      mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ('data',))
-      repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+      repl = input_pipeline.replicated()
       abstract = checkpoint.abstract_with_sharding(
         jax.eval_shape(lambda: state), repl
       )
@@ -208,6 +211,114 @@ class CorruptTest(absltest.TestCase):
       self._corrupt_files(os.path.join(step_dir, 'arch'), truncate=False)
       with self.assertRaisesRegex(checkpoint.CorruptCheckpointError, step_dir):
         checkpoint.restore_model(workdir, model_fn=_model_fn)
+
+
+def _data_files(step_dir):
+  """The state's array data files (zstd chunks in the OCDBT store)."""
+  out = []
+  for dirpath, _, files in os.walk(os.path.join(step_dir, 'state')):
+    if os.path.basename(dirpath) == 'd':
+      out += [os.path.join(dirpath, f) for f in files]
+  return out
+
+
+class IntegrityTest(absltest.TestCase):
+  def _assert_short(self, err):
+    # One clear message, not a chained orbax traceback.
+    self.assertIsNone(err.__cause__)
+    self.assertTrue(err.__suppress_context__ or err.__context__ is None)
+    self.assertLess(len(str(err)), 700)
+
+  def test_flipped_bytes_raise_named_error(self):
+    _, state = _state()
+    with tempfile.TemporaryDirectory() as workdir:
+      step_dir = _save(workdir, state, _arch((3, 7)))
+      files = _data_files(step_dir)
+      self.assertNotEmpty(files)
+      for path in files:
+        with open(path, 'r+b') as f:
+          data = bytearray(f.read())
+          data[len(data) // 2] ^= 0xFF
+          f.seek(0)
+          f.write(bytes(data))
+      with self.assertRaisesRegex(
+        checkpoint.CorruptCheckpointError, rf'{step_dir} \(step 5\)'
+      ) as cm:
+        checkpoint.restore_model(workdir, model_fn=_model_fn)
+    self._assert_short(cm.exception)
+
+  def test_silently_replaced_arrays_fail_the_checksum(self):
+    # Readable arrays with other values (what orbax cannot notice): the
+    # state files of another checkpoint of the same shapes.
+    _, state = _state()
+    params = dict(state.params)
+    params['Conv_0'] = {
+      **params['Conv_0'],
+      'kernel': params['Conv_0']['kernel'] + 1.0,
+    }
+    other = state.replace(params=params)
+    with tempfile.TemporaryDirectory() as workdir:
+      step_dir = _save(os.path.join(workdir, 'a'), state, _arch((3, 7)))
+      other_dir = _save(os.path.join(workdir, 'b'), other, _arch((3, 7)))
+      shutil.rmtree(os.path.join(step_dir, 'state'))
+      shutil.copytree(
+        os.path.join(other_dir, 'state'), os.path.join(step_dir, 'state')
+      )
+      with self.assertRaisesRegex(
+        checkpoint.CorruptCheckpointError,
+        r'(?s)step 5.*sha256 \(changed: params/Conv_0/kernel\)',
+      ) as cm:
+        checkpoint.restore_model(os.path.join(workdir, 'a'), model_fn=_model_fn)
+    self._assert_short(cm.exception)
+    self.assertNotIn('opt_state', str(cm.exception))  # Only changed leaves.
+
+  def test_digest_depends_on_every_leaf_and_its_path(self):
+    _, state = _state()
+    d = checkpoint.digest(state)
+    self.assertIn('params/Dense_0/kernel', d['leaves'])
+    self.assertIn('opt_state/1/0/trace/Dense_0/kernel', d['leaves'])
+    bumped = state.replace(step=state.step + 1)
+    self.assertNotEqual(checkpoint.digest(bumped)['sha256'], d['sha256'])
+    swapped = {'a': np.zeros(2), 'b': np.ones(2)}
+    renamed = {'a': np.ones(2), 'b': np.zeros(2)}
+    self.assertNotEqual(
+      checkpoint.digest(swapped)['sha256'], checkpoint.digest(renamed)['sha256']
+    )
+
+  def test_arch_json_vs_stored_shapes_names_the_leaf(self):
+    _, state = _state(widths=(3, 7))
+    with tempfile.TemporaryDirectory() as workdir:
+      # The arch JSON claims conv 2 has 8 filters; the arrays have 7.
+      _save(workdir, state, _arch((3, 8)), input_shape=(8, 8, 3))
+      with self.assertRaisesRegex(
+        checkpoint.ArchMismatchError,
+        r'params/BatchNorm_1/bias with shape \[7\].*gives \[8\]',
+      ):
+        checkpoint.restore_model(workdir, model_fn=_model_fn)
+      # Without a saved input shape, one passed in does the same check.
+      other = os.path.join(workdir, 'other')
+      _save(other, state, _arch((3, 8)))
+      with self.assertRaisesRegex(
+        checkpoint.ArchMismatchError, 'params/BatchNorm_1/bias'
+      ):
+        checkpoint.restore_model(
+          other, model_fn=_model_fn, input_shape=(8, 8, 3)
+        )
+
+  def test_resume_into_other_shapes_names_the_leaf(self):
+    _, state = _state(widths=(3, 7))
+    _, wider = _state(widths=(3, 9))
+    with tempfile.TemporaryDirectory() as workdir:
+      _save(workdir, state, _arch((3, 7)))
+      mngr = checkpoint.create_manager(os.path.join(workdir, 'ckpt'))
+      abstract = checkpoint.abstract_with_sharding(
+        jax.eval_shape(lambda: wider), input_pipeline.replicated()
+      )
+      with self.assertRaisesRegex(
+        checkpoint.ArchMismatchError, r'params/BatchNorm_1/bias.*\[7\]'
+      ):
+        checkpoint.restore_state(mngr, 5, abstract)
+      mngr.close()
 
 
 if __name__ == '__main__':

@@ -14,10 +14,13 @@ from pfa_jax import costs
 from pfa_jax import input_pipeline
 from pfa_jax import main as pfa_main
 from pfa_jax import models
+from pfa_jax import plan as plan_lib
 from pfa_jax import recipes
 
 
-def _tiny_config(workdir_recipes=('kl', 'energy:0.9', 'params:0.5')):
+def _tiny_config(
+  workdir_recipes=('kl', 'energy:0.9', 'params:0.5', 'l1@flops:0.5'),
+):
   c = simple_cnn_cifar10.get_config('runlocal,job=all')
   c.model.kw.width_mult = 1 / 24  # widths 4 / 8
   c.model.kw.conv_impl = 'xla'
@@ -29,9 +32,10 @@ def _tiny_config(workdir_recipes=('kl', 'energy:0.9', 'params:0.5')):
   c.num_epochs = 1.0
   c.log_every_steps = 2
   c.ckpt_every_steps = 4
-  c.pfa.num_batches = 3
-  c.pfa.batch_size = 16
-  c.pfa.recipes = list(workdir_recipes)
+  c.compress.num_batches = 3
+  c.compress.batch_size = 16
+  c.compress.recalibrate_batches = 2
+  c.recipes = tuple(workdir_recipes)
   c.finetune.num_epochs = 0.5
   return c
 
@@ -69,9 +73,13 @@ class CompressTest(absltest.TestCase):
   def test_result_json_is_complete(self):
     with open(os.path.join(self.workdir, 'compress', 'result.json')) as f:
       r = json.load(f)
-    self.assertEqual(set(r['recipes']), {'kl', 'energy_0.9', 'params_0.5'})
-    self.assertEqual(r['data']['num_examples'], 48)
-    self.assertEqual(r['data']['tap'], 'post_act')
+    self.assertEqual(
+      set(r['recipes']),
+      {'pfa_kl', 'pfa_energy_0.9', 'pfa_params_0.5', 'l1_flops_0.5'},
+    )
+    self.assertEqual(r['recipes']['pfa_kl']['num_examples'], 48)
+    self.assertEqual(r['tap'], 'post_act')
+    self.assertEqual(r['distill'], {'weight': 0.0, 'temperature': 4.0})
     for key in ('git_commit', 'pfa_jax_version', 'timings', 'arch', 'full'):
       self.assertIn(key, r)
     for name, rec in r['recipes'].items():
@@ -84,7 +92,10 @@ class CompressTest(absltest.TestCase):
           'params_ratio',
           'flops_ratio',
           'accuracy_pruned',
+          'accuracy_recalibrated',
           'accuracy_finetuned',
+          'method',
+          'recipe',
         ):
           self.assertIn(key, rec)
         for layer, kept in rec['kept'].items():
@@ -95,8 +106,16 @@ class CompressTest(absltest.TestCase):
           costs.count(pruned, (32, 32, 3))['params'], rec['params']
         )
         ft = os.path.join(self.workdir, 'compress', name)
-        for f in ('config.json', 'metrics.jsonl', 'result.json'):
+        for f in ('config.json', 'metrics.jsonl', 'result.json', 'plan.json'):
           self.assertTrue(os.path.exists(os.path.join(ft, f)), f)
+        # The saved plan replays to the same network.
+        with open(os.path.join(ft, 'plan.json')) as f:
+          plan = plan_lib.Plan.from_json(json.load(f))
+        self.assertEqual(
+          {n: [int(i) for i in k] for n, k in plan.keep.items()}, rec['kept']
+        )
+    l1 = r['recipes']['l1_flops_0.5']
+    self.assertLessEqual(l1['flops'], 0.5 * r['full']['flops'])
     for f in ('config.json', 'metrics.jsonl', 'result.json'):
       self.assertTrue(os.path.exists(os.path.join(self.workdir, 'train', f)))
 
@@ -107,12 +126,13 @@ class CompressTest(absltest.TestCase):
     for n, c in self.ref_covs.items():
       lam = np.clip(np.linalg.eigvalsh(c)[::-1], 0, None)
       ref_spectra[n] = lam / lam.sum() if lam.sum() > 0 else np.eye(len(lam))[0]
-    self.assertEqual(r['recipes']['kl']['widths'], recipes.kl(ref_spectra))
+    self.assertEqual(r['recipes']['pfa_kl']['widths'], recipes.kl(ref_spectra))
     self.assertEqual(
-      r['recipes']['energy_0.9']['widths'], recipes.energy(ref_spectra, 0.9)
+      r['recipes']['pfa_energy_0.9']['widths'],
+      recipes.energy(ref_spectra, 0.9),
     )
     # The params target: largest tau meeting half the full footprint.
-    rec = r['recipes']['params_0.5']
+    rec = r['recipes']['pfa_params_0.5']
     self.assertLessEqual(rec['params'], 0.5 * r['full']['params'])
 
   def test_evaluate_job_matches_compress_full_accuracy(self):
@@ -124,33 +144,27 @@ class CompressTest(absltest.TestCase):
     self.assertEqual(r['count'], 40)  # eval_subset, every example once
     self.assertEqual(r['accuracy'], self.evaluated['accuracy'])
 
-  def test_analysed_groups_modes(self):
-    model = models.get_model('resnet8', num_classes=10)
-    inner = compress.analysed_groups(model, 'inner')
-    both = compress.analysed_groups(model, 'inner+stream')
-    self.assertEqual(inner, [f'stage{s}_block0/conv1' for s in (1, 2, 3)])
-    self.assertEqual(both, inner + ['stream1', 'stream2', 'stream3'])
-    with self.assertRaisesRegex(ValueError, "'streams'"):
-      compress.analysed_groups(model, 'streams')
-
-  def test_keep_sets_random_and_errors(self):
-    full = {'a': 10, 'b': 6}
-    widths = {'a': 3, 'b': 6}
-    keep = compress.keep_sets('random', widths, {}, full, seed=1)
-    self.assertEqual({n: len(k) for n, k in keep.items()}, widths)
-    for k, w in zip(keep.values(), full.values()):
-      self.assertTrue(np.all(np.diff(k) > 0) and k.max() < w)
-    again = compress.keep_sets('random', widths, {}, full, seed=1)
-    np.testing.assert_array_equal(keep['a'], again['a'])
-    orders = {'a': np.arange(10)[::-1], 'b': np.arange(6)}
-    pfa = compress.keep_sets('pfa', widths, orders, full, seed=0)
-    np.testing.assert_array_equal(pfa['a'], [0, 1, 2])  # removed 9, 8, ...
-    with self.assertRaisesRegex(ValueError, "'magnitude'"):
-      compress.keep_sets('magnitude', widths, orders, full, seed=0)
-    c = _tiny_config()
-    c.pfa.select = 'magnitude'
-    with self.assertRaisesRegex(ValueError, "pfa.select.*'magnitude'"):
-      compress.compress(c, tempfile.mkdtemp())
+  def test_bad_options_fail_before_restoring(self):
+    # An empty workdir: nothing to restore, so any error is the validation's.
+    for field, value, pattern in [
+      ('method', 'magnitude', "Unknown method 'magnitude'"),
+      ('method_kw.select', 'magnitude', "select.*'magnitude'"),
+      ('method_kw.global_ranking', True, "global_ranking.*'pfa'"),
+      ('method_kw.stats_dtype', 'float16', 'stats_dtype.*float16'),
+      ('method_kw.stats_dtype', 'float64', 'JAX_ENABLE_X64'),
+      ('method_kw.compensation', 'exact', "compensation.*'exact'"),
+      ('compress.recalibrate_batches', -1, 'recalibrate_batches'),
+    ]:
+      with self.subTest(field=field, value=value):
+        c = _tiny_config()
+        with c.unlocked():
+          parent, _, key = field.rpartition('.')
+          (c[parent] if parent else c)[key] = value
+          if field == 'method_kw.select':
+            c.method = 'random'
+            c.recipes = ('params:0.5',)
+        with self.assertRaisesRegex(ValueError, pattern):
+          compress.compress(c, tempfile.mkdtemp())
 
   def test_demo_table_and_plots_from_result_file(self):
     from experiments import demo  # noqa: PLC0415
@@ -171,24 +185,27 @@ class CompressTest(absltest.TestCase):
 
   def test_bad_recipes_fail_early(self):
     for spec, pattern in [
-      ('energy:1.5', 'tau'),
+      ('energy:1.5', r'energy must lie in \(0, 1\]'),
+      ('energy:0', 'positive'),
       ('kl:2', 'Unknown recipe'),
-      ('flops', 'number'),
+      ('flops', "no named recipe 'flops'"),
       ('size:3', 'Unknown recipe'),
+      ('prune:0.5', "'pfa' does not accept recipe 'prune:0.5'"),
+      ('l1@kl', "'l1' does not accept recipe 'kl'"),
     ]:
       with self.subTest(spec):
-        c = _tiny_config((spec,))
+        c = _tiny_config(('kl', spec))
         with self.assertRaisesRegex(ValueError, pattern):
-          if spec == 'energy:1.5':
-            recipes.energy({'a': np.array([1.0])}, 1.5)
-          else:
-            compress.compress(c, tempfile.mkdtemp())
+          compress.compress(c, tempfile.mkdtemp())
 
   def test_impossible_target_is_named(self):
-    spectra = {'conv1': np.array([0.5, 0.5])}
-    model = models.get_model('simple_cnn', num_classes=10, width_mult=1 / 24)
-    with self.assertRaisesRegex(ValueError, "'params:10'.*impossible"):
-      compress.recipe_widths('params:10', spectra, model, (32, 32, 3))
+    model, variables, _, _ = compress.checkpoint.restore_model(
+      os.path.join(self.workdir, 'train')
+    )
+    with self.assertRaisesRegex(ValueError, "'params:10'.*below the smallest"):
+      compress.methods.prune(
+        'l1', model, variables, recipe='params:10', input_shape=(32, 32, 3)
+      )
 
 
 if __name__ == '__main__':

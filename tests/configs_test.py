@@ -12,6 +12,7 @@ from absl.testing import parameterized
 from configs import common
 from pfa_jax import compress
 from pfa_jax import input_pipeline
+from pfa_jax import methods
 from pfa_jax import models
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,9 +46,13 @@ class ConfigsTest(parameterized.TestCase):
         json.loads(c.to_json())
         self.assertIn(c.model.name, models.MODELS)
         input_pipeline.get_spec(c.input.dataset)
-        for spec in c.pfa.recipes:
-          compress.parse_recipe(spec)
-        self.assertIn(c.pfa.resnet_mode, compress.RESNET_MODES)
+        self.assertIsInstance(c.recipes, tuple)
+        compress.validate(c)  # every method, recipe and option
+        # --config.method=<any registered method> works on every config.
+        for method in methods.METHODS:
+          with c.unlocked():
+            c.method = method
+          self.assertNotEmpty(compress.validate(c), method)
 
   def test_parse_arg(self):
     a = common.parse_arg('runlocal,job=compress', runlocal=False, job='train')

@@ -31,6 +31,29 @@ def _simple_cnn_hand_count(w, classes=10, hw=32):
 
 
 class CostsTest(absltest.TestCase):
+  def test_closed_form_cost_fn_equals_traced_count(self):
+    # cost_fn traces once and evaluates a closed form; count traces the
+    # real pruned network. They must agree for any widths.
+    rng = np.random.default_rng(0)
+    for name, shape in (
+      ('simple_cnn', (32, 32, 3)),
+      ('vgg16_cifar', (32, 32, 3)),
+      ('resnet20', (32, 32, 3)),
+      ('resnet_tiny_imagenet', (32, 32, 3)),
+    ):
+      model = models.get_model(name, num_classes=7)
+      full = models.widths_of(model)
+      for metric in ('params', 'flops'):
+        fn = costs.cost_fn(model, shape, metric)
+        for _ in range(3):
+          w = {n: int(rng.integers(1, c + 1)) for n, c in full.items()}
+          pruned = models.with_widths(model, w)
+          self.assertEqual(
+            fn(w), costs.count(pruned, shape)[metric], (name, metric, w)
+          )
+      with self.assertRaisesRegex(KeyError, 'conv99'):
+        costs.cost_fn(model, shape)({'conv99': 1})
+
   def test_simple_cnn_matches_hand_count(self):
     for w in [(96, 96, 96, 192, 192, 192, 192, 192), (5, 7, 3, 11, 2, 9, 4, 1)]:
       model = models.get_model('simple_cnn', num_classes=10, widths=w)

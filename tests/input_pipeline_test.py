@@ -1,7 +1,9 @@
 """Tests for pfa_jax.input_pipeline (synthetic arrays and tfds mock data)."""
 
 import tempfile
+from unittest import mock
 
+import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
@@ -271,6 +273,62 @@ class ShardTest(absltest.TestCase):
   def test_batch_size_must_split_over_devices(self):
     with self.assertRaisesRegex(ValueError, 'divisible'):
       input_pipeline.host_batch_size(jax.device_count() + 1)
+
+
+class _Tiny(nn.Module):
+  @nn.compact
+  def __call__(self, x, train=False):
+    return nn.Dense(10)(x.mean((1, 2)))
+
+
+class LoadOnceTest(absltest.TestCase):
+  def setUp(self):
+    super().setUp()
+    input_pipeline.load_arrays.cache_clear()
+
+  def test_second_evaluation_does_not_load_again(self):
+    from pfa_jax import train  # noqa: PLC0415
+
+    model = _Tiny()
+    variables = jax.jit(model.init)(jax.random.key(0), np.zeros((1, 32, 32, 3)))
+    config = _config(eval_subset=40, eval_batch_size=16)
+    with tfds.testing.mock_data(num_examples=64):
+      with mock.patch.object(tfds, 'load', wraps=tfds.load) as load:
+        first = train.evaluate_model(config, model, variables)
+        self.assertEqual(load.call_count, 1)
+        second = train.evaluate_model(config, model, variables)
+        self.assertEqual(load.call_count, 1)
+        # Another subset is another entry: loaded once more.
+        config.input.eval_subset = 24
+        third = train.evaluate_model(config, model, variables)
+        self.assertEqual(load.call_count, 2)
+    self.assertEqual(first, second)
+    self.assertEqual(first['count'], 40)
+    self.assertEqual(third['count'], 24)
+
+  def test_train_and_eval_splits_are_reused_by_get_datasets(self):
+    config = _config()
+    with tfds.testing.mock_data(num_examples=64):
+      with mock.patch.object(tfds, 'load', wraps=tfds.load) as load:
+        _, _, a = input_pipeline.get_datasets(config)
+        calls = load.call_count
+        _, _, b = input_pipeline.get_datasets(config, start_step=3)
+        self.assertEqual(load.call_count, calls)
+    self.assertEqual(a, b)
+
+  def test_other_mock_context_is_not_served_from_the_cache(self):
+    def labels():
+      it = input_pipeline.get_split_iter(
+        _config(), 'test', augment=False, batch_size=16
+      )
+      return np.concatenate([b['label'][b['mask']] for b in it])
+
+    with tfds.testing.mock_data(num_examples=32):
+      a = labels()
+    with tfds.testing.mock_data(num_examples=48):
+      b = labels()
+    self.assertLen(a, 32)
+    self.assertLen(b, 48)
 
 
 if __name__ == '__main__':

@@ -1,10 +1,12 @@
 """CLI error paths: clear, early errors before any expensive work."""
 
+import logging as std_logging
 import os
 import subprocess
 import sys
 import tempfile
 
+import ml_collections
 from absl.testing import absltest
 
 from configs import simple_cnn_cifar10
@@ -62,6 +64,41 @@ class MainErrorTest(absltest.TestCase):
     )
     self.assertNotEqual(proc.returncode, 0)
     self.assertIn('num_epochs', proc.stderr)
+
+  def test_bad_model_arguments_fail_before_any_data(self):
+    data_dir = tempfile.mkdtemp()  # Empty: reading data would fail later.
+    cases = [
+      ({'model.kw.width_mult': 0.0}, 'width_mult'),
+      ({'input.image_size': 8}, r'8x8x3 is too small.*conv7'),
+    ]
+    for kw, pattern in cases:
+      c = _config(**{'input.data_dir': data_dir, **kw})
+      with self.assertRaisesRegex(ValueError, pattern):
+        pfa_main.run(c, tempfile.mkdtemp())
+
+  def test_bad_distill_settings_fail_early(self):
+    c = _config(**{'input.data_dir': tempfile.mkdtemp()})
+    with c.unlocked():
+      c.distill = ml_collections.ConfigDict(
+        {'weight': -0.1, 'temperature': 4.0}
+      )
+    with self.assertRaisesRegex(ValueError, r'distill\.weight.*-0\.1'):
+      pfa_main.run(c, tempfile.mkdtemp())
+
+  def test_quiet_filter(self):
+    def record(path, level, msg='x'):
+      return std_logging.LogRecord('absl', level, path, 1, msg, (), None)
+
+    f = pfa_main._QuietFilter()
+    info, warn, err = std_logging.INFO, std_logging.WARNING, std_logging.ERROR
+    self.assertTrue(f.filter(record('/r/pfa_jax/train.py', info)))
+    self.assertFalse(f.filter(record('/v/clu/metric_writers/x.py', info)))
+    self.assertFalse(f.filter(record('/v/orbax/checkpoint/m.py', warn)))
+    self.assertTrue(f.filter(record('/v/orbax/checkpoint/m.py', err)))
+    self.assertTrue(f.filter(record('/v/tensorflow/x.py', warn)))
+    progress = record('/v/clu/platform/local.py', info, pfa_main._PROGRESS)
+    self.assertTrue(f.filter(progress))
+    self.assertEqual(progress.msg, 'progress: %s')
 
   def test_compress_without_checkpoint(self):
     c = _config(job='compress')

@@ -43,6 +43,43 @@ class ModelsTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "'conv2'.*>= 1"):
       models.get_model('simple_cnn', num_classes=10, widths={'conv2': 0})
 
+  @parameterized.parameters(
+    (dict(widths=(0,) * 8), r"group 'conv1' must be an int >= 1, got 0"),
+    (dict(widths=(96,) * 7 + (2.5,)), r"group 'conv8'.*got 2\.5"),
+    (dict(widths=(96,) * 7), r'needs 8 widths \(conv1, .*conv8\), got 7'),
+    (dict(width_mult=0.0), r'width_mult must be a finite number > 0, got 0'),
+    (dict(width_mult=float('nan')), 'width_mult'),
+    (dict(num_classes=0), r'num_classes must be an int >= 1, got 0'),
+    (dict(num_classes=2.0), 'num_classes'),
+  )
+  def test_bad_model_arguments_are_named(self, kw, pattern):
+    kw = {'num_classes': 10, **kw}
+    with self.assertRaisesRegex(ValueError, pattern):
+      models.get_model('simple_cnn', **kw)
+
+  def test_resnet_widths_count_names_groups(self):
+    with self.assertRaisesRegex(ValueError, r"'resnet8' needs 6 widths"):
+      models.get_model('resnet8', num_classes=10, widths=(4, 4))
+
+  def test_numpy_int_widths_stay_json(self):
+    m = models.get_model(
+      'simple_cnn', num_classes=10, widths=tuple(np.arange(1, 9))
+    )
+    self.assertEqual(m.widths, tuple(range(1, 9)))
+    self.assertIs(type(m.widths[0]), int)
+
+  def test_input_too_small_names_the_layer(self):
+    m = models.get_model('simple_cnn', num_classes=10, width_mult=0.125)
+    with self.assertRaisesRegex(
+      ValueError, r'8x8x3 is too small for SimpleCNN: layer conv7/conv'
+    ):
+      models.init(m, jax.random.key(0), (8, 8, 3))
+    self.assertEqual(models.check_input(m, (12, 12, 3)), (12, 12, 3))
+    with self.assertRaisesRegex(ValueError, r'\(H, W, C\)'):
+      models.check_input(m, (32, 32))
+    with self.assertRaisesRegex(ValueError, r'\(H, W, C\)'):
+      models.check_input(m, (32, 0, 3))
+
   def test_widths_as_tree_and_multiplier(self):
     m = models.get_model(
       'simple_cnn', num_classes=10, width_mult=0.5, widths={'conv8': 7}

@@ -8,6 +8,7 @@ from absl.testing import parameterized
 
 from pfa_jax import costs
 from pfa_jax import models
+from pfa_jax import plan as plan_lib
 from pfa_jax import slicing
 
 # name, input shape, model kwargs: small but structurally complete.
@@ -27,7 +28,7 @@ def _setup(name, shape, kw, seed=0):
   # Non-trivial BN statistics, so that slicing them matters.
   k1, k2 = jax.random.split(jax.random.key(seed + 1))
   variables = {
-    'params': variables['params'],
+    **variables,
     'batch_stats': jax.tree.map(
       lambda a: a + 0.5 * jnp.abs(jax.random.normal(k1, a.shape)),
       variables.get('batch_stats', {}),
@@ -102,6 +103,87 @@ class SlicingTest(parameterized.TestCase):
             for m in jax.tree.leaves(slicing.masks(model, variables, keep))
           )
           self.assertEqual(nonzero, leaves)
+
+  @parameterized.named_parameters(*[(c[0], *c) for c in CASES])
+  def test_plans_with_folds_pruned_equals_masked(self, name, shape, kw):
+    model, variables, x = _setup(name, shape, kw)
+    rng = np.random.default_rng(1)
+    keep = _random_keep(model, rng, streams=False)
+    keep = {
+      n: k
+      for n, k in keep.items()
+      if len(k) < model.widths[model.structure().group(n).index]
+    }
+    folds = {}
+    for n, k in keep.items():
+      c = model.widths[model.structure().group(n).index]
+      r = c - len(k)
+      folds[n] = plan_lib.Fold(
+        matrix=rng.normal(size=(r, len(k))) * 0.3,
+        offset=rng.normal(size=(r,)) * 0.3,
+      )
+    plan = plan_lib.Plan(keep=keep, folds=folds)
+    pm, pv = slicing.prune(model, variables, plan)
+    mm, mv = slicing.mask(model, variables, plan)
+    self.assertLess(_rel_err(_apply(pm, pv, x), _apply(mm, mv, x)), 1e-5)
+    # The folds changed the function (they are not silently dropped).
+    pm0, pv0 = slicing.prune(model, variables, keep)
+    self.assertGreater(_rel_err(_apply(pm, pv, x), _apply(pm0, pv0, x)), 1e-3)
+
+  def test_duplicate_filter_fold_is_exact(self):
+    # conv2's filter 5 duplicates filter 2 (kernel and BN): folding 5 into 2
+    # (B = 1, no offset) gives the full network's logits exactly; dropping
+    # it without the fold does not.
+    model, variables, x = _setup(
+      'simple_cnn', (32, 32, 3), {'width_mult': 0.25}
+    )
+    params = jax.tree.map(np.array, variables['params'])
+    stats = jax.tree.map(np.array, variables['batch_stats'])
+    params['conv2']['bn']['bias'][2] = 2.0  # active after the ReLU
+    for leaf in (params['conv2']['conv'], params['conv2']['bn']):
+      for value in leaf.values():
+        value[..., 5] = value[..., 2]
+    for value in stats['conv2']['bn'].values():
+      value[..., 5] = value[..., 2]
+    variables = {**variables, 'params': params, 'batch_stats': stats}
+    c = model.widths[1]
+    kept = np.setdiff1d(np.arange(c), [5])
+    matrix = np.zeros((1, c - 1))
+    matrix[0, 2] = 1.0
+    plan = plan_lib.Plan({'conv2': kept}, {'conv2': plan_lib.Fold(matrix)})
+    full = _apply(model, variables, x)
+    pm, pv = slicing.prune(model, variables, plan)
+    self.assertLess(_rel_err(_apply(pm, pv, x), full), 1e-5)
+    pm0, pv0 = slicing.prune(model, variables, {'conv2': kept})
+    self.assertGreater(_rel_err(_apply(pm0, pv0, x), full), 1e-3)
+
+  def test_fold_on_a_stream_is_refused(self):
+    model, variables, _ = _setup('resnet8', (16, 16, 3), {})
+    plan = plan_lib.Plan(
+      {'stream1': np.arange(15)}, {'stream1': plan_lib.Fold(np.ones((1, 15)))}
+    )
+    with self.assertRaisesRegex(ValueError, "'stream1'.*residual stream"):
+      slicing.prune(model, variables, plan)
+
+  def test_fold_shape_is_checked(self):
+    model, variables, _ = _setup(
+      'simple_cnn', (32, 32, 3), {'width_mult': 0.25}
+    )
+    plan = plan_lib.Plan(
+      {'conv1': np.arange(20)}, {'conv1': plan_lib.Fold(np.ones((3, 20)))}
+    )
+    with self.assertRaisesRegex(ValueError, r"'conv1'.*\(4, 20\)"):
+      slicing.prune(model, variables, plan)
+
+  def test_scatter_inverts_prune(self):
+    model, variables, x = _setup('resnet8', (16, 16, 3), {})
+    keep = _random_keep(model, np.random.default_rng(5), streams=True)
+    pm, pv = slicing.prune(model, variables, keep)
+    dense = slicing.scatter(model, pv, keep, like=variables)
+    self.assertLess(_rel_err(_apply(model, dense, x), _apply(pm, pv, x)), 1e-5)
+    self.assertEqual(
+      jax.tree.map(jnp.shape, dense), jax.tree.map(jnp.shape, variables)
+    )
 
   def test_prune_twice_composes(self):
     model, variables, x = _setup('resnet20', (16, 16, 3), {'width_mult': 0.5})

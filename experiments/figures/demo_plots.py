@@ -35,34 +35,30 @@ def draw(workdir: str) -> list[str]:
     label='full model',
     zorder=3,
   )
+  stages = (
+    ('accuracy_pruned', 'x', 'tab:red', 'sliced'),
+    ('accuracy_recalibrated', '^', 'tab:orange', 'BN recalibrated'),
+    ('accuracy_finetuned', 'o', 'tab:blue', 'fine-tuned'),
+  )
   for name, r in recipes.items():
-    line = ax.plot(
-      [r['params']] * 2,
-      [r['accuracy_pruned'], r.get('accuracy_finetuned', r['accuracy_pruned'])],
-      ':',
-      color='gray',
-    )[0]
-    del line
-    ax.scatter(
-      [r['params']], [r['accuracy_pruned']], marker='x', color='tab:red'
-    )
-    if 'accuracy_finetuned' in r:
-      ax.scatter(
-        [r['params']], [r['accuracy_finetuned']], marker='o', color='tab:blue'
-      )
+    accs = [r[k] for k, *_ in stages if k in r]
+    ax.plot([r['params']] * len(accs), accs, ':', color='gray')
+    for key, marker, color, _ in stages:
+      if key in r:
+        ax.scatter([r['params']], [r[key]], marker=marker, color=color)
     ax.annotate(
       name,
-      (r['params'], r.get('accuracy_finetuned', r['accuracy_pruned'])),
+      (r['params'], accs[-1]),
       textcoords='offset points',
       xytext=(5, 5),
       fontsize=8,
     )
-  ax.scatter([], [], marker='x', color='tab:red', label='pruned')
-  ax.scatter([], [], marker='o', color='tab:blue', label='fine-tuned')
+  for _, marker, color, label in stages:
+    ax.scatter([], [], marker=marker, color=color, label=label)
   ax.set_xscale('log')
   ax.set_xlabel('parameters (footprint)')
   ax.set_ylabel('test accuracy')
-  ax.set_title(f'{result["model"]} / {result["dataset"]}: PFA recipes')
+  ax.set_title(f'{result["model"]} / {result["dataset"]}: compression recipes')
   ax.legend(fontsize=8)
   ax.grid(alpha=0.3)
   fig.tight_layout()

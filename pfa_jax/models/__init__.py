@@ -7,11 +7,13 @@ A pruned network is the same class with other widths.
 """
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
+import numpy as np
 from flax import traverse_util
 
 from pfa_jax.models import layers
@@ -55,7 +57,7 @@ MODELS: dict[str, tuple[type, dict[str, Any]]] = {
   ),
 }
 _CLASSES = {c.__name__: c for c, _ in MODELS.values()}
-_COLLECTIONS = ('params', 'batch_stats')
+_COLLECTIONS = ('params', 'batch_stats', 'consts')
 
 
 def get_model(
@@ -81,11 +83,26 @@ def get_model(
     The flax module.
 
   Raises:
-    ValueError: unknown name or field.
+    ValueError: unknown name or field, ``num_classes`` < 1, ``width_mult``
+      <= 0, or widths of the wrong count or not ints >= 1 (naming the group).
   """
   if name not in MODELS:
     raise ValueError(
       f'Unknown model {name!r}; known models: {", ".join(sorted(MODELS))}.'
+    )
+  if not _is_int(num_classes) or num_classes < 1:
+    raise ValueError(
+      f'Model {name!r}: num_classes must be an int >= 1, got {num_classes!r}.'
+    )
+  if not (
+    isinstance(width_mult, (int, float))
+    and not isinstance(width_mult, bool)
+    and math.isfinite(width_mult)
+    and width_mult > 0
+  ):
+    raise ValueError(
+      f'Model {name!r}: width_mult must be a finite number > 0, got '
+      f'{width_mult!r}.'
     )
   cls, fixed = MODELS[name]
   fields = {f.name for f in dataclasses.fields(cls)} - {'parent', 'name'}
@@ -94,11 +111,14 @@ def get_model(
     raise ValueError(
       f'Model {name!r} has no field(s) {bad}; fields: {sorted(fields)}.'
     )
-  args = {**fixed, **kw, 'num_classes': num_classes}
+  args = {**fixed, **kw, 'num_classes': int(num_classes)}
   if isinstance(widths, (tuple, list)):
-    args['widths'] = tuple(int(w) for w in widths)
+    args['widths'] = tuple(widths)
     widths = None
   model = cls(**args)
+  if 'widths' in args:
+    check_widths(model, args['widths'], label=name)
+    model = model.clone(widths=tuple(int(w) for w in args['widths']))
   if model.widths is None:  # ResNet: materialise the default widths
     model = model.clone(widths=model.default_widths())
   if width_mult != 1.0:
@@ -107,6 +127,66 @@ def get_model(
   if widths:
     model = structure.with_widths(model, widths)
   return model
+
+
+def _is_int(x) -> bool:
+  return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def check_widths(model: nn.Module, widths, *, label: str = '') -> None:
+  """Raises ValueError unless ``widths`` has one int >= 1 per group."""
+  label = label or type(model).__name__
+  names = model.structure().names
+  if len(widths) != len(names):
+    raise ValueError(
+      f'Model {label!r} needs {len(names)} widths ({", ".join(names)}), got '
+      f'{len(widths)}: {tuple(widths)}.'
+    )
+  for n, w in zip(names, widths, strict=True):
+    if not _is_int(w) or w < 1:
+      raise ValueError(
+        f'Model {label!r}: width of group {n!r} must be an int >= 1, got {w!r}.'
+      )
+
+
+def check_input(model: nn.Module, input_shape) -> tuple[int, int, int]:
+  """Checks that one ``(H, W, C)`` input runs through ``model``.
+
+  Abstract (``jax.eval_shape``, no compute). Every module's output is
+  checked as it is produced, so an input too small for the network's
+  strides and VALID convolutions names the first layer that comes out
+  empty, instead of failing later in a reduction.
+
+  Returns:
+    ``input_shape`` as a tuple of ints.
+
+  Raises:
+    ValueError: ``input_shape`` is not 3 ints >= 1, or is too small.
+  """
+  shape = tuple(input_shape)
+  if len(shape) != 3 or not all(_is_int(d) and d >= 1 for d in shape):
+    raise ValueError(
+      f'input_shape must be (H, W, C) with ints >= 1, got {input_shape!r}.'
+    )
+  label = type(model).__name__
+
+  def interceptor(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    for leaf in jax.tree.leaves(out):
+      if 0 in getattr(leaf, 'shape', ()):
+        path = '/'.join(context.module.path) or label
+        raise ValueError(
+          f'Input {shape[0]}x{shape[1]}x{shape[2]} is too small for {label}: '
+          f'layer {path} gives an empty output {tuple(leaf.shape)}. Use a '
+          'larger config.input.image_size.'
+        )
+    return out
+
+  key = jax.random.key(0)
+  x = jax.ShapeDtypeStruct((1, *shape), jax.numpy.float32)
+  with nn.intercept_methods(interceptor):
+    jax.eval_shape(lambda x: model.init({'params': key, 'dropout': key}, x), x)
+  return shape
 
 
 def arch_of(model: nn.Module) -> dict[str, Any]:
@@ -144,7 +224,11 @@ def _from_json(v):
 
 
 def init(model: nn.Module, rng: jax.Array, input_shape) -> dict:
-  """Initialises variables for one NHWC input of ``input_shape`` (H, W, C)."""
+  """Initialises variables for one NHWC input of ``input_shape`` (H, W, C).
+
+  The input shape is checked first (:func:`check_input`).
+  """
+  input_shape = check_input(model, input_shape)
   x = jax.numpy.zeros((1, *input_shape), jax.numpy.float32)
   init_fn = jax.jit(lambda r, x: model.init({'params': r, 'dropout': r}, x))
   return model_variables(init_fn(rng, x))
@@ -178,6 +262,8 @@ with_widths = structure.with_widths
 __all__ = [
   'MODELS',
   'arch_of',
+  'check_input',
+  'check_widths',
   'from_arch',
   'get_model',
   'init',

@@ -18,14 +18,15 @@ Prunable groups (in ``widths`` order):
   block's ``conv2``), so it is one keep-set.
 
 Pruning only inner groups is the "inner" mode; naming stream groups too is
-"inner+stream". The option-A shortcut's channel map is the ``shortcut_maps``
-field (one tuple per transition; ``-1`` = zero channel), so a sliced stream
-stays exactly the same function.
+"inner+stream". The option-A shortcut's channel map is data: the int32 leaf
+``consts/stage{s}_block0/channel_map`` (``-1`` = zero channel), initialised
+to :func:`option_a_map` and rewritten by the slicer and masker, so a sliced
+stream stays exactly the same function and masked variants share one
+compiled program.
 """
 
 import flax.linen as nn
 import jax.numpy as jnp
-import numpy as np
 
 from pfa_jax.models import layers
 from pfa_jax.models import structure
@@ -46,8 +47,6 @@ class ResNet(nn.Module):
     widths: one width per group (inner convs, then streams); ``None`` means
       unpruned.
     variant: 'cifar' (3x3 stem, option A) or 'imagenet' (7x7 stem, option B).
-    shortcut_maps: option-A channel maps per transition; ``None`` means
-      ``option_a_map`` of the current stream widths.
   """
 
   num_classes: int = 10
@@ -55,7 +54,6 @@ class ResNet(nn.Module):
   stage_widths: tuple[int, ...] = (16, 32, 64)
   widths: tuple[int, ...] | None = None
   variant: str = 'cifar'
-  shortcut_maps: tuple[tuple[int, ...], ...] | None = None
   tap: str = 'post_act'
   conv_impl: str = 'auto'
 
@@ -111,7 +109,9 @@ class ResNet(nn.Module):
         else:
           index_maps.append(
             structure.IndexMap(
-              'shortcut_maps', s, f'stream{s + 1}', f'stream{s + 2}'
+              f'stage{s + 2}_block0/channel_map',
+              f'stream{s + 1}',
+              f'stream{s + 2}',
             )
           )
       else:
@@ -126,14 +126,6 @@ class ResNet(nn.Module):
         )
       )
     return structure.Structure(tuple(groups), tuple(index_maps))
-
-  def _shortcut_maps(self, w):
-    if self.shortcut_maps is not None:
-      return self.shortcut_maps
-    streams = w[len(self._blocks()) :]
-    return tuple(
-      option_a_map(streams[s], streams[s + 1]) for s in range(len(streams) - 1)
-    )
 
   # -- forward ---------------------------------------------------------------
   @nn.compact
@@ -151,7 +143,6 @@ class ResNet(nn.Module):
         streams[0], (7, 7), strides=(2, 2), name='stem', **conv
       )(x, train)
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding='SAME')
-    maps = self._shortcut_maps(w)
     i = 0
     for s, n in enumerate(self.stage_sizes):
       for b in range(n):
@@ -160,7 +151,6 @@ class ResNet(nn.Module):
           out=streams[s],
           stride=2 if (s > 0 and b == 0) else 1,
           shortcut='option_a' if self.variant == 'cifar' else 'proj',
-          channel_map=maps[s - 1] if (s > 0 and b == 0) else None,
           name=f'stage{s + 1}_block{b}',
           **conv,
         )(x, train)
@@ -177,7 +167,6 @@ class BasicBlock(nn.Module):
   out: int
   stride: int = 1
   shortcut: str = 'option_a'  # or 'proj' (used only when stride > 1)
-  channel_map: tuple[int, ...] | None = None
   tap: str = 'post_act'
   conv_impl: str = 'auto'
 
@@ -192,7 +181,13 @@ class BasicBlock(nn.Module):
     if self.stride == 1:
       shortcut = x
     elif self.shortcut == 'option_a':
-      shortcut = _option_a(x, self.channel_map)
+      c_in = x.shape[-1]
+      channel_map = self.variable(
+        structure.CONSTS,
+        'channel_map',
+        lambda: jnp.asarray(option_a_map(c_in, self.out), jnp.int32),
+      ).value
+      shortcut = _option_a(x, channel_map)
     else:
       shortcut = layers.ConvBN(
         self.out, (1, 1), strides=strides, relu=False, name='proj', **conv
@@ -201,7 +196,13 @@ class BasicBlock(nn.Module):
 
 
 def _option_a(x, channel_map):
-  """Subsample by 2 and gather channels; -1 picks an appended zero channel."""
+  """Subsample by 2 and gather channels; -1 picks an appended zero channel.
+
+  ``channel_map`` is an array (traced under jit), so one compiled program
+  serves every map of the same length.
+  """
   x = x[:, ::2, ::2, :]
+  c_in = x.shape[-1]
   x = jnp.concatenate([x, jnp.zeros_like(x[..., :1])], axis=-1)
-  return jnp.take(x, np.asarray(channel_map, dtype=np.int32), axis=-1)
+  index = jnp.where(channel_map < 0, c_in, channel_map)
+  return jnp.take(x, index, axis=-1, mode='clip')

@@ -18,7 +18,16 @@ Each group names
 * ``index``: its position in the model's ``widths`` tuple.
 
 ``index_maps`` describe parameter-free channel maps between groups, such as
-ResNet-56's zero-padding ("option A") shortcut, stored as a model field.
+ResNet-56's zero-padding ("option A") shortcut. They are *data*: an int32
+leaf of the non-trainable ``'consts'`` variable collection, never a static
+module field, so masked variants of one model (which differ only in those
+maps) share one compiled program, and a pruned model's maps travel with its
+variables.
+
+The description is deliberately open to automatic discovery from a jaxpr:
+a consumer may read a group at a channel ``offset`` inside a wider input
+(a concatenation) with an explicit per-position ``span``, and index maps are
+arrays addressed by path.
 
 The slicer, the masker, the cost model and PFA's response taps all read this
 one description, so adding a model means writing its modules and its
@@ -26,6 +35,30 @@ one description, so adding a model means writing its modules and its
 """
 
 import dataclasses
+
+CONSTS = 'consts'
+
+
+@dataclasses.dataclass(frozen=True)
+class Consumer:
+  """A kernel that reads a group's channels on its input axis (-2).
+
+  Attributes:
+    path: module path; the kernel is ``<path>/kernel``.
+    offset: first row of the group inside one spatial position's block of
+      input rows (non-zero after a channel concatenation).
+    span: input rows per spatial position (the concatenated width); ``None``
+      means the group's own width. A channel-last flatten repeats the block
+      ``rows / span`` times; the slicer infers that repeat from the kernel.
+  """
+
+  path: str
+  offset: int = 0
+  span: int | None = None
+
+
+def as_consumer(c) -> Consumer:
+  return c if isinstance(c, Consumer) else Consumer(c)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,27 +69,28 @@ class Group:
     name: layer name used in every layer tree (widths, spectra, keep-sets).
     index: position of this group's width in the model's ``widths`` field.
     producers: module paths writing these channels (sliced on the last axis).
-    consumers: kernel paths reading these channels (sliced on axis -2).
+    consumers: kernel paths (``str``) or :class:`Consumer` entries reading
+      these channels (sliced on axis -2).
     stream: True for a residual stream shared by several producers.
   """
 
   name: str
   index: int
   producers: tuple[str, ...]
-  consumers: tuple[str, ...]
+  consumers: tuple[str | Consumer, ...]
   stream: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
 class IndexMap:
-  """A parameter-free channel map stored in a model field.
+  """A parameter-free channel map stored as data in ``variables['consts']``.
 
-  ``getattr(model, field)[position][j]`` is the ``source`` channel that output
-  channel ``j`` of ``target`` copies, or ``-1`` for a zero channel.
+  ``variables['consts'][path...][-1]`` (flattened with ``/``) is an int32
+  vector: entry ``j`` is the ``source`` channel that output channel ``j`` of
+  ``target`` copies, or ``-1`` for a zero channel.
   """
 
-  field: str
-  position: int
+  path: str
   source: str
   target: str
 

@@ -1,0 +1,120 @@
+"""PFA (Suau et al. 2020): spectra -> widths, Pearson selection -> keep-sets.
+
+``collect`` streams every pruned group's response covariance under ``jit``
+(one pass, reused by every recipe); ``plan`` turns the spectra into widths
+(PFA-KL, PFA-En(τ), a kept fraction, explicit widths, or the largest τ that
+meets a params/FLOPs budget) and picks the filters by Pearson selection.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pfa_jax import models
+from pfa_jax import plan as plan_lib
+from pfa_jax import recipes
+from pfa_jax import select
+from pfa_jax import spectra as spectra_lib
+from pfa_jax import stats
+from pfa_jax.methods import base
+
+STATS_DTYPES = ('float32', 'float64')
+
+
+def stats_step(states, variables, batch, *, model, names):
+  """One forward pass + covariance update for the ``names`` groups (pure)."""
+  _, resp = models.responses(model, variables, batch['image'])
+  resp = {n: resp[n].astype(states[n].mean.dtype) for n in names}
+  return stats.update_tree(states, resp, mask=batch['mask'])
+
+
+def check_stats_dtype(name: str):
+  if name not in STATS_DTYPES:
+    raise ValueError(
+      f'stats_dtype must be one of {STATS_DTYPES}, got {name!r}.'
+    )
+  if name == 'float64' and not jax.config.jax_enable_x64:
+    raise ValueError(
+      "stats_dtype='float64' needs 64-bit JAX (JAX_ENABLE_X64=1); without it "
+      'JAX silently computes in float32.'
+    )
+  return jnp.float64 if name == 'float64' else jnp.float32
+
+
+def collect_states(model, variables, batches, groups, dtype, progress=None):
+  """Streams the responses of ``groups``; returns host ``CovState``s."""
+  widths = models.widths_of(model)
+  states = stats.init_tree({n: widths[n] for n in groups}, dtype=dtype)
+  # Donated below, so no two leaves may share a buffer.
+  states = jax.tree.map(jnp.array, states)
+  step = jax.jit(
+    functools.partial(stats_step, model=model, names=tuple(groups)),
+    donate_argnums=0,
+  )
+  for i, batch in enumerate(batches, 1):
+    states = step(states, variables, batch)
+    if progress is not None:
+      progress(i, states)
+  states = jax.device_get(states)
+  stats.check_finite_tree(states)
+  return states
+
+
+def analyse(states) -> dict:
+  """Host float64: spectra and Pearson removal orders of every layer."""
+  covs = stats.covariance_tree(states)
+  return {
+    'spectra': spectra_lib.spectra(covs),
+    'orders': select.removal_orders(covs),
+    'num_examples': int(next(iter(states.values())).count),
+  }
+
+
+def collect(model, variables, batches, groups, hparams):
+  dtype = check_stats_dtype(hparams['stats_dtype'])
+  return analyse(collect_states(model, variables, batches, groups, dtype))
+
+
+def widths_for(ctx: base.Context, spectra) -> tuple[dict[str, int], dict]:
+  """Widths of ``ctx.groups`` for the recipe, and what was solved."""
+  r = ctx.recipe
+  spectra = {n: spectra[n] for n in ctx.groups}
+  if r.kind == 'kl':
+    return ctx.finalize(recipes.kl(spectra)), {}
+  if r.kind == 'energy':
+    return ctx.finalize(recipes.energy(spectra, r.value)), {'tau': r.value}
+  if r.kind in ('params', 'flops'):
+    family = lambda tau: ctx.finalize(recipes.energy(spectra, float(tau)))
+    tau, widths = base.solve_target(ctx, family, recipes.breakpoints(spectra))
+    return widths, {'tau': float(tau), 'target': ctx.target()}
+  return base.uniform_widths(ctx, r), {}
+
+
+def plan(ctx: base.Context) -> plan_lib.Plan:
+  widths, solved = widths_for(ctx, ctx.stats['spectra'])
+  orders = {n: ctx.stats['orders'][n] for n in ctx.groups}
+  keep = select.keep_sets(orders, widths)
+  return plan_lib.Plan(
+    keep=keep,
+    report={
+      **solved,
+      'widths': widths,
+      'num_examples': ctx.stats['num_examples'],
+      'kl_gamma': {
+        n: recipes.kl_gamma(np.asarray(ctx.stats['spectra'][n]))
+        for n in ctx.groups
+      },
+    },
+  )
+
+
+METHOD = base.Method(
+  name='pfa',
+  recipes=('kl', 'energy', 'keep', 'params', 'flops', 'widths'),
+  plan=plan,
+  collect=collect,
+  hparams={'stats_dtype': 'float32'},
+  doc='Principal Filter Analysis: spectra -> widths, Pearson selection.',
+)
