@@ -14,6 +14,9 @@ $(STAMP): requirements.txt pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements.txt
 	$(BIN)/pip install -q --no-deps -e .
+	# The statistics' SSYRK FFI kernel (g++ + jaxlib headers); without a
+	# compiler the library falls back to a host callback.
+	$(BIN)/python -m pfa_jax.native || echo "native kernel not built: using the fallback"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -6,13 +6,20 @@ and :mod:`models`. The edges: :mod:`input_pipeline`, :mod:`train`,
 :mod:`checkpoint`, :mod:`metrics`, :mod:`compress` and :mod:`main` (CLI).
 """
 
-from pfa_jax import costs
-from pfa_jax import recipes
-from pfa_jax import select
-from pfa_jax import slicing
-from pfa_jax import spectra
-from pfa_jax import stats
-from pfa_jax.analysis import analyze
+import importlib
+
+# Lazy re-exports (PEP 562): `python -m pfa_jax.analyze` then never imports
+# JAX or Flax (~1-2 s of a cold process); `pfa_jax.stats` etc. work as before.
+_SUBMODULES = ('costs', 'recipes', 'select', 'slicing', 'spectra', 'stats')
+
+
+def __getattr__(name):
+  if name in _SUBMODULES:
+    return importlib.import_module(f'pfa_jax.{name}')
+  if name == 'analyze':
+    return importlib.import_module('pfa_jax.analysis').analyze
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+
 
 __version__ = '0.1.0'
 

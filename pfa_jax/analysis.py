@@ -16,6 +16,14 @@ spatially max-pooled as in the paper), and returns a JSON-serialisable dict::
 Statistics and spectra are computed once per layer and the selection
 removal order once per layer, then reused by every recipe.
 
+Decision: the responses are already in host memory, so this path never
+touches JAX (``python -m pfa_jax.analyze`` does not even import it): each
+layer's covariance is one float32 BLAS SSYRK on the responses scaled and
+shifted exactly as :mod:`pfa_jax.stats` does (a power-of-two scale from the
+largest ``|x|``, the float64 mean as shift), finished in float64. Each
+layer's float64 covariance is then handed to the selection and, last, to
+LAPACK with ``overwrite`` (no extra [C, C] copy).
+
 Command line (prints the same JSON to stdout)::
 
   python -m pfa_jax.analyze responses.npz [--energies 0.8,0.9] [--no-kl]
@@ -28,18 +36,17 @@ import json
 import sys
 from collections.abc import Mapping, Sequence
 
-import jax
 import numpy as np
+import scipy.linalg.blas
 
 from pfa_jax import recipes
 from pfa_jax import select
 from pfa_jax import spectra as spectra_lib
-from pfa_jax import stats
 
 DEFAULT_ENERGIES = (0.8, 0.85, 0.93, 0.95, 0.96, 0.97, 0.98, 0.99)
 
 
-def pool_responses(x: jax.typing.ArrayLike, *, name: str | None = None):
+def pool_responses(x: np.typing.ArrayLike, *, name: str | None = None):
   """Validates a response array and max-pools (M, H, W, C) to (M, C).
 
   Args:
@@ -76,8 +83,36 @@ def pool_responses(x: jax.typing.ArrayLike, *, name: str | None = None):
   return x
 
 
+def covariance(x: np.ndarray) -> np.ndarray:
+  """Unbiased float64 covariance of float32 (M, C) responses, on the host.
+
+  The arithmetic of :mod:`pfa_jax.stats` in one pass: ``y = x / p - s``
+  with ``p`` the largest power of two <= max |x| (exact, so any scalar
+  scaling of ``x`` float32 holds gives the scaled covariance) and ``s`` the
+  mean of ``x / p``; ``sum y y^T`` is one SSYRK.
+  """
+  m, c = x.shape
+  amax = float(np.max(np.abs(x)))
+  if amax == 0.0:
+    return np.zeros((c, c))
+  p = float(np.ldexp(1.0, np.frexp(amax)[1] - 1))
+  z = x / np.float32(p)
+  shift = z.mean(axis=0, dtype=np.float64).astype(np.float32)
+  z -= shift
+  g = scipy.linalg.blas.ssyrk(1.0, z.T, trans=0, lower=1)  # lower valid
+  s = z.sum(axis=0, dtype=np.float64)
+  cov = np.asarray(g, np.float64, order='C')
+  for i in range(0, c, 256):  # in place: upper = lower^T, block by block
+    b = cov[i : i + 256, i : i + 256]
+    b[...] = np.tril(b) + np.tril(b, -1).T
+    cov[i : i + 256, i + 256 :] = cov[i + 256 :, i : i + 256].T
+  cov -= np.outer(s, s / m)
+  cov *= p * p / (m - 1)
+  return cov
+
+
 def analyze(
-  responses: Mapping[str, jax.typing.ArrayLike],
+  responses: Mapping[str, np.typing.ArrayLike],
   *,
   energies: Sequence[float] = DEFAULT_ENERGIES,
   kl: bool = True,
@@ -106,17 +141,11 @@ def analyze(
       raise ValueError(f'Energy threshold tau must be in (0, 1], got {t!r}.')
   # Validate everything before any heavy work.
   pooled = {k: pool_responses(x, name=k) for k, x in responses.items()}
-  # JAX dispatch is asynchronous: queue every layer's statistics first, so
-  # the host-side eigh/selection of one layer overlaps the next layer's
-  # covariance matmul.
-  states = {
-    k: stats.update(stats.init(x.shape[1]), x) for k, x in pooled.items()
-  }
   spectra, orders = {}, {}
-  for name, state in states.items():
-    cov = stats.covariance(state, name=name)
-    spectra[name] = spectra_lib.spectrum(cov, name=name)
+  for name, x in pooled.items():
+    cov = covariance(x)
     orders[name] = select.removal_order(cov, name=name)
+    spectra[name] = spectra_lib.spectrum(cov, name=name, overwrite=True)
 
   def entry(widths):
     keep = select.keep_sets(orders, widths)

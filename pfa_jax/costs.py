@@ -16,6 +16,7 @@ smaller consumers.
   and foldable.
 """
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable, Mapping
@@ -23,8 +24,12 @@ from collections.abc import Callable, Mapping
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
 
-from pfa_jax.models import structure
+from pfa_jax import slicing
+
+METRICS = ('params', 'flops')
 
 
 def count(model: nn.Module, input_shape) -> dict[str, int]:
@@ -73,100 +78,109 @@ def cost_fn(
 ) -> Callable[[Mapping[str, int]], int]:
   """``widths -> cost`` of ``model`` with those widths, for target searches.
 
-  One abstract trace of the full model, then each call is a closed-form sum
-  (no tracing), so bisection and random sampling cost microseconds per
-  point. Every parameter leaf's last axis scales with the group its module
-  produces, and every consumer kernel's input axis with the group it reads
-  (times its flatten repeat); conv/dense MACs scale the same way. Exact for
-  any widths (tested against :func:`count`).
+  Backed by the closed-form :class:`CostModel` (one abstract trace, then
+  microseconds per call); exact for any widths (tested against
+  :func:`count`, which traces the real pruned network).
 
   Use with ``recipes.to_target`` to compress to a parameter or FLOPs budget:
   ``recipes.to_target(spectra, costs.cost_fn(model, (32, 32, 3), 'flops'),
   0.4 * costs.count(model, (32, 32, 3))['flops'])``.
   """
-  if metric not in ('params', 'flops'):
+  if metric not in METRICS:
     raise ValueError(f"metric must be 'params' or 'flops', got {metric!r}.")
-  terms = _terms(model, tuple(input_shape))[metric]
-  full = structure.widths_of(model)
+  cm = cost_model(model, input_shape)
+  index = {n: i for i, n in enumerate(cm.names)}
 
   def fn(widths):
-    unknown = set(widths) - set(full)
+    unknown = set(widths) - set(index)
     if unknown:
       raise KeyError(
-        f'Unknown layer(s) {sorted(unknown)}; known: {sorted(full)}.'
+        f'Unknown layer(s) {sorted(unknown)}; known: {sorted(index)}.'
       )
-    w = {**full, **{n: int(v) for n, v in widths.items()}}
-    total = 0
-    for const, groups in terms:
-      value = const
-      for g, per in groups:
-        value *= w[g] * per
-      total += value
-    return int(round(total))
+    w = cm.full.copy()
+    for n, v in widths.items():
+      w[index[n]] = int(v)
+    return cm(w, metric)
 
   return fn
 
 
-@functools.lru_cache(maxsize=256)
-def _terms(model, input_shape):
-  """``{'params'|'flops': [(constant, ((group, multiplier), ...)), ...]}``.
+@dataclasses.dataclass(frozen=True)
+class _Leaf:
+  coef: int  # 1 for params; output spatial size for a kernel's MACs
+  shape: tuple[int, ...]
+  # axis -> ((group position, rows of that group on the axis), ...)
+  axes: tuple[tuple[int, tuple[tuple[int, int], ...]], ...]
 
-  Each term is a product: the constant times, for each named group, its
-  width times a multiplier (a flatten repeat, or 1).
-  """
+
+@dataclasses.dataclass(frozen=True)
+class CostModel:
+  """Exact ``widths -> params / flops`` of one model (see module docstring)."""
+
+  names: tuple[str, ...]
+  full: np.ndarray  # [n] the model's widths, in ``names`` order
+  leaves: dict[str, tuple[_Leaf, ...]]  # metric -> leaves
+
+  def __call__(self, widths: np.ndarray, metric: str = 'params') -> int:
+    frac = 1.0 - np.asarray(widths, np.float64) / self.full
+    total = 0.0
+    for leaf in self.leaves[metric]:
+      dims = [float(d) for d in leaf.shape]
+      for axis, rows in leaf.axes:
+        dims[axis] -= sum(r * frac[g] for g, r in rows)
+      total += leaf.coef * math.prod(dims)
+    return int(round(total))
+
+
+def cost_model(model: nn.Module, input_shape) -> CostModel:
+  """The closed-form cost model of ``model`` on one ``input_shape``."""
+  return _cost_model(model, tuple(int(d) for d in input_shape))
+
+
+@functools.lru_cache(maxsize=64)
+def _cost_model(model, input_shape):
+  s = model.structure()
+  names = s.names
+  full = np.asarray([model.widths[g.index] for g in s.groups], np.float64)
   x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
   rng = jax.random.key(0)
   variables = jax.eval_shape(
     lambda x: model.init({'params': rng, 'dropout': rng}, x, train=False), x
   )
-  s = model.structure()
-  full = structure.widths_of(model)
-  producer_of = {p: g.name for g in s.groups for p in g.producers}
-  consumer_of = {
-    structure.as_consumer(c).path: g.name for g in s.groups for c in g.consumers
-  }
-
-  def factors(path, shape):
-    """(constant, groups) of one leaf with module path ``path``."""
-    dims = list(shape)
-    groups = []
-    module = path.rsplit('/', 1)[0]
-    owner = next(
-      (
-        g
-        for p, g in producer_of.items()
-        if module == p or module.startswith(p + '/')
-      ),
-      None,
-    )
-    if owner is not None and dims:
-      groups.append((owner, 1))
-      dims[-1] = 1
-    if path.endswith('kernel') and module in consumer_of and len(dims) >= 2:
-      g = consumer_of[module]
-      groups.append((g, dims[-2] // full[g]))
-      dims[-2] = 1
-    return math.prod(dims), tuple(groups)
-
-  from flax import traverse_util  # noqa: PLC0415
-
   flat = traverse_util.flatten_dict(variables['params'], sep='/')
-  params = [factors(k, v.shape) for k, v in flat.items()]
-  flops = []
+  axes = {path: {} for path in flat}
+  for pos, name in enumerate(names):
+    keep = {name: np.arange(int(full[pos]))}
+    for e in slicing.leaf_edits(model, variables, keep):
+      if e.collection == 'params':
+        axis = e.axis % len(flat[e.path].shape)
+        axes[e.path].setdefault(axis, []).append((pos, len(e.index)))
+  spatial = _kernel_spatial(model, variables, x)
+
+  def leaf(path, coef):
+    ax = tuple((a, tuple(r)) for a, r in sorted(axes[path].items()))
+    return _Leaf(int(coef), tuple(flat[path].shape), ax)
+
+  params = tuple(leaf(p, 1) for p in flat)
+  flops = tuple(leaf(p, spatial[p]) for p in flat if p in spatial)
+  return CostModel(names, full, {'params': params, 'flops': flops})
+
+
+def _kernel_spatial(model, variables, x) -> dict[str, int]:
+  """``{kernel path: output spatial size}`` of every conv / dense layer."""
+  out = {}
 
   def interceptor(next_fun, args, kwargs, context):
-    out = next_fun(*args, **kwargs)
+    y = next_fun(*args, **kwargs)
     mod = context.module
     if context.method_name == '__call__' and isinstance(
       mod, (nn.Conv, nn.Dense)
     ):
-      path = '/'.join(mod.path) + '/kernel'
-      const, groups = factors(path, mod.variables['params']['kernel'].shape)
-      flops.append((const * math.prod(out.shape[1:-1]), groups))
-    return out
+      out['/'.join(mod.path) + '/kernel'] = math.prod(y.shape[1:-1])
+    return y
 
   with nn.intercept_methods(interceptor):
     jax.eval_shape(
       lambda v, x: model.apply(v, x, train=False, mutable=False), variables, x
     )
-  return {'params': params, 'flops': flops}
+  return out

@@ -134,11 +134,14 @@ def quiet_third_party_logs(verbose: bool = False) -> None:
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   if verbose:
     return
-  for handler in std_logging.getLogger().handlers + [
-    logging.get_absl_handler()
-  ]:
-    if not any(isinstance(f, _QuietFilter) for f in handler.filters):
-      handler.addFilter(_QuietFilter())
+  # On the loggers too, not only their current handlers: a library may add a
+  # root handler later (e.g. logging.basicConfig), and logger filters run
+  # before any handler sees the record.
+  targets = [std_logging.getLogger('absl'), std_logging.getLogger()]
+  targets += std_logging.getLogger().handlers + [logging.get_absl_handler()]
+  for target in targets:
+    if not any(isinstance(f, _QuietFilter) for f in target.filters):
+      target.addFilter(_QuietFilter())
 
 
 def main(argv):

@@ -30,7 +30,6 @@ Decisions:
 import zlib
 from collections.abc import Mapping
 
-import jax
 import numpy as np
 
 INACTIVE_RTOL = 1e-8
@@ -52,7 +51,7 @@ def _check_same_keys(a: Mapping, b: Mapping, what_a: str, what_b: str):
 
 
 def correlation(
-  cov: jax.typing.ArrayLike, *, name: str | None = None
+  cov: np.typing.ArrayLike, *, name: str | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
   """Returns (|R| among active units with zero diagonal, active indices).
 
@@ -68,7 +67,7 @@ def correlation(
   Raises:
     ValueError: if ``cov`` is not square 2-D or not finite.
   """
-  c = np.asarray(jax.device_get(cov), np.float64)
+  c = np.asarray(cov, np.float64)
   if c.ndim != 2 or c.shape[0] != c.shape[1] or c.shape[0] < 1:
     raise ValueError(
       f'{_name(name)}: covariance must be a square [C, C] matrix, '
@@ -90,7 +89,7 @@ def correlation(
 
 
 def removal_order(
-  cov: jax.typing.ArrayLike, *, name: str | None = None
+  cov: np.typing.ArrayLike, *, name: str | None = None
 ) -> np.ndarray:
   """Returns the full PFA removal order of a layer's filters.
 
@@ -147,7 +146,7 @@ def keep_indices(order: np.ndarray, k: int) -> np.ndarray:
 
 
 def removal_orders(
-  covs: Mapping[str, jax.typing.ArrayLike],
+  covs: Mapping[str, np.typing.ArrayLike],
 ) -> dict[str, np.ndarray]:
   """Applies :func:`removal_order` to each layer of a covariance tree."""
   return {k: removal_order(v, name=k) for k, v in covs.items()}

@@ -295,7 +295,10 @@ def _train_loop(config, workdir, mngr, writer, init, hooks, t_start):
     return step == num_steps or (every > 0 and step % every == 0)
 
   report_progress = periodic_actions.ReportProgress(
-    num_train_steps=num_steps, writer=writer, every_steps=log_every or None
+    num_train_steps=num_steps,
+    writer=writer,
+    every_steps=log_every or None,
+    every_secs=None,  # time triggers right after an eval print 0 steps/s
   )
 
   def run_eval(step):

@@ -81,6 +81,82 @@ class AnalyzeTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, r'tau.*1.5'):
       analysis.analyze(_responses(), energies=(0.9, 1.5))
 
+  @parameterized.parameters(1e-30, 1e-21, 1e20, 1e30)
+  def test_recipes_and_keep_sets_are_scale_invariant(self, scale):
+    resp = _responses(seed=5, m=200)
+    ref = analysis.analyze(resp)
+    scaled = {
+      k: (v.astype(np.float64) * scale).astype(np.float32)
+      for k, v in resp.items()
+    }
+    got = analysis.analyze(scaled)
+    self.assertEqual(got['recipes'], ref['recipes'])
+    for k in ref['spectra']:
+      np.testing.assert_allclose(
+        got['spectra'][k], ref['spectra'][k], rtol=1e-4, atol=1e-7
+      )
+
+  def test_streamed_stats_recipes_are_scale_invariant(self):
+    # The same invariance through the jitted streaming path (pfa_jax.stats),
+    # which compress and methods.pfa use.
+    from pfa_jax import recipes
+    from pfa_jax import select
+    from pfa_jax import spectra
+    from pfa_jax import stats
+
+    x = analysis.pool_responses(_responses(seed=6, m=300)['fc'])
+
+    def run(scale):
+      xs = (x.astype(np.float64) * scale).astype(np.float32)
+      st = stats.init(x.shape[1])
+      for chunk in np.array_split(xs, 3):
+        st = stats.update(st, chunk)
+      cov = stats.covariance(st)
+      lam = spectra.spectrum(cov)
+      order = select.removal_order(cov)
+      widths = [recipes.energy(lam, t) for t in (0.5, 0.8, 0.9, 0.99)]
+      widths.append(recipes.kl(lam))
+      return widths, [select.keep_indices(order, w).tolist() for w in widths]
+
+    ref = run(1.0)
+    for scale in (1e-30, 1e-21, 1e20, 1e30):
+      self.assertEqual(run(scale), ref, msg=f'scale {scale}')
+
+  def test_host_covariance_matches_float64(self):
+    rng = np.random.default_rng(7)
+    x = 100.0 + rng.standard_normal((900, 300)) @ rng.random((300, 300))
+    x = x.astype(np.float32)  # mean/std ~ 100 / 10; wider than one block
+    ref = np.cov(x.astype(np.float64), rowvar=False)
+    got = analysis.covariance(x)
+    self.assertLess(np.linalg.norm(got - ref) / np.linalg.norm(ref), 1e-6)
+    np.testing.assert_array_equal(got, got.T)
+    np.testing.assert_array_equal(
+      analysis.covariance(np.zeros((3, 2), np.float32)), np.zeros((2, 2))
+    )
+
+  def test_cli_does_not_import_jax(self):
+    resp = _responses(m=16)
+    with tempfile.TemporaryDirectory() as d:
+      path = os.path.join(d, 'r.npz')
+      np.savez(path, **resp)
+      code = (
+        'import sys, io, contextlib; from pfa_jax import analysis; '
+        'f = io.StringIO(); '
+        'contextlib.redirect_stdout(f).__enter__(); '
+        f'analysis.main([{path!r}]); '
+        'sys.stderr.write(str(sorted(m for m in sys.modules '
+        "if m.split('.')[0] in ('jax', 'flax', 'jaxlib'))))"
+      )
+      proc = subprocess.run(
+        [sys.executable, '-c', code],
+        cwd=_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+      )
+    self.assertEqual(proc.stderr.strip().splitlines()[-1], '[]')
+
   def test_cli(self):
     resp = _responses(m=16)
     with tempfile.TemporaryDirectory() as d:

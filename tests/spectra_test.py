@@ -1,5 +1,8 @@
 """Tests for pfa_jax.spectra."""
 
+import contextlib
+from unittest import mock
+
 import numpy as np
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -41,6 +44,25 @@ class SpectraTest(parameterized.TestCase):
   def test_non_square_raises(self):
     with self.assertRaisesRegex(ValueError, r"'fc'.*square"):
       spectra.spectrum(np.ones((2, 3)), name='fc')
+
+  @parameterized.parameters(True, False)
+  def test_wide_layer_drivers_match_numpy(self, two_stage):
+    c = spectra.TWO_STAGE_MIN_C + 3
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((c + 50, c)) * np.linspace(0.1, 3.0, c)
+    cov = np.cov(x, rowvar=False)
+    ref = np.linalg.eigvalsh(cov)[::-1]
+    ref = ref / ref.sum()
+    kept = cov.copy()
+    patch = mock.patch.object(spectra, '_dsyevd_2stage', return_value=None)
+    with contextlib.nullcontext() if two_stage else patch:
+      if two_stage and spectra._dsyevd_2stage() is None:
+        self.skipTest('this SciPy bundles no LAPACKE two-stage driver')
+      lam = spectra.spectrum(cov)
+      np.testing.assert_array_equal(cov, kept)  # input untouched
+      np.testing.assert_allclose(lam, ref, rtol=1e-9, atol=1e-14)
+      lam2 = spectra.spectrum(cov, overwrite=True)
+    np.testing.assert_allclose(lam2, ref, rtol=1e-9, atol=1e-14)
 
   def test_tree(self):
     out = spectra.spectra({'a': np.eye(2), 'b': np.diag([3.0, 1.0])})

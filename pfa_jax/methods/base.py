@@ -355,3 +355,21 @@ def solve_target(
 
 def full_keep(widths: Mapping[str, int]) -> dict[str, np.ndarray]:
   return {n: np.arange(w) for n, w in widths.items()}
+
+
+def top_k(scores: np.ndarray, k: int) -> np.ndarray:
+  """Sorted indices of the k largest scores (ties: the lower index)."""
+  order = np.argsort(-np.asarray(scores), kind='stable')
+  return np.sort(order[:k]).astype(np.int64)
+
+
+def score_plan(ctx: Context, scores, widths, solved) -> plan_lib.Plan:
+  """The plan that keeps each layer's ``widths[n]`` highest-scoring units."""
+  return plan_lib.Plan(
+    keep={n: top_k(scores[n], widths[n]) for n in ctx.groups},
+    report={
+      **solved,
+      'widths': widths,
+      'scores': {n: np.asarray(s).tolist() for n, s in scores.items()},
+    },
+  )

@@ -41,10 +41,7 @@ def kernel_scores(model, variables, groups) -> dict[str, np.ndarray]:
   return out
 
 
-def top_k(scores: np.ndarray, k: int) -> np.ndarray:
-  """Sorted indices of the k largest scores (ties: the lower index)."""
-  order = np.argsort(-scores, kind='stable')
-  return np.sort(order[:k]).astype(np.int64)
+top_k = base.top_k
 
 
 def plan(ctx: base.Context) -> plan_lib.Plan:
@@ -68,15 +65,7 @@ def plan(ctx: base.Context) -> plan_lib.Plan:
       solved = {'keep_fraction': float(g), 'target': ctx.target()}
   else:
     widths = base.uniform_widths(ctx, r)
-  keep = {n: top_k(scores[n], widths[n]) for n in ctx.groups}
-  return plan_lib.Plan(
-    keep=keep,
-    report={
-      **solved,
-      'widths': widths,
-      'scores': {n: s.tolist() for n, s in scores.items()},
-    },
-  )
+  return base.score_plan(ctx, scores, widths, solved)
 
 
 METHOD = base.Method(

@@ -15,7 +15,6 @@ from flax import traverse_util
 
 from pfa_jax import plan as plan_lib
 from pfa_jax.methods import base
-from pfa_jax.methods import l1
 
 
 def bn_scores(model, variables, groups) -> dict[str, np.ndarray]:
@@ -57,15 +56,7 @@ def plan(ctx: base.Context) -> plan_lib.Plan:
     solved = {'threshold': float(t), 'target': ctx.target()}
   else:
     widths = base.uniform_widths(ctx, r)
-  keep = {n: l1.top_k(scores[n], widths[n]) for n in ctx.groups}
-  return plan_lib.Plan(
-    keep=keep,
-    report={
-      **solved,
-      'widths': widths,
-      'scores': {n: s.tolist() for n, s in scores.items()},
-    },
-  )
+  return base.score_plan(ctx, scores, widths, solved)
 
 
 METHOD = base.Method(

@@ -1,0 +1,214 @@
+"""Do PFA-pruned networks really run faster? (issue 12 section 3)
+
+  python -m benchmarks.pruned_speedup [--batches 1,128] [--repeats 5]
+
+VGG-16 (CIFAR) and ResNet-56 (residual modes ``inner`` and
+``inner+stream``) are pruned with the PFA pipeline on synthetic statistics
+of random weights: a random covariance per group gives the spectrum and the
+Pearson removal order; ``recipes``' PFA-En family is searched for the largest
+tau whose FLOPs are <= 1/2 and 1/4 of the full model (``costs.cost_fn``), the
+keep-sets come from ``select`` and the network is cut with
+``slicing.prune``. Each pruned network is also built with its kept widths
+rounded up to a multiple of 8 (capped at the full width) *inside* the
+target search, so the FLOPs budget still holds. The jitted eval forward pass
+is then timed, pruned against full, interleaved, at each batch size.
+Reported: FLOPs ratio, time ratio and their quotient (1.0 = ideal); target
+at batch 128: time speed-up >= 0.8x the FLOPs reduction. Writes
+``benchmarks/results/pruned_speedup.json`` (``loaded`` when the 1-min load
+average > 1.5).
+"""
+
+import argparse
+import bisect
+import os
+import time
+
+import jax
+import numpy as np
+
+from benchmarks import common
+from pfa_jax import costs
+from pfa_jax import models
+from pfa_jax import recipes
+from pfa_jax import select
+from pfa_jax import slicing
+from pfa_jax import spectra as spectra_lib
+
+CASES = (
+  ('vgg16_cifar', 'inner+stream'),
+  ('resnet56', 'inner'),
+  ('resnet56', 'inner+stream'),
+)
+SHAPE = (32, 32, 3)
+
+
+def _synthetic_stats(widths, seed=0):
+  """Random low-rank-plus-noise covariances -> spectra, removal orders."""
+  rng = np.random.default_rng(seed)
+  lam, orders = {}, {}
+  for name, c in widths.items():
+    r = max(2, c // 4)
+    a = rng.standard_normal((c, r)) * np.geomspace(1.0, 0.05, r)
+    cov = a @ a.T + 0.01 * np.eye(c)
+    orders[name] = select.removal_order(cov, name=name)
+    lam[name] = spectra_lib.spectrum(cov, name=name)
+  return lam, orders
+
+
+def round_up(widths, full, multiple):
+  return {
+    k: min(full[k], -(-w // multiple) * multiple) for k, w in widths.items()
+  }
+
+
+def widths_for_target(lam, cost, target, full, multiple=1):
+  """Largest-tau PFA-En widths (rounded up to ``multiple``) with cost <= target."""
+  cand = recipes.breakpoints(lam)
+
+  def widths(i):
+    return round_up(recipes.energy(lam, float(cand[i])), full, multiple)
+
+  if cost(widths(0)) > target:
+    raise ValueError(
+      f'FLOPs target {target:.0f} is below the smallest network '
+      f'({cost(widths(0)):.0f})'
+    )
+  fits = [cost(widths(len(cand) - 1)) <= target]
+  if fits[0]:
+    return widths(len(cand) - 1)
+  first_bad = bisect.bisect_left(
+    range(len(cand)), True, lo=1, key=lambda i: cost(widths(i)) > target
+  )
+  return widths(first_bad - 1)
+
+
+def _time(fn, v, x, repeats):
+  jax.block_until_ready(fn(v, x))
+  ts = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(v, x))
+    ts.append(time.perf_counter() - t0)
+  return float(np.median(ts))
+
+
+def bench_case(name, mode, factors, batches, repeats):
+  model = models.get_model(name, num_classes=10)
+  variables = models.init(model, jax.random.key(0), SHAPE)
+  groups = [
+    g.name
+    for g in model.structure().groups
+    if mode == 'inner+stream' or not g.stream
+  ]
+  full_w = models.widths_of(model)
+  lam, orders = _synthetic_stats({g: full_w[g] for g in groups})
+  fixed = {k: v for k, v in full_w.items() if k not in groups}
+  cost_of = costs.cost_fn(model, SHAPE, 'flops')
+  full_flops = costs.count(model, SHAPE)['flops']
+
+  def cost(w):
+    return cost_of({**fixed, **w})
+
+  fwd = jax.jit(lambda m, v, x: m.apply(v, x, train=False), static_argnums=0)
+  variants = {}
+  unreachable = []
+  for f in factors:
+    for mult in (1, 8):
+      try:
+        w = widths_for_target(
+          lam, cost, full_flops / f, {g: full_w[g] for g in groups}, mult
+        )
+      except ValueError as e:  # e.g. 4x with only the inner groups
+        unreachable.append({'variant': f'{f}x_round{mult}', 'why': str(e)})
+        continue
+      keep = select.keep_sets({g: orders[g] for g in groups}, w)
+      pm, pv = slicing.prune(model, variables, keep)
+      variants[f'{f}x_round{mult}'] = (pm, pv, cost(w))
+  rows = [
+    {'model': name, 'mode': mode, 'unreachable': True, **u} for u in unreachable
+  ]
+  rng = np.random.default_rng(1)
+  for b in batches:
+    x = rng.standard_normal((b, *SHAPE)).astype(np.float32)
+    t_full = []
+    t_var = {k: [] for k in variants}
+    for _ in range(3):  # interleave full and pruned
+      t_full.append(_time(lambda v, x: fwd(model, v, x), variables, x, repeats))
+      for k, (pm, pv, _) in variants.items():
+        t_var[k].append(
+          _time(lambda v, x, pm=pm: fwd(pm, v, x), pv, x, repeats)
+        )
+    tf = float(np.median(t_full))
+    for k, (_, _, flops) in variants.items():
+      tv = float(np.median(t_var[k]))
+      fr = full_flops / flops
+      rows.append(
+        {
+          'model': name,
+          'mode': mode,
+          'variant': k,
+          'batch': b,
+          'flops_reduction': fr,
+          'speedup': tf / tv,
+          'efficiency': (tf / tv) / fr,
+          'full_s': tf,
+          'pruned_s': tv,
+          'widths': {
+            g: int(pm_w)
+            for g, pm_w in models.widths_of(variants[k][0]).items()
+            if g in groups
+          },
+        }
+      )
+  return rows
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser()
+  p.add_argument('--batches', default='1,128')
+  p.add_argument('--factors', default='2,4')
+  p.add_argument('--repeats', type=int, default=5)
+  p.add_argument('--cases', default=','.join(f'{m}:{r}' for m, r in CASES))
+  a = p.parse_args(argv)
+  batches = [int(b) for b in a.batches.split(',')]
+  factors = [int(f) for f in a.factors.split(',')]
+  load0 = os.getloadavg()
+  rows = []
+  for case in a.cases.split(','):
+    name, mode = case.split(':')
+    rows += bench_case(name, mode, factors, batches, a.repeats)
+  load = os.getloadavg()
+  common.print_table(
+    [
+      (
+        r['model'],
+        r['mode'],
+        r['variant'],
+        r['batch'],
+        f'{r["flops_reduction"]:.2f}x',
+        f'{r["speedup"]:.2f}x',
+        f'{r["efficiency"]:.2f}',
+      )
+      for r in rows
+      if not r.get('unreachable')
+    ],
+    ('model', 'mode', 'variant', 'batch', 'FLOPs red.', 'speed-up', 'eff.'),
+  )
+  at128 = [r for r in rows if r.get('batch') == 128]
+  path = common.write(
+    'pruned_speedup',
+    {
+      'target': 'batch 128, CPU: speed-up >= 0.8 x FLOPs reduction',
+      'load_avg': [load0, load],
+      'loaded': bool(load0[0] > 1.5 or load[0] > 1.5),
+      'conv_impl': 'default (auto)',
+      'dtype': 'float32',
+      'results': rows,
+      'pass': bool(at128) and all(r['efficiency'] >= 0.8 for r in at128),
+    },
+  )
+  print(f'wrote {path}')
+
+
+if __name__ == '__main__':
+  main()

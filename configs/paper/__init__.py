@@ -1,0 +1,1 @@
+"""Configs of the paper's figures and tables (``get_config`` + ``get_sweep``)."""

@@ -1,0 +1,187 @@
+"""Fig. 1 (random architectures): accuracy change vs footprint, from a summary.
+
+Reads only the sweep summary (``python -m experiments.sweep --summarize``)
+of ``configs/paper/fig1_random.py`` and writes
+
+* ``<name>.json``: per (init, recipe): N, footprint, mean / std / best
+  accuracy change vs the base model, and the expected best of n <= N
+  random architectures; the base model's accuracy with its seed spread;
+* ``<name>.md``: the same as a table;
+* ``<name>.png``: change in accuracy (pp) vs footprint, best and mean lines
+  per init (±1 std band), and the expected max-of-n curves.
+
+Expected max of n: with the N observed accuracies sorted, ``x_(1) <= ... <=
+x_(N)``, drawing n with replacement gives ``E[max] = Σ_j x_(j) ((j/N)^n -
+((j-1)/N)^n)``: the bootstrap's expectation in closed form (no resampling
+noise). With N far below the paper's 300, best-of-N is a weaker upper bound;
+the curve shows how fast it grows with n.
+
+  python -m experiments.figures.fig1_random runs/fig1_random_cpu/summary.json \
+    --out_dir experiments/results --name fig1_random_cpu
+"""
+
+import argparse
+import json
+import os
+import statistics
+
+import matplotlib
+import numpy as np
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def expected_max(values, n: int) -> float:
+  """E[max of n draws with replacement from ``values``] (exact bootstrap)."""
+  x = np.sort(np.asarray(values, np.float64))
+  m = len(x)
+  if m == 0 or n < 1:
+    raise ValueError(f'expected_max needs values and n >= 1, got {m}, {n}.')
+  j = np.arange(1, m + 1)
+  w = (j / m) ** n - ((j - 1) / m) ** n
+  return float(np.sum(w * x))
+
+
+def _ns(n_max):
+  ns = sorted({1, 2, 3, 5, 10, 20, 50, 100, 200, 300, n_max})
+  return [n for n in ns if n <= n_max]
+
+
+def aggregate(summary: dict) -> dict:
+  """The figure's numbers from a sweep summary (module docstring)."""
+  rows = summary['rows']
+  base = [r for r in rows if r.get('part') == 'base']
+  groups = {}
+  for r in rows:
+    if r.get('part') == 'base' or 'delta_accuracy' not in r:
+      continue
+    groups.setdefault((r['init'], r['recipe']), []).append(r)
+  out = {
+    'base': {
+      'seeds': [r['seed'] for r in base],
+      'accuracy': [r['accuracy'] for r in base],
+      'mean': statistics.mean(r['accuracy'] for r in base) if base else None,
+      'std': statistics.stdev(r['accuracy'] for r in base)
+      if len(base) > 1
+      else None,
+    },
+    'curves': [],
+  }
+  for (init, recipe), rs in sorted(groups.items()):
+    d = [100 * r['delta_accuracy'] for r in rs]  # percentage points
+    n = len(d)
+    out['curves'].append(
+      {
+        'init': init,
+        'recipe': recipe,
+        'n': n,
+        'footprint': statistics.mean(r['footprint'] for r in rs),
+        'params': statistics.mean(r['params'] for r in rs),
+        'base_accuracy': rs[0]['base_accuracy'],
+        'mean_pp': statistics.mean(d),
+        'std_pp': statistics.stdev(d) if n > 1 else 0.0,
+        'best_pp': max(d),
+        'worst_pp': min(d),
+        'expected_max_pp': {str(k): expected_max(d, k) for k in _ns(n)},
+      }
+    )
+  return out
+
+
+def markdown(agg: dict, title: str) -> str:
+  b = agg['base']
+  lines = [f'# {title}', '']
+  if b['mean'] is not None:
+    spread = f' ± {100 * b["std"]:.2f}' if b['std'] is not None else ''
+    lines.append(
+      f'Base model: {100 * b["mean"]:.2f}%{spread} test accuracy over seeds '
+      f'{b["seeds"]} (every variant starts from / is compared with seed '
+      f'{b["seeds"][0] if b["seeds"] else "?"}).'
+    )
+    lines.append('')
+  lines += [
+    '| init | recipe | footprint | N | mean Δ (pp) | std | best Δ | '
+    'E[best of 2] | E[best of N/2] |',
+    '|---|---|---|---|---|---|---|---|---|',
+  ]
+  for c in agg['curves']:
+    em = c['expected_max_pp']
+    half = str(max(1, c['n'] // 2))
+    half_v = em.get(half)
+    if half_v is None:
+      from_n = max(int(k) for k in em if int(k) <= int(half))
+      half_v = em[str(from_n)]
+    lines.append(
+      f'| {c["init"]} | {c["recipe"]} | {c["footprint"]:.3f} | {c["n"]} | '
+      f'{c["mean_pp"]:+.2f} | {c["std_pp"]:.2f} | {c["best_pp"]:+.2f} | '
+      f'{em.get("2", em["1"]):+.2f} | {half_v:+.2f} |'
+    )
+  return '\n'.join(lines) + '\n'
+
+
+def draw(agg: dict, path: str, title: str) -> None:
+  fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+  colors = {'scratch': 'tab:blue', 'selection': 'tab:orange'}
+  for init in sorted({c['init'] for c in agg['curves']}):
+    cs = sorted(
+      (c for c in agg['curves'] if c['init'] == init),
+      key=lambda c: c['footprint'],
+    )
+    x = [c['footprint'] for c in cs]
+    mean = np.asarray([c['mean_pp'] for c in cs])
+    std = np.asarray([c['std_pp'] for c in cs])
+    col = colors.get(init, None)
+    ax.plot(
+      x, [c['best_pp'] for c in cs], '-o', color=col, label=f'{init}: best of N'
+    )
+    ax.plot(x, mean, '--', color=col, label=f'{init}: mean')
+    ax.fill_between(x, mean - std, mean + std, color=col, alpha=0.15)
+    for c in cs:
+      em = c['expected_max_pp']
+      ns = sorted(int(k) for k in em)
+      ax2.plot(ns, [em[str(k)] for k in ns], '-', color=col, alpha=0.6)
+  ax.axhline(0, color='k', lw=0.8)
+  ax.set_xlabel("footprint (fraction of the base model's parameters)")
+  ax.set_ylabel('accuracy change vs base (pp)')
+  ax.set_title(title)
+  ax.legend(fontsize=8)
+  ax2.axhline(0, color='k', lw=0.8)
+  ax2.set_xscale('log')
+  ax2.set_xlabel('n random architectures')
+  ax2.set_ylabel('expected best-of-n change (pp)')
+  ax2.set_title('expected max of n (one line per footprint)')
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('summary', help='summary.json of the sweep')
+  p.add_argument('--out_dir', default='experiments/results')
+  p.add_argument('--name', default='fig1_random_cpu')
+  p.add_argument('--title', default='Random architectures (SimpleCNN)')
+  args = p.parse_args(argv)
+  with open(args.summary) as f:
+    summary = json.load(f)
+  agg = aggregate(summary)
+  agg['source'] = {
+    'summary': args.summary,
+    'sweep': summary.get('sweep'),
+    'num_points': summary.get('num_points'),
+    'num_points_complete': summary.get('num_points_complete'),
+    'failed': summary.get('failed'),
+  }
+  os.makedirs(args.out_dir, exist_ok=True)
+  stem = os.path.join(args.out_dir, args.name)
+  with open(stem + '.json', 'w') as f:
+    json.dump(agg, f, indent=2)
+  with open(stem + '.md', 'w') as f:
+    f.write(markdown(agg, args.title))
+  draw(agg, stem + '.png', args.title)
+  print(f'wrote {stem}.{{json,md,png}}')
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,111 @@
+"""Optional native CPU kernels, built on first use, with a pure fallback.
+
+:func:`syrk` returns the XLA FFI target of ``syrk_ffi.cc`` (an in-place,
+BLAS xSYRK streaming Gram update for :mod:`pfa_jax.stats`), or None when it
+cannot be had; callers then use :func:`jax.pure_callback` (one more copy of
+the [C, C] matrix per batch) or plain XLA.
+
+Decisions:
+  * Built with the system C++ compiler (``$CXX`` or ``g++``) against the FFI
+    headers jaxlib ships, at first use, into ``$PFA_JAX_NATIVE_DIR`` (default
+    ``~/.cache/pfa_jax``), keyed by a hash of the source and the jaxlib
+    version; ``python -m pfa_jax.native`` builds it ahead of time. Nothing is
+    linked: the BLAS routine is the one SciPy exports
+    (``scipy.linalg.cython_blas``), passed as a function-pointer attribute.
+  * No compiler, a failed build or ``PFA_JAX_NATIVE=0`` -> None, silently
+    (the reason is in :func:`status`).
+"""
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+
+import jax
+import jaxlib
+import numpy as np
+
+_SRC = os.path.join(os.path.dirname(__file__), 'syrk_ffi.cc')
+_TARGETS = {
+  np.dtype(np.float32): 'PfaSyrkF32',
+  np.dtype(np.float64): 'PfaSyrkF64',
+}
+_BLAS = {np.dtype(np.float32): 'ssyrk', np.dtype(np.float64): 'dsyrk'}
+_status = {'built': False, 'reason': 'not tried'}
+
+
+def status() -> dict:
+  """Whether the native library is in use, and why not."""
+  return dict(_status)
+
+
+def _cache_dir() -> str:
+  return os.environ.get('PFA_JAX_NATIVE_DIR') or os.path.join(
+    os.path.expanduser('~'), '.cache', 'pfa_jax'
+  )
+
+
+def _build() -> str:
+  with open(_SRC, 'rb') as f:
+    key = hashlib.sha256(f.read() + jaxlib.__version__.encode()).hexdigest()
+  out = os.path.join(_cache_dir(), f'libpfa_syrk_{key[:16]}.so')
+  if os.path.exists(out):
+    return out
+  cxx = os.environ.get('CXX') or shutil.which('g++') or shutil.which('c++')
+  if not cxx:
+    raise OSError('no C++ compiler (set CXX or install g++)')
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+  fd, tmp = tempfile.mkstemp(suffix='.so', dir=os.path.dirname(out))
+  os.close(fd)
+  cmd = [cxx, '-O2', '-std=c++17', '-shared', '-fPIC', '-w']
+  cmd += ['-I', jax.ffi.include_dir(), _SRC, '-o', tmp]
+  try:
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    os.replace(tmp, out)  # atomic: concurrent builders agree
+  except subprocess.CalledProcessError as e:
+    raise OSError(f'{" ".join(cmd)} failed:\n{e.stderr[-2000:]}') from e
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  return out
+
+
+def _capsule_pointer(capsule) -> int:
+  get_name = ctypes.pythonapi.PyCapsule_GetName
+  get_name.restype, get_name.argtypes = ctypes.c_char_p, [ctypes.py_object]
+  get_ptr = ctypes.pythonapi.PyCapsule_GetPointer
+  get_ptr.restype = ctypes.c_void_p
+  get_ptr.argtypes = [ctypes.py_object, ctypes.c_char_p]
+  return int(get_ptr(capsule, get_name(capsule)))
+
+
+@functools.cache
+def _load():
+  if os.environ.get('PFA_JAX_NATIVE', '1') == '0':
+    raise OSError('disabled by PFA_JAX_NATIVE=0')
+  from scipy.linalg import cython_blas  # noqa: PLC0415
+
+  lib = ctypes.cdll.LoadLibrary(_build())
+  targets = {}
+  for dtype, sym in _TARGETS.items():
+    name = f'pfa_jax_{sym}'
+    jax.ffi.register_ffi_target(
+      name, jax.ffi.pycapsule(getattr(lib, sym)), platform='cpu'
+    )
+    fn = _capsule_pointer(cython_blas.__pyx_capi__[_BLAS[dtype]])
+    targets[dtype] = (name, fn)
+  return targets
+
+
+def syrk(dtype) -> tuple[str, int] | None:
+  """(FFI target name, BLAS function pointer) for ``dtype``, or None."""
+  try:
+    targets = _load()
+  except (OSError, AttributeError, KeyError) as e:
+    _status.update(built=False, reason=str(e))
+    return None
+  _status.update(built=True, reason='')
+  return targets.get(np.dtype(dtype))
