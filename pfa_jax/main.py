@@ -7,10 +7,13 @@ Jobs (``config.job``):
 
 * ``train``: train ``config.model`` in ``<workdir>/train`` (resumes from its
   latest checkpoint);
-* ``compress``: PFA on the trained checkpoint (``config.compress.source``, default
-  ``<workdir>/train``), results in ``<workdir>/compress``;
+* ``compress``: ``config.method`` with every recipe on the trained checkpoint
+  (``config.compress.source``, default ``<workdir>/train``), results in
+  ``<workdir>/compress``;
 * ``evaluate``: evaluate the trained checkpoint, ``<workdir>/evaluate``;
-* ``all``: train, then compress.
+* ``all``: train, then compress;
+* ``schedule``: a multi-step schedule on the trained checkpoint (CF layer by
+  layer, FCP rounds; ``config.schedule``), ``<workdir>/schedule``.
 """
 
 import os
@@ -30,7 +33,7 @@ config_flags.DEFINE_config_file(
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints and results.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
-JOBS = ('train', 'compress', 'evaluate', 'all')
+JOBS = ('train', 'compress', 'evaluate', 'all', 'schedule')
 
 
 def run(config, workdir: str) -> dict:
@@ -47,6 +50,10 @@ def run(config, workdir: str) -> dict:
   input_pipeline.get_spec(config.input.dataset)  # Unknown dataset: fail now.
   if config.job in ('compress', 'all'):
     compress.validate(config)  # Bad method/recipe/option: fail now.
+  if config.job == 'schedule':
+    from pfa_jax import schedules  # noqa: PLC0415
+
+    schedules.check(config)
   from pfa_jax import models  # noqa: PLC0415
 
   if config.model.name not in models.MODELS:
@@ -71,6 +78,8 @@ def run(config, workdir: str) -> dict:
     out['compress'] = compress.compress(
       config, os.path.join(workdir, 'compress')
     )
+  if config.job == 'schedule':  # CF layer by layer, FCP rounds
+    out['schedule'] = schedules.run(config, os.path.join(workdir, 'schedule'))
   if config.job == 'evaluate':
     source = config.compress.source or os.path.join(workdir, 'train')
     model, variables, arch, step = checkpoint.restore_model(source)

@@ -121,6 +121,10 @@ class ConfigCheckTest(absltest.TestCase):
           c.method_kw.num_batches = 5  # cf's; pfa refuses a changed one
         with self.assertRaisesRegex(ValueError, pattern):
           schedules.run(c, tempfile.mkdtemp())
+        # The same through the CLI's job dispatch (config.job='schedule').
+        c.job = 'schedule'
+        with self.assertRaisesRegex(ValueError, pattern):
+          pfa_main.run(c, tempfile.mkdtemp())
     c = _tiny_config('rounds')
     c.recipes = ('keep:0.5',)
     with self.assertRaisesRegex(ValueError, 'params/FLOPs'):
