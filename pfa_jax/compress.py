@@ -149,6 +149,15 @@ def data_source(config):
   return batches
 
 
+def recalibrate(config, model, variables, batches):
+  """BN recalibration over the first ``compress.recalibrate_batches`` batches,
+  then an evaluation; returns ``(variables, eval summary)``."""
+  n = int(config.compress.recalibrate_batches)
+  first = [b for _, b in zip(range(n), batches())]
+  variables = train.recalibrate_bn(model, variables, first)
+  return variables, train.evaluate_model(config, model, variables)
+
+
 def finetune_config(config) -> ml_collections.ConfigDict:
   """The training config with the fine-tune schedule swapped in."""
   c = config.copy_and_resolve_references()
@@ -279,11 +288,7 @@ def _run_recipe(
   row.update(accuracy_pruned=ev['accuracy'], loss_pruned=ev['loss'])
   n_recal = int(config.compress.recalibrate_batches)
   if n_recal:
-    it = batches()
-    pruned_vars = train.recalibrate_bn(
-      pruned, pruned_vars, [b for _, b in zip(range(n_recal), it)]
-    )
-    ev = train.evaluate_model(config, pruned, pruned_vars)
+    pruned_vars, ev = recalibrate(config, pruned, pruned_vars, batches)
     row.update(
       accuracy_recalibrated=ev['accuracy'],
       loss_recalibrated=ev['loss'],

@@ -382,11 +382,7 @@ def _run_step(config, sub, model, variables, step, *, batches, shape):
   )
   n_recal = int(config.compress.recalibrate_batches)
   if n_recal:
-    it = batches()
-    pruned_vars = train.recalibrate_bn(
-      pruned, pruned_vars, [b for _, b in zip(range(n_recal), it)]
-    )
-    ev = train.evaluate_model(config, pruned, pruned_vars)
+    pruned_vars, ev = compress.recalibrate(config, pruned, pruned_vars, batches)
     row['accuracy_recalibrated'] = ev['accuracy']
   ft = train.train_and_evaluate(
     compress.finetune_config(config),
