@@ -1,7 +1,8 @@
 """Least-squares compensation vs none, at CPU scale (issue 9).
 
-For PFA-KL, PFA at a params target and L1 (FP) at the same target, on the
-trained demo SimpleCNN: accuracy right after slicing, after BN
+For PFA-KL, PFA at a params target and L1 (FP) at the same target, on a
+trained model (``--config``: the demo SimpleCNN by default, or
+``configs/vgg16_cifar10.py:cpu``): accuracy right after slicing, after BN
 recalibration, and after the same short fine-tune, each with
 ``compensation='none'`` and ``'ls'``. Both arms run the compress job
 (``pfa_jax.compress``) on the same checkpoint, data, keep-sets and seeds;
@@ -12,6 +13,11 @@ only ``method_kw.compensation`` differs. Each arm's workdir keeps the job's
 
   TFDS_DATA_DIR=$HOME/tensorflow_datasets python -m experiments.compensation \
     --source $HOME/runs/demo/train --workdir $HOME/runs/compensation
+  python -m pfa_jax.main --config configs/vgg16_cifar10.py:cpu \
+    --workdir $HOME/runs/vgg16_cpu
+  python -m experiments.compensation --config configs/vgg16_cifar10.py:cpu \
+    --source $HOME/runs/vgg16_cpu/train --workdir $HOME/runs/compensation_vgg \
+    --out experiments/results/compensation_vgg16_cpu
 
 LS statistics are one-shot: taken from the unpruned network in one pass
 (``pfa_jax.methods.compensation``). Checkpoints are never chosen by test
@@ -31,9 +37,11 @@ STAGES = ('pruned', 'recalibrated', 'finetuned')
 
 
 def build_config(args, compensation: str):
-  from configs import demo_cifar10  # noqa: PLC0415
+  from experiments import sweep  # noqa: PLC0415
 
-  c = demo_cifar10.get_config('job=compress')
+  module, arg = sweep.load_config_module(args.config)
+  c = module.get_config(arg)
+  c.job = 'compress'
   c.compress.source = args.source
   c.compress.num_batches = args.num_batches
   c.compress.recalibrate_batches = args.recalibrate_batches
@@ -77,7 +85,8 @@ def to_markdown(s: dict) -> str:
   lines = [
     '# LS compensation vs none (CPU scale)',
     '',
-    f'CPU scale: demo SimpleCNN (width 1/3, {s["train_epochs"]} epochs; '
+    f'CPU scale: {s["model"]} (`{s["config"]}`: width '
+    f'{s["width_mult"]:.3g}, {s["train_epochs"]} epochs; '
     f'checkpoint step {s["source_step"]}'
     + ('' if s['source_finished'] else ', training unfinished')
     + '), '
@@ -111,6 +120,11 @@ def to_markdown(s: dict) -> str:
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   home = os.path.expanduser('~')
+  p.add_argument(
+    '--config',
+    default='configs/demo_cifar10.py',
+    help="the trained model's config file[:arg] (its compress job is run)",
+  )
   p.add_argument('--source', default=os.path.join(home, 'runs/demo/train'))
   p.add_argument('--workdir', default=os.path.join(home, 'runs/compensation'))
   p.add_argument('--target', default='params:0.5')
@@ -161,7 +175,10 @@ def main(argv=None):
     'finetune_epochs': args.finetune_epochs,
     'recalibrate_batches': args.recalibrate_batches,
     'ridge': args.ridge,
-    'train_epochs': build_config(args, 'none').num_epochs,
+    'config': args.config,
+    'model': config.model.name,
+    'width_mult': float(config.model.kw.get('width_mult', 1.0)),
+    'train_epochs': config.num_epochs,
     'train_accuracy_reported': train_result.get('eval_accuracy'),
     'source_step': max(steps),
     'source_finished': bool(train_result),

@@ -11,6 +11,12 @@
   PFA recipe ``study.recipe`` on the base model, initialised by
   ``study.init`` and trained with the base schedule on the same batches;
   one row per variant (accuracy, change vs the base, params, widths).
+* ``study.widths = 'pfa'`` (the paper's Fig. 1 PFA points): one network
+  with PFA's own widths for ``study.recipe``, from scratch or from PFA's
+  Pearson selection, trained on ``config.seed``'s data order. Recipe
+  ``'full'`` keeps every filter: with ``init='selection'`` it is the base
+  model trained for the variants' extra epochs, the control for "a
+  compressed net beats the full one" (a fine-tuned net has trained longer).
 
 Footprints (PFA's params for every recipe) and the Pearson removal orders
 are computed once from the base model and cached in ``_base/``. Variant
@@ -51,6 +57,8 @@ from pfa_jax import slicing
 from pfa_jax.methods import pfa as pfa_method
 
 PATHS = ('vmap', 'masked', 'sliced')
+WIDTHS = ('random', 'pfa')
+FULL = 'full'  # the control: all filters, trained like the variants
 _BENCH = os.path.join(
   os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
   'benchmarks',
@@ -216,9 +224,20 @@ def _group_point(config, workdir):
   train_iter, eval_iter_fn, info = input_pipeline.get_datasets(config)
   shape = tuple(info.image_shape)
   groups = model.structure().names
-  fp = footprints(config, d, model, variables, shape)[st.recipe]
   full_params = costs.count(model, shape)['params']
+  if st.widths not in WIDTHS:
+    raise ValueError(
+      f'study.widths must be one of {WIDTHS}, got {st.widths!r}.'
+    )
+  if st.recipe == FULL:
+    if st.widths != 'pfa':
+      raise ValueError(f"study.recipe={FULL!r} needs study.widths='pfa'.")
+    fp = {'params': full_params}
+  else:
+    fp = footprints(config, d, model, variables, shape)[st.recipe]
   n_total, k = int(st.num_variants), int(st.group_size)
+  if st.widths == 'pfa':
+    n_total, k = 1, 1  # one architecture; seeds are separate points
   first = int(st.group) * k
   idx = range(first, min(first + k, n_total))
   if not idx:
@@ -233,10 +252,16 @@ def _group_point(config, workdir):
   }
   plans, seeds = [], []
   for i in idx:
-    seed = zlib.crc32(st.recipe.encode()) + 1000 * int(st.group) + i
-    w = sampling.sample_widths(
-      model, shape, fp['params'], seed=seed, tol=float(st.tol)
-    )
+    if st.widths == 'pfa':
+      # PFA's own widths (or all of them, the 'full' control); the seed
+      # varies the data order and the scratch init, not the architecture.
+      seed = zlib.crc32(f'pfa:{st.recipe}'.encode()) + int(config.seed)
+      w = full_w if st.recipe == FULL else fp['widths']
+    else:
+      seed = zlib.crc32(st.recipe.encode()) + 1000 * int(st.group) + i
+      w = sampling.sample_widths(
+        model, shape, fp['params'], seed=seed, tol=float(st.tol)
+      )
     if pearson is not None:
       keep = select.keep_sets(pearson, w)
     else:
@@ -288,6 +313,8 @@ def _group_point(config, workdir):
       {
         'recipe': st.recipe,
         'init': st.init,
+        'widths_from': st.widths,
+        'data_seed': int(config.seed),
         'variant': i,
         'seed': seed,
         'target_params': fp['params'],

@@ -266,8 +266,15 @@ def _fmt_time(seconds: float) -> str:
   return f'{seconds}s'
 
 
-def run_point(point, workdir: str) -> dict:
-  """Runs one point; writes ``result.json`` or ``failed.json``."""
+def run_point(point, workdir: str, command: str = '') -> dict:
+  """Runs one point; writes ``result.json`` or ``failed.json``.
+
+  The record carries its provenance: the checkout's git commit when the
+  point started (``-dirty`` if tracked files differed) and the sweep
+  command that reruns it.
+  """
+  from pfa_jax import metrics  # noqa: PLC0415
+
   d = os.path.join(workdir, point['name'])
   os.makedirs(d, exist_ok=True)
   t0 = time.time()
@@ -276,6 +283,8 @@ def run_point(point, workdir: str) -> dict:
     'index': point['index'],
     'name': point['name'],
     'overrides': point['overrides'],
+    'commit': metrics.git_commit(os.path.dirname(os.path.abspath(__file__))),
+    'command': command,
   }
   try:
     runner = get_runner(point['config'])
@@ -310,6 +319,7 @@ def run_sweep(
   retry_failed: bool = False,
   dry_run: bool = False,
   log=print,
+  command: str = '',
 ) -> dict[str, int]:
   """Runs the given (already sliced) points; returns status counts."""
   todo, counts = [], {'complete': 0, 'failed': 0, 'ran': 0, 'todo': 0}
@@ -333,7 +343,7 @@ def run_sweep(
   )
   t_start = time.time()
   for n, p in enumerate(todo, 1):
-    rec = run_point(p, workdir)
+    rec = run_point(p, workdir, command)
     counts['ran'] += 1
     counts['todo'] -= 1
     ok = rec['status'] == 'complete'
@@ -352,8 +362,8 @@ def summarize(workdir: str) -> list[dict[str, Any]]:
   """Collects every finished point into ``summary.{csv,json}`` in workdir.
 
   Columns: the overrides (one per dotted key), ``point`` (the sub-workdir),
-  ``hash``, ``row`` (the row's index within its point), then the rows'
-  own keys. Directories of points not in ``sweep.json`` are ignored.
+  ``hash``, ``row`` (the row's index within its point), the provenance
+  (``commit``, ``command``, ``config_seed``), then the rows' own keys. Directories of points not in ``sweep.json`` are ignored.
   """
   manifest = _read(os.path.join(workdir, MANIFEST)) or {}
   known = {p['name'] for p in manifest.get('points', [])} or None
@@ -370,6 +380,9 @@ def summarize(workdir: str) -> list[dict[str, Any]]:
             'point': name,
             'hash': res['hash'],
             'row': j,
+            'commit': res.get('commit', 'unknown'),
+            'command': res.get('command', ''),
+            'config_seed': res.get('config', {}).get('seed'),
             **r,
           }
         )
@@ -453,6 +466,8 @@ def main(argv=None) -> int:
     retry_failed=args.retry_failed,
     dry_run=args.dry_run,
     log=lambda s: print(s, flush=True),
+    command=f'python -m experiments.sweep --config {args.config} '
+    f'--workdir {args.workdir}',
   )
   print(f'Done: {counts}', flush=True)
   return 1 if counts['failed'] and not args.dry_run else 0

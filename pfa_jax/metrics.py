@@ -201,37 +201,37 @@ def eval_summary(sums: Mapping[str, Any]) -> dict[str, float]:
   }
 
 
-def provenance() -> dict[str, Any]:
-  """pfa_jax version, git commit (if any), JAX version and devices."""
+def git_commit(path: str | None = None) -> str:
+  """HEAD of the checkout holding ``path`` (+ '-dirty'), or 'unknown'."""
   import subprocess  # noqa: PLC0415
 
-  import pfa_jax  # noqa: PLC0415
+  here = path or os.path.dirname(os.path.abspath(__file__))
 
-  here = os.path.dirname(os.path.abspath(__file__))
-  try:
-    commit = subprocess.run(
-      ['git', 'rev-parse', 'HEAD'],
+  def git(*args):
+    return subprocess.run(
+      ['git', *args],
       cwd=here,
       capture_output=True,
       text=True,
       timeout=10,
       check=True,
     ).stdout.strip()
-    dirty = bool(
-      subprocess.run(
-        ['git', 'status', '--porcelain', '--untracked-files=no'],
-        cwd=here,
-        capture_output=True,
-        text=True,
-        timeout=10,
-        check=True,
-      ).stdout.strip()
-    )
+
+  try:
+    commit = git('rev-parse', 'HEAD')
+    dirty = bool(git('status', '--porcelain', '--untracked-files=no'))
   except (OSError, subprocess.SubprocessError):
-    commit, dirty = 'unknown', False
+    return 'unknown'
+  return commit + ('-dirty' if dirty else '')
+
+
+def provenance() -> dict[str, Any]:
+  """pfa_jax version, git commit (if any), JAX version and devices."""
+  import pfa_jax  # noqa: PLC0415
+
   return {
     'pfa_jax_version': pfa_jax.__version__,
-    'git_commit': commit + ('-dirty' if dirty else ''),
+    'git_commit': git_commit(),
     'jax_version': jax.__version__,
     'devices': [str(d) for d in jax.devices()],
   }

@@ -56,6 +56,15 @@ class ConfigsTest(parameterized.TestCase):
             c.method = method
           self.assertNotEmpty(compress.validate(c), method)
 
+  def test_vgg_cpu_scale(self):
+    from configs import vgg16_cifar10  # noqa: PLC0415
+
+    c = vgg16_cifar10.get_config('cpu')
+    m = models.get_model(c.model.name, num_classes=10, **c.model.kw)
+    self.assertEqual((m.widths[0], m.widths[12], m.dropout), (16, 128, 0.0))
+    self.assertEqual((c.num_epochs, c.optim.schedule), (5.0, 'cosine'))
+    compress.validate(c)
+
   def test_parse_arg(self):
     a = common.parse_arg('runlocal,job=compress', runlocal=False, job='train')
     self.assertTrue(a.runlocal)

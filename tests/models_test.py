@@ -94,6 +94,28 @@ class ModelsTest(parameterized.TestCase):
     m = models.get_model(name, num_classes=7, width_mult=0.5, tap='post_bn')
     self.assertEqual(models.from_arch(models.arch_of(m)), m)
 
+  def test_vgg_dropout_scale(self):
+    # dropout=0 makes train mode deterministic in the dropout rng; the
+    # default (cifar.torch's rates) does not.
+    x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+
+    def logits(dropout, seed):
+      m = models.get_model(
+        'vgg16_cifar', num_classes=10, width_mult=1 / 16, dropout=dropout
+      )
+      v = models.init(m, jax.random.key(1), (32, 32, 3))
+      out, _ = m.apply(
+        v,
+        x,
+        train=True,
+        rngs={'dropout': jax.random.key(seed)},
+        mutable=['batch_stats'],
+      )
+      return np.asarray(out)
+
+    np.testing.assert_array_equal(logits(0.0, 2), logits(0.0, 3))
+    self.assertGreater(np.abs(logits(1.0, 2) - logits(1.0, 3)).max(), 1e-3)
+
   def test_from_arch_unknown_class(self):
     with self.assertRaisesRegex(ValueError, "'AlexNet'"):
       models.from_arch({'class': 'AlexNet', 'kwargs': {}})

@@ -9,6 +9,7 @@ import csv
 import io
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import textwrap
@@ -161,6 +162,18 @@ class SweepTest(absltest.TestCase):
       summary = json.load(f)
     self.assertEqual(summary['num_points'], 5)
     self.assertEqual(summary['num_points_complete'], 5)
+    # Provenance on every row: the checkout's commit, the rerun command.
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    head = subprocess.run(
+      ['git', 'rev-parse', 'HEAD'], cwd=repo, capture_output=True, text=True
+    ).stdout.strip()
+    for r in summary['rows']:
+      self.assertEqual(r['commit'].removesuffix('-dirty'), head or 'unknown')
+      self.assertEqual(
+        r['command'],
+        f'python -m experiments.sweep --config {self.config} '
+        f'--workdir {self.workdir}',
+      )
 
   def test_changed_config_reruns_and_stale_points_leave_the_summary(self):
     self._main('--config', self.config + ':0', '--workdir', self.workdir)
@@ -250,12 +263,15 @@ _FIG1 = os.path.join(
 class Fig1StudyTest(absltest.TestCase):
   def test_sweep_expands_for_every_scale(self):
     module, _ = sweep.load_config_module(_FIG1)
-    # base seeds + recipes x inits x ceil(N / K) groups
+    # base seeds + recipes x inits x ceil(N / K) random groups + PFA
+    # points (recipes x inits + the 'full' control) x seeds
     for arg, want in (
-      ('runlocal', 1 + 2 * 2 * 1),
-      ('cpu', 3 + 9 * 2 * 1),
-      ('paper', 3 + 9 * 2 * 6),
-      ('cpu,n=12,k=4', 3 + 9 * 2 * 3),
+      ('runlocal', 1 + 2 * 2 * 1 + (2 * 2 + 1) * 1),
+      ('cpu', 3 + 9 * 2 * 1 + (9 * 2 + 1) * 3),
+      ('paper', 3 + 9 * 2 * 6 + (9 * 2 + 1) * 3),
+      ('cpu,n=12,k=4', 3 + 9 * 2 * 3 + (9 * 2 + 1) * 3),
+      ('cpu,pfa=false', 3 + 9 * 2 * 1),
+      ('cpu,random=false', 3 + (9 * 2 + 1) * 3),
     ):
       points = sweep.expand(module, arg)
       self.assertLen(points, want, arg)
@@ -331,7 +347,52 @@ class Fig1StudyTest(absltest.TestCase):
             'base_accuracy': 0.70,
           }
         )
+    pfa = {
+      ('selection', 'kl'): [0.02, 0.03, 0.025],
+      ('scratch', 'kl'): [-0.01, -0.012, -0.011],
+      ('selection', 'full'): [0.01, 0.011, 0.012],
+    }
+    for (init, recipe), ds in pfa.items():
+      for seed, d in enumerate(ds):
+        rows.append(
+          {
+            'widths_from': 'pfa',
+            'init': init,
+            'recipe': recipe,
+            'seed': 7,
+            'data_seed': seed,
+            'footprint': 1.0 if recipe == 'full' else 0.41,
+            'params': 100,
+            'accuracy': 0.70 + d,
+            'delta_accuracy': d,
+            'base_accuracy': 0.70,
+          }
+        )
     agg = fig1.aggregate({'rows': rows})
+    # PFA points are not random curves; the control is kept apart.
+    self.assertEqual(sum(c['n'] for c in agg['curves']), 5)
+    self.assertEqual(agg['control']['seeds'], [0, 1, 2])
+    self.assertAlmostEqual(agg['control']['mean_pp'], 1.1)
+    c = agg['claims']
+    # Hand values: selection 2.5 ± 0.5 pp, scratch -1.1 ± 0.1, control
+    # 1.1 ± 0.1; pooled sigma(sel, scr) = sqrt((0.25 + 0.01) / 2).
+    (sel,) = [r for r in c['c2_selection_vs_scratch'] if r['widths'] == 'pfa']
+    self.assertAlmostEqual(sel['selection_minus_scratch_pp'], 3.6)
+    self.assertAlmostEqual(sel['sigma_pp'], np.sqrt(0.13))
+    self.assertEqual(sel['verdict'], 'win')
+    (rnd,) = [
+      r for r in c['c2_selection_vs_scratch'] if r['widths'] == 'random_mean'
+    ]
+    # random: selection 0.5 ± 0.71 vs scratch -3.33 ± 1.53 pp: 3.83 > 2.38
+    self.assertAlmostEqual(rnd['selection_minus_scratch_pp'], 23 / 6)
+    self.assertEqual(rnd['verdict'], 'win')
+    beats = {r['init']: r for r in c['c3_compressed_vs_full']}
+    self.assertEqual(beats['selection']['vs_base'], 'win')
+    self.assertAlmostEqual(beats['selection']['vs_control_pp'], 1.4)
+    self.assertEqual(beats['selection']['vs_control'], 'win')
+    self.assertEqual(beats['scratch']['vs_base'], 'loss')
+    self.assertEqual(fig1.verdict(0.5, 0.25), 'indistinguishable')
+    self.assertEqual(fig1.verdict(-0.51, 0.25), 'loss')
     self.assertAlmostEqual(agg['base']['mean'], 0.71)
     self.assertAlmostEqual(
       agg['base']['std'], np.std([0.7, 0.72, 0.71], ddof=1)
@@ -394,6 +455,73 @@ class RealPointTest(absltest.TestCase):
     self.assertTrue(
       os.path.exists(os.path.join(workdir, point, 'train', 'result.json'))
     )
+
+
+_TINY_STUDY = """
+from configs.paper import fig1_random
+
+def get_config(arg=None):
+  c = fig1_random.get_config('runlocal')
+  c.model.kw.width_mult = 1 / 12
+  c.input.train_subset = 64
+  c.input.eval_subset = 64
+  c.input.batch_size = 32
+  c.input.eval_batch_size = 64
+  c.num_epochs = 1.0
+  c.compress.num_batches = 2
+  c.compress.batch_size = 32
+  c.study.tol = 0.05
+  return c
+
+def get_sweep(arg=None):
+  return [
+    {'study.part': 'base', 'seed': 0},
+    {'study.recipe': 'kl', 'study.init': 'scratch', 'study.group': 0},
+    {'study.widths': 'pfa', 'study.recipe': 'kl', 'study.init': 'selection',
+     'seed': 1},
+    {'study.widths': 'pfa', 'study.recipe': 'full',
+     'study.init': 'selection', 'seed': 1},
+  ]
+"""
+
+
+class TinyStudyTest(absltest.TestCase):
+  """The random study's points end to end on a tiny SimpleCNN."""
+
+  def test_random_pfa_and_control_points(self):
+    root = tempfile.mkdtemp()
+    cfg = os.path.join(root, 'tiny_study.py')
+    with open(cfg, 'w') as f:
+      f.write(_TINY_STUDY)
+    workdir = os.path.join(root, 'runs')
+    with tfds.testing.mock_data(num_examples=64):
+      with redirect_stdout(io.StringIO()):
+        rc = sweep.main(['--config', cfg, '--workdir', workdir])
+        self.assertEqual(rc, 0)
+        sweep.main(['--summarize', workdir])
+    with open(os.path.join(workdir, 'summary.json')) as f:
+      rows = json.load(f)['rows']
+    with open(os.path.join(workdir, '_base', 'footprints.json')) as f:
+      kl = json.load(f)['kl']
+    base = [r for r in rows if r.get('part') == 'base']
+    rand = [r for r in rows if r.get('widths_from') == 'random']
+    pfa = [r for r in rows if r.get('widths_from') == 'pfa']
+    self.assertLen(base, 1)
+    self.assertLen(rand, 2)  # runlocal: N = K = 2
+    for r in rand:  # within the sampler's tolerance of PFA-KL's footprint
+      self.assertLessEqual(abs(r['params'] / kl['params'] - 1), 0.05)
+    self.assertNotEqual(rand[0]['widths'], rand[1]['widths'])
+    (point,) = [r for r in pfa if r['recipe'] == 'kl']
+    (control,) = [r for r in pfa if r['recipe'] == 'full']
+    self.assertEqual(json.loads(point['widths']), list(kl['widths'].values()))
+    self.assertEqual(point['params'], kl['params'])
+    self.assertEqual(control['footprint'], 1.0)
+    self.assertEqual((point['data_seed'], control['data_seed']), (1, 1))
+    for r in rows:
+      self.assertBetween(r['accuracy'], 0.0, 1.0)
+    agg = fig1.aggregate({'rows': rows})
+    self.assertEqual(agg['control']['footprint'], 1.0)
+    self.assertEqual([p['recipe'] for p in agg['pfa']], ['kl'])
 
 
 if __name__ == '__main__':

@@ -12,12 +12,21 @@ the random line; the figure reports the change in accuracy vs the base.
   python -m experiments.sweep --summarize runs/fig1_random_cpu
   python -m experiments.figures.fig1_random runs/fig1_random_cpu/summary.json
 
+The same sweep holds the paper's Fig. 1 PFA points (``study.widths =
+'pfa'``): every recipe's own widths, from scratch and from PFA's selection,
+one point per seed in ``PFA_SEEDS`` (the seed sets the data order and the
+scratch init), plus the control ``recipe='full'`` (all filters, the base
+model trained for the variants' extra epochs). All share the one base model
+(seed 0) in ``<workdir>/_base``. ``experiments/figures/fig1_random.py``
+draws both from one summary.
+
 Args (comma list): one scale, ``runlocal`` (a minutes-long smoke), ``cpu``
 (default; the whole study in <= 60 min on 2 CPU cores) or ``paper`` (300
 per footprint, the paper's schedule; GPU/TPU); ``cifar100``; ``n=<N>`` and
 ``k=<K>`` override the variants per footprint and per point; ``path=``
 ``auto|vmap|masked|sliced`` forces the training path (``auto`` picks the
-faster one for this backend, see ``experiments/random_study.py``).
+faster one for this backend, see ``experiments/random_study.py``);
+``random=False`` / ``pfa=False`` leave out the random or the PFA points.
 
 CPU scale: SimpleCNN at 1/4 width (24/48 filters), dropout off, a
 4,000-image train subset (2 epochs at batch 100 = 80 steps, cosine lr 0.1
@@ -42,10 +51,12 @@ import ml_collections
 from configs import common
 from configs import simple_cnn_cifar10
 
-ENERGIES = (0.8, 0.85, 0.9, 0.925, 0.95, 0.97, 0.98, 0.99)
+# The paper's §4.1 energies (its Fig. 1).
+ENERGIES = (0.8, 0.85, 0.93, 0.95, 0.96, 0.97, 0.98, 0.99)
 RECIPES = ('kl',) + tuple(f'energy:{e}' for e in ENERGIES)
 INITS = ('scratch', 'selection')
 BASE_SEEDS = (0, 1, 2)
+PFA_SEEDS = (0, 1, 2)  # data orders (and scratch inits) of each PFA point
 
 
 def _args(arg):
@@ -58,6 +69,8 @@ def _args(arg):
     n=0,
     k=0,
     path='auto',
+    random=True,
+    pfa=True,
   )
   if a.runlocal + a.cpu + a.paper > 1:
     raise ValueError('Choose one scale: runlocal, cpu or paper.')
@@ -76,6 +89,7 @@ def get_config(arg=None):
       'part': 'group',  # 'base' (train one base seed) | 'group' (K variants)
       'recipe': 'kl',  # the PFA recipe whose footprint the variants match
       'init': 'scratch',  # 'scratch' | 'selection'
+      'widths': 'random',  # 'random' (sampled) | 'pfa' (the recipe's own)
       'group': 0,  # which K-variant group of the N at this footprint
       'num_variants': 300,  # N per footprint and init
       'group_size': 50,  # K variants per point
@@ -132,8 +146,23 @@ def get_sweep(arg=None):
   recipes = ('kl', 'energy:0.9') if a.scale == 'runlocal' else RECIPES
   points = [{'study.part': 'base', 'seed': s} for s in seeds]
   groups = -(-c.study.num_variants // c.study.group_size)
-  for r in recipes:
-    for init in INITS:
-      for g in range(groups):
-        points.append({'study.recipe': r, 'study.init': init, 'study.group': g})
+  if a.random:
+    for r in recipes:
+      for init in INITS:
+        for g in range(groups):
+          points.append(
+            {'study.recipe': r, 'study.init': init, 'study.group': g}
+          )
+  if a.pfa:
+    for r in recipes + ('full',):
+      for init in ('selection',) if r == 'full' else INITS:
+        for s in seeds:
+          points.append(
+            {
+              'study.widths': 'pfa',
+              'study.recipe': r,
+              'study.init': init,
+              'seed': s,
+            }
+          )
   return points

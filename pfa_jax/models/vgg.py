@@ -35,6 +35,12 @@ class VGG16(nn.Module):
   use_bn: bool = True
   tap: str = 'post_act'
   conv_impl: str = 'auto'
+  # Scales every dropout rate; 0 turns dropout off (short CPU schedules).
+  dropout: float = 1.0
+
+  def _drop(self, rate, x, train):
+    rate = rate * self.dropout
+    return nn.Dropout(rate, deterministic=not train)(x) if rate else x
 
   def _head_names(self):
     return ('fc1',) if self.variant == 'cifar' else ('fc6', 'fc7')
@@ -70,19 +76,18 @@ class VGG16(nn.Module):
       if i in _POOL_AFTER:
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
       elif self.variant == 'cifar':
-        rate = _CIFAR_DROPOUT.get(i, 0.4)
-        x = nn.Dropout(rate, deterministic=not train)(x)
+        x = self._drop(_CIFAR_DROPOUT.get(i, 0.4), x, train)
     if self.variant == 'cifar':
       return self._cifar_head(x, train)
     return self._imagenet_head(x, train)
 
   def _cifar_head(self, x, train):
     x = x.reshape((x.shape[0], -1))  # channel-last flatten
-    x = nn.Dropout(0.5, deterministic=not train)(x)
+    x = self._drop(0.5, x, train)
     x = layers.DenseBN(
       self.widths[13], use_bn=self.use_bn, tap=self.tap, name='fc1'
     )(x, train)
-    x = nn.Dropout(0.5, deterministic=not train)(x)
+    x = self._drop(0.5, x, train)
     return nn.Dense(self.num_classes, name='fc2')(x)
 
   def _imagenet_head(self, x, train):
@@ -96,7 +101,7 @@ class VGG16(nn.Module):
         conv_impl=self.conv_impl,
         name=name,
       )(x, train)
-      x = nn.Dropout(0.5, deterministic=not train)(x)
+      x = self._drop(0.5, x, train)
     x = layers.ConvBN(
       self.num_classes,
       (1, 1),
