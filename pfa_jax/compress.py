@@ -26,6 +26,7 @@ from pfa_jax import input_pipeline
 from pfa_jax import methods
 from pfa_jax import metrics
 from pfa_jax import models
+from pfa_jax import slicing
 from pfa_jax import train
 from pfa_jax.methods import base as methods_base
 
@@ -158,6 +159,24 @@ def recalibrate(config, model, variables, batches):
   return variables, train.evaluate_model(config, model, variables)
 
 
+def restrict_head(config, model, variables):
+  """Cuts a whole-dataset classifier to ``input.classes`` (domain adaptation).
+
+  Decision: the compressed net for a class subset predicts only that
+  subset. A model trained on the whole dataset gets its head sliced to the
+  subset's logits (in ``input.classes`` order, as the pipeline relabels
+  them); a model already trained on the subset is left alone. Returns
+  ``(model, variables, {'classes', 'from_outputs'} or None)``.
+  """
+  classes = tuple(int(c) for c in config.input.get('classes', ()))
+  n_all = input_pipeline.get_spec(config.input.dataset).num_classes
+  if not classes or int(model.num_classes) != n_all:
+    return model, variables, None
+  model, variables = slicing.restrict_classes(model, variables, classes)
+  logging.info('Classifier cut from %d outputs to classes %s.', n_all, classes)
+  return model, variables, {'classes': list(classes), 'from_outputs': n_all}
+
+
 def finetune_config(config) -> ml_collections.ConfigDict:
   """The training config with the fine-tune schedule swapped in."""
   c = config.copy_and_resolve_references()
@@ -178,6 +197,8 @@ def compress(config, workdir: str | os.PathLike) -> dict[str, Any]:
   source = config.compress.source or os.path.join(workdir, '..', 'train')
   model, variables, arch, step = checkpoint.restore_model(source)
   logging.info('Restored %s (step %d) from %s.', arch['class'], step, source)
+  model, variables, head = restrict_head(config, model, variables)
+  arch = models.arch_of(model)
   size = int(config.input.image_size)
   input_shape = (size, size, 3)
   full_cost = costs.count(model, input_shape)
@@ -196,6 +217,7 @@ def compress(config, workdir: str | os.PathLike) -> dict[str, Any]:
     'dataset': config.input.dataset,
     'arch': arch,
     'tap': getattr(model, 'tap', 'post_act'),
+    'head': head,
     'distill': dict(config.distill),
     'full': {
       'widths': full_widths,

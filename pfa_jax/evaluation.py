@@ -41,12 +41,33 @@ def evaluate(
   return metrics.eval_summary(_sum_on_host(sums))
 
 
+def check_num_classes(config, model: nn.Module) -> None:
+  """Refuses a classifier whose outputs do not match the config's labels.
+
+  With ``input.classes`` the pipeline relabels the subset ``0..k-1``; a
+  model with the whole dataset's outputs would then be scored (and trained)
+  against the wrong logits, silently. ``slicing.restrict_classes`` cuts it.
+  """
+  want = len(config.input.get('classes', ())) or (
+    input_pipeline.get_spec(config.input.dataset).num_classes
+  )
+  have = getattr(model, 'num_classes', want)
+  if int(have) != int(want):
+    raise ValueError(
+      f'{type(model).__name__} has {have} outputs but the data has {want} '
+      f'classes (input.dataset={config.input.dataset!r}, input.classes='
+      f'{tuple(config.input.get("classes", ()))}); cut the head with '
+      'pfa_jax.slicing.restrict_classes(model, variables, classes).'
+    )
+
+
 def evaluate_model(config, model: nn.Module, variables) -> dict[str, float]:
   """Loss and accuracy of any ``(model, variables)`` on the eval split.
 
   The eval set is padded and masked, so every example counts exactly once;
   its decoded arrays are loaded once per process (``input_pipeline``).
   """
+  check_num_classes(config, model)
   mesh = input_pipeline.make_mesh()
   repl = input_pipeline.replicated(mesh)
   step = jax.jit(

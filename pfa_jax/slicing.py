@@ -373,3 +373,39 @@ def scatter(model: nn.Module, pruned_variables, plan, like) -> dict:
   if _CONSTS in like:
     out[_CONSTS] = _map_consts(model, like, keep, _masked_map)
   return out
+
+
+def restrict_classes(model: nn.Module, variables, classes):
+  """The classifier cut to ``classes``: logit ``j`` is class ``classes[j]``.
+
+  Slices every leaf of the model's head (``structure().head``) on its last
+  axis, so the restricted model's logits equal the full model's
+  ``logits[..., classes]`` exactly; the data pipeline relabels a class
+  subset ``0..k-1`` in the same order (``input_pipeline.select_classes``).
+
+  Raises:
+    ValueError: a model without a declared head, or a class index outside
+      ``[0, num_classes)`` or repeated.
+  """
+  head = model.structure().head
+  if not head:
+    raise ValueError(f'{type(model).__name__} declares no classifier head.')
+  classes = [int(c) for c in classes]
+  n = int(model.num_classes)
+  bad = [c for c in classes if not 0 <= c < n]
+  if bad or len(set(classes)) != len(classes) or not classes:
+    raise ValueError(
+      f'classes must be distinct indices in [0, {n}), got {classes}.'
+    )
+  idx = np.asarray(classes)
+  out = {}
+  for col, tree in variables.items():
+    flat = traverse_util.flatten_dict(tree, sep='/')
+    out[col] = traverse_util.unflatten_dict(
+      {
+        k: (v[..., idx] if k == head or k.startswith(head + '/') else v)
+        for k, v in flat.items()
+      },
+      sep='/',
+    )
+  return model.clone(num_classes=len(classes)), out

@@ -33,6 +33,7 @@ from clu import parameter_overview
 from clu import periodic_actions
 
 from pfa_jax import checkpoint
+from pfa_jax import evaluation
 from pfa_jax import input_pipeline
 from pfa_jax import metrics
 from pfa_jax.evaluation import _to_host
@@ -217,6 +218,7 @@ def _train_loop(config, workdir, mngr, writer, init, hooks, t_start):
     init_variables = None
   else:
     model, init_variables, arch = init
+    evaluation.check_num_classes(config, model)
   arch = checkpoint.normalize_arch(arch)
 
   spe = info.steps_per_epoch

@@ -144,6 +144,34 @@ class CompressTest(absltest.TestCase):
     self.assertEqual(r['count'], 40)  # eval_subset, every example once
     self.assertEqual(r['accuracy'], self.evaluated['accuracy'])
 
+  def test_class_subset_cuts_the_head(self):
+    c = self.config.copy_and_resolve_references()
+    c.input.classes = (3, 5)
+    c.recipes = ('keep:1.0',)
+    c.finetune.num_epochs = 0.0
+    c.compress.source = os.path.join(self.workdir, 'train')
+    model, variables, _, _ = compress.checkpoint.restore_model(
+      c.compress.source
+    )
+    with tfds.testing.mock_data(num_examples=64):
+      # A 10-way model scored on relabelled 2-class data: refused, by name.
+      with self.assertRaisesRegex(ValueError, 'has 10 outputs.*2 classes'):
+        compress.train.evaluate_model(c, model, variables)
+      r = compress.compress(c, tempfile.mkdtemp())
+      test = list(
+        input_pipeline.get_split_iter(c, 'test', augment=False, batch_size=16)
+      )
+    self.assertEqual(r['head'], {'classes': [3, 5], 'from_outputs': 10})
+    # Reference: the full model's logits of classes 3 and 5, argmax.
+    hits, count = 0, 0
+    for b in test:
+      logits = np.asarray(model.apply(variables, b['image']))[:, [3, 5]]
+      m = np.asarray(b['mask'], bool)
+      hits += int((logits.argmax(-1) == np.asarray(b['label']))[m].sum())
+      count += int(m.sum())
+    self.assertGreater(count, 0)
+    self.assertAlmostEqual(r['full']['accuracy'], hits / count, places=6)
+
   def test_bad_options_fail_before_restoring(self):
     # An empty workdir: nothing to restore, so any error is the validation's.
     for field, value, pattern in [

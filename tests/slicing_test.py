@@ -72,6 +72,22 @@ class SlicingTest(parameterized.TestCase):
     )
 
   @parameterized.named_parameters(*[(c[0], *c) for c in CASES])
+  def test_restrict_classes_equals_sliced_logits(self, name, shape, kw):
+    model, variables, x = _setup(name, shape, kw)
+    classes = [4, 1, 3]
+    rm, rv = slicing.restrict_classes(model, variables, classes)
+    self.assertEqual(rm.num_classes, 3)
+    np.testing.assert_array_equal(
+      _apply(rm, rv, x), _apply(model, variables, x)[:, classes]
+    )
+
+  def test_restrict_classes_errors(self):
+    model, variables, _ = _setup('simple_cnn', (32, 32, 3), {'width_mult': 0.1})
+    for bad in ([5], [1, 1], []):
+      with self.assertRaisesRegex(ValueError, r'distinct indices in \[0, 5\)'):
+        slicing.restrict_classes(model, variables, bad)
+
+  @parameterized.named_parameters(*[(c[0], *c) for c in CASES])
   def test_pruned_equals_masked_dense(self, name, shape, kw):
     model, variables, x = _setup(name, shape, kw)
     rng = np.random.default_rng(0)

@@ -125,7 +125,7 @@ class ResNet(nn.Module):
           stream=True,
         )
       )
-    return structure.Structure(tuple(groups), tuple(index_maps))
+    return structure.Structure(tuple(groups), tuple(index_maps), head='fc')
 
   # -- forward ---------------------------------------------------------------
   @nn.compact

@@ -38,7 +38,7 @@ class SimpleCNN(nn.Module):
       )
       for i in range(8)
     )
-    return structure.Structure(groups)
+    return structure.Structure(groups, head='conv9')
 
   @nn.compact
   def __call__(self, x, train: bool = False):

@@ -101,6 +101,9 @@ class Structure:
 
   groups: tuple[Group, ...]
   index_maps: tuple[IndexMap, ...] = ()
+  # The module that writes the logits (its leaves' last axis is the
+  # classes): what `slicing.restrict_classes` slices for a class subset.
+  head: str = ''
 
   @property
   def names(self) -> tuple[str, ...]:

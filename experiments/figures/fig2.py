@@ -1,0 +1,146 @@
+"""Fig. 2 (PFA vs FP, NS, CF): accuracy change vs footprint, from a summary.
+
+Reads only the sweep summary of ``configs/paper/fig2_cifar10.py`` and
+writes ``<name>.{json,md,png}``: per method and recipe, params and FLOPs
+ratios and the accuracy change against the plain base model after slicing,
+BN recalibration and fine-tuning; the plot has change after fine-tuning vs
+parameter footprint (left) and vs FLOPs (right), one line per method.
+
+  python -m experiments.figures.fig2 runs/fig2_vgg16_cpu/summary.json \
+    --out_dir experiments/results --name fig2_vgg16_cpu
+"""
+
+import argparse
+import json
+import os
+
+import matplotlib
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # noqa: E402
+
+STAGES = ('pruned', 'recalibrated', 'finetuned')
+_LABELS = {'pfa': 'PFA', 'l1': 'FP (L1)', 'slim': 'NS', 'cf': 'CF'}
+
+
+def aggregate(summary: dict) -> dict:
+  rows = summary['rows']
+  bases = {r['part']: r for r in rows if r.get('part') in ('base', 'slim_base')}
+  points = sorted(
+    (r for r in rows if r.get('part') == 'compress'),
+    key=lambda r: (r['method'], r['params_ratio']),
+  )
+  out = {
+    'base_accuracy': bases.get('base', {}).get('accuracy'),
+    'slim_base_accuracy': bases.get('slim_base', {}).get('accuracy'),
+    'points': [],
+  }
+  for r in points:
+    out['points'].append(
+      {
+        'method': r['method'],
+        'recipe': r['recipe'],
+        'params_ratio': r['params_ratio'],
+        'flops_ratio': r['flops_ratio'],
+        **{
+          f'delta_{s}_pp': None
+          if r.get(f'delta_{s}') is None
+          else 100 * r[f'delta_{s}']
+          for s in STAGES
+        },
+        'acc_finetuned': r.get('acc_finetuned'),
+        'commit': r.get('commit'),
+        'hash': r.get('hash'),
+      }
+    )
+  return out
+
+
+def _pp(x):
+  return '-' if x is None else f'{x:+.2f}'
+
+
+def markdown(agg: dict, title: str) -> str:
+  b, s = agg['base_accuracy'], agg['slim_base_accuracy']
+  lines = [f'# {title}', '']
+  if b is not None:
+    lines.append(
+      f'Base model {100 * b:.2f}% test accuracy'
+      + (f'; NS sparse-trained base {100 * s:.2f}%' if s is not None else '')
+      + '. Changes in pp against the base model; the last state, never a '
+      'test-selected checkpoint.'
+    )
+    lines.append('')
+  lines += [
+    '| method | recipe | params | FLOPs | Δ sliced | Δ recalibrated | '
+    'Δ fine-tuned | fine-tuned acc |',
+    '|---|---|---|---|---|---|---|---|',
+  ]
+  for p in agg['points']:
+    acc = p['acc_finetuned']
+    lines.append(
+      f'| {_LABELS.get(p["method"], p["method"])} | {p["recipe"]} | '
+      f'{p["params_ratio"]:.3f} | {p["flops_ratio"]:.3f} | '
+      f'{_pp(p["delta_pruned_pp"])} | {_pp(p["delta_recalibrated_pp"])} | '
+      f'{_pp(p["delta_finetuned_pp"])} | '
+      f'{"-" if acc is None else f"{100 * acc:.2f}"} |'
+    )
+  return '\n'.join(lines) + '\n'
+
+
+def draw(agg: dict, path: str, title: str) -> None:
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+  for method in sorted({p['method'] for p in agg['points']}):
+    ps = [
+      p
+      for p in agg['points']
+      if p['method'] == method and p['delta_finetuned_pp'] is not None
+    ]
+    for ax, key in zip(axes, ('params_ratio', 'flops_ratio')):
+      ps_sorted = sorted(ps, key=lambda p: p[key])
+      ax.plot(
+        [p[key] for p in ps_sorted],
+        [p['delta_finetuned_pp'] for p in ps_sorted],
+        '-o' if method == 'pfa' else '--s',
+        label=_LABELS.get(method, method),
+      )
+  for ax, xlabel in zip(axes, ('parameter footprint', 'FLOPs footprint')):
+    ax.axhline(0, color='k', lw=0.8)
+    ax.set_xlabel(f'{xlabel} (fraction of the base model)')
+  axes[0].set_ylabel('accuracy change after fine-tuning (pp)')
+  axes[0].set_title(title)
+  axes[0].legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('summary', help='summary.json of the sweep')
+  p.add_argument('--out_dir', default='experiments/results')
+  p.add_argument('--name', default='fig2_vgg16_cpu')
+  p.add_argument('--title', default='VGG-16 on CIFAR-10 (CPU scale)')
+  args = p.parse_args(argv)
+  with open(args.summary) as f:
+    summary = json.load(f)
+  agg = aggregate(summary)
+  agg['source'] = {
+    'summary': args.summary,
+    'sweep': summary.get('sweep'),
+    'num_points': summary.get('num_points'),
+    'num_points_complete': summary.get('num_points_complete'),
+    'failed': summary.get('failed'),
+  }
+  os.makedirs(args.out_dir, exist_ok=True)
+  stem = os.path.join(args.out_dir, args.name)
+  with open(stem + '.json', 'w') as f:
+    json.dump(agg, f, indent=2)
+  with open(stem + '.md', 'w') as f:
+    f.write(markdown(agg, args.title))
+  draw(agg, stem + '.png', args.title)
+  print(f'wrote {stem}.{{json,md,png}}')
+
+
+if __name__ == '__main__':
+  main()
