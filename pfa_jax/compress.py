@@ -212,6 +212,9 @@ def compress(config, workdir: str | os.PathLike) -> dict[str, Any]:
   logging.info('Full model: %s, acc %.4f', full_cost, full_eval['accuracy'])
 
   result = {
+    # Taken when the job starts: the commit whose code ran, not the one
+    # checked out when it ended.
+    **metrics.provenance(),
     'job': 'compress',
     'model': config.model.name,
     'dataset': config.input.dataset,
@@ -349,7 +352,6 @@ def _write(workdir, result: Mapping[str, Any], t_start) -> dict[str, Any]:
   out = {
     **result,
     'timings': {**result['timings'], 'total_s': time.time() - t_start},
-    **metrics.provenance(),
   }
   metrics.write_json(os.path.join(workdir, 'result.json'), out)
   return out

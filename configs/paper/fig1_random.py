@@ -153,10 +153,10 @@ def get_sweep(arg=None):
           points.append(
             {'study.recipe': r, 'study.init': init, 'study.group': g}
           )
-  if a.pfa:
-    for r in recipes + ('full',):
-      for init in ('selection',) if r == 'full' else INITS:
-        for s in seeds:
+  if a.pfa:  # seed-major, so a partial sweep covers every recipe
+    for s in seeds:
+      for r in ('full',) + recipes:
+        for init in ('selection',) if r == 'full' else INITS:
           points.append(
             {
               'study.widths': 'pfa',
