@@ -101,6 +101,18 @@ def optim(
   )
 
 
+def cosine_optim(warmup_epochs: float) -> ml_collections.ConfigDict:
+  """SGD + Nesterov, lr 0.1 cosine after a linear warm-up, weight decay 5e-4:
+  the short CPU-scale schedule (demo, ``:cpu`` variants, the random study)."""
+  return optim(
+    lr=0.1,
+    weight_decay=5e-4,
+    schedule='cosine',
+    nesterov=True,
+    warmup_epochs=warmup_epochs,
+  )
+
+
 def compress() -> ml_collections.ConfigDict:
   """The compression job's data and bookkeeping (the method is top level)."""
   return ml_collections.ConfigDict(

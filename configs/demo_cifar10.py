@@ -21,13 +21,7 @@ def get_config(arg=None):
   c.model.kw.dropout = 0.0  # Too few epochs for dropout 0.5 to pay off.
   c.input.batch_size = 128
   c.num_epochs = args.epochs
-  c.optim = common.optim(
-    lr=0.1,
-    weight_decay=5e-4,
-    schedule='cosine',
-    nesterov=True,
-    warmup_epochs=0.5,
-  )
+  c.optim = common.cosine_optim(warmup_epochs=0.5)
   c.log_every_steps = 50
   c.eval_every_epochs = 4.0
   c.ckpt_every_steps = 200

@@ -50,13 +50,7 @@ def cpu_scale(c, width_mult=0.25, dropout=0.0):
   if dropout is not None:
     c.model.kw.dropout = dropout
   c.num_epochs = 5.0
-  c.optim = common.optim(
-    lr=0.1,
-    weight_decay=5e-4,
-    schedule='cosine',
-    nesterov=True,
-    warmup_epochs=0.5,
-  )
+  c.optim = common.cosine_optim(warmup_epochs=0.5)
   c.log_every_steps = 50
   c.eval_every_epochs = 5.0
   c.ckpt_every_steps = 200

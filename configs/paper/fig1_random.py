@@ -111,13 +111,7 @@ def get_config(arg=None):
     c.input.eval_subset = 2000
     c.input.shuffle_buffer = 4000
     c.num_epochs = 2.0
-    c.optim = common.optim(
-      lr=0.1,
-      weight_decay=5e-4,
-      schedule='cosine',
-      nesterov=True,
-      warmup_epochs=0.2,
-    )
+    c.optim = common.cosine_optim(warmup_epochs=0.2)
     c.log_every_steps = 50
     c.eval_every_epochs = 0.0  # only at the end
     c.ckpt_every_steps = 0

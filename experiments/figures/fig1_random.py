@@ -20,13 +20,12 @@ the curve shows how fast it grows with n.
     --out_dir experiments/results --name fig1_random_cpu
 """
 
-import argparse
-import json
-import os
 import statistics
 
 import matplotlib
 import numpy as np
+
+from experiments.figures import summary_cli
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
@@ -353,30 +352,15 @@ def draw(agg: dict, path: str, title: str) -> None:
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  p.add_argument('summary', help='summary.json of the sweep')
-  p.add_argument('--out_dir', default='experiments/results')
-  p.add_argument('--name', default='fig1_random_cpu')
-  p.add_argument('--title', default='Random architectures (SimpleCNN)')
-  args = p.parse_args(argv)
-  with open(args.summary) as f:
-    summary = json.load(f)
-  agg = aggregate(summary)
-  agg['source'] = {
-    'summary': args.summary,
-    'sweep': summary.get('sweep'),
-    'num_points': summary.get('num_points'),
-    'num_points_complete': summary.get('num_points_complete'),
-    'failed': summary.get('failed'),
-  }
-  os.makedirs(args.out_dir, exist_ok=True)
-  stem = os.path.join(args.out_dir, args.name)
-  with open(stem + '.json', 'w') as f:
-    json.dump(agg, f, indent=2)
-  with open(stem + '.md', 'w') as f:
-    f.write(markdown(agg, args.title))
-  draw(agg, stem + '.png', args.title)
-  print(f'wrote {stem}.{{json,md,png}}')
+  return summary_cli.main(
+    argv,
+    doc=__doc__,
+    name='fig1_random_cpu',
+    title='Random architectures (SimpleCNN)',
+    aggregate=aggregate,
+    markdown=markdown,
+    draw=draw,
+  )
 
 
 if __name__ == '__main__':

@@ -10,11 +10,10 @@ parameter footprint (left) and vs FLOPs (right), one line per method.
     --out_dir experiments/results --name fig2_vgg16_cpu
 """
 
-import argparse
-import json
-import os
 
 import matplotlib
+
+from experiments.figures import summary_cli
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
@@ -116,30 +115,15 @@ def draw(agg: dict, path: str, title: str) -> None:
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  p.add_argument('summary', help='summary.json of the sweep')
-  p.add_argument('--out_dir', default='experiments/results')
-  p.add_argument('--name', default='fig2_vgg16_cpu')
-  p.add_argument('--title', default='VGG-16 on CIFAR-10 (CPU scale)')
-  args = p.parse_args(argv)
-  with open(args.summary) as f:
-    summary = json.load(f)
-  agg = aggregate(summary)
-  agg['source'] = {
-    'summary': args.summary,
-    'sweep': summary.get('sweep'),
-    'num_points': summary.get('num_points'),
-    'num_points_complete': summary.get('num_points_complete'),
-    'failed': summary.get('failed'),
-  }
-  os.makedirs(args.out_dir, exist_ok=True)
-  stem = os.path.join(args.out_dir, args.name)
-  with open(stem + '.json', 'w') as f:
-    json.dump(agg, f, indent=2)
-  with open(stem + '.md', 'w') as f:
-    f.write(markdown(agg, args.title))
-  draw(agg, stem + '.png', args.title)
-  print(f'wrote {stem}.{{json,md,png}}')
+  return summary_cli.main(
+    argv,
+    doc=__doc__,
+    name='fig2_vgg16_cpu',
+    title='VGG-16 on CIFAR-10 (CPU scale)',
+    aggregate=aggregate,
+    markdown=markdown,
+    draw=draw,
+  )
 
 
 if __name__ == '__main__':
