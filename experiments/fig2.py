@@ -22,14 +22,9 @@ state's (the CF authors select by test accuracy; we do not).
 import json
 import os
 
+from experiments import base_model
+
 PARTS = ('base', 'slim_base', 'compress')
-
-
-def _read(path):
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
 
 
 def base_dir(config, workdir, slim: bool = False) -> str:
@@ -41,16 +36,9 @@ def base_dir(config, workdir, slim: bool = False) -> str:
 
 def ensure_base(config, workdir, slim: bool = False) -> tuple[str, dict]:
   """The (slim) base model's directory and train result (trains if absent)."""
-  from pfa_jax import main as pfa_main  # noqa: PLC0415
-
   d = base_dir(config, workdir, slim)
-  res = _read(os.path.join(d, 'train', 'result.json'))
-  if res is None:
-    c = config.copy_and_resolve_references()
-    c.job = 'train'
-    c.optim.bn_l1 = float(config.fig2.slim_l1) if slim else 0.0
-    res = pfa_main.run(c, d)['train']
-  return d, res
+  l1 = float(config.fig2.slim_l1) if slim else 0.0
+  return d, base_model.trained(config, d, **{'optim.bn_l1': l1})
 
 
 def run(config, workdir):

@@ -45,6 +45,7 @@ import zlib
 import jax
 import numpy as np
 
+from experiments import base_model
 from pfa_jax import batched
 from pfa_jax import checkpoint
 from pfa_jax import costs
@@ -96,30 +97,17 @@ def _write(path, obj):
   os.replace(tmp, path)
 
 
-def _train(config, workdir):
-  from pfa_jax import main as pfa_main  # noqa: PLC0415
-
-  c = config.copy_and_resolve_references()
-  c.job = 'train'
-  return pfa_main.run(c, workdir)['train']
-
-
 def ensure_base(config, workdir) -> tuple[str, dict]:
   """The shared base model's directory and train result (trains if absent)."""
   d = base_dir(config, workdir)
-  res = _read(os.path.join(d, 'train', 'result.json'))
-  if res is None:
-    c = config.copy_and_resolve_references()
-    c.seed = int(config.study.base_seed)
-    res = _train(c, d)
-  return d, res
+  return d, base_model.trained(config, d, seed=int(config.study.base_seed))
 
 
 def _base_point(config, workdir):
   if int(config.seed) == int(config.study.base_seed):
     _, res = ensure_base(config, workdir)
   else:
-    res = _train(config, workdir)
+    res = base_model.trained(config, workdir)
   return {
     'part': 'base',
     'seed': int(config.seed),

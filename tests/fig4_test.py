@@ -1,0 +1,89 @@
+"""Fig. 4 (domain adaptation) sweep: subsets, expansion, and a tiny run."""
+
+import io
+import json
+import os
+import tempfile
+from contextlib import redirect_stdout
+
+import pytest
+import tensorflow_datasets as tfds
+from absl.testing import absltest
+
+from experiments import fig4
+from experiments import sweep
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_FIG4 = os.path.join(_ROOT, 'configs', 'paper', 'fig4_domain.py')
+
+_TINY = f"""
+import importlib.util
+
+_spec = importlib.util.spec_from_file_location('fig4c', {_FIG4!r})
+fig4c = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(fig4c)
+
+def get_config(arg=None):
+  c = fig4c.get_config('runlocal')
+  c.model.kw.width_mult = 1 / 16
+  c.input.train_subset = 0
+  c.input.eval_subset = 0
+  c.input.batch_size = 8
+  c.input.eval_batch_size = 8
+  c.num_epochs = 1.0
+  c.compress.num_batches = 2
+  c.compress.batch_size = 8
+  c.compress.recalibrate_batches = 1
+  return c
+
+def get_sweep(arg=None):
+  return [{{'fig4.part': 'base'}}] + [
+    {{'fig4.subset': 'R1', 'fig4.strategy': s}}
+    for s in ('full_scratch', 'full_fine', 'pfa_scratch', 'pfa_fine')
+  ]
+"""
+
+
+class Fig4Test(absltest.TestCase):
+  def test_subsets_are_fixed_distinct_draws(self):
+    for name, (k, _) in fig4.SUBSETS.items():
+      c = fig4.subset_classes(name)
+      self.assertLen(set(c), k)
+      self.assertEqual(c, fig4.subset_classes(name))  # same seed, same draw
+      self.assertTrue(all(0 <= i < 100 for i in c))
+    self.assertNotEqual(fig4.subset_classes('S1'), fig4.subset_classes('S2'))
+    with self.assertRaisesRegex(ValueError, 'Unknown subset'):
+      fig4.subset_classes('R9')
+
+  def test_sweep_expands(self):
+    module, _ = sweep.load_config_module(_FIG4)
+    for arg in ('cpu', 'paper', 'runlocal'):
+      self.assertLen(sweep.expand(module, arg), 1 + 6 * 4)
+    self.assertEqual(module.get_config('cpu').input.dataset, 'cifar100')
+
+  @pytest.mark.slow
+  def test_tiny_sweep(self):
+    root = tempfile.mkdtemp()
+    cfg = os.path.join(root, 'tiny_fig4.py')
+    with open(cfg, 'w') as f:
+      f.write(_TINY)
+    workdir = os.path.join(root, 'runs')
+    with tfds.testing.mock_data(num_examples=400):
+      with redirect_stdout(io.StringIO()):
+        self.assertEqual(sweep.main(['--config', cfg, '--workdir', workdir]), 0)
+        sweep.main(['--summarize', workdir])
+    with open(os.path.join(workdir, 'summary.json')) as f:
+      rows = json.load(f)['rows']
+    by = {r.get('strategy', 'base'): r for r in rows}
+    classes = list(fig4.subset_classes('R1'))
+    for s in fig4.STRATEGIES:
+      self.assertEqual(json.loads(by[s]['classes']), classes)
+      self.assertBetween(by[s]['accuracy'], 0.0, 1.0)
+    # Footprints are against the full net with its head cut to the subset.
+    self.assertEqual(by['full_fine']['footprint'], 1.0)
+    self.assertLess(by['pfa_fine']['footprint'], 1.0)
+    self.assertEqual(by['pfa_fine']['widths'], by['pfa_scratch']['widths'])
+
+
+if __name__ == '__main__':
+  absltest.main()
