@@ -17,6 +17,7 @@ $(STAMP): requirements.txt pyproject.toml
 	# The statistics' SSYRK FFI kernel (g++ + jaxlib headers); without a
 	# compiler the library falls back to a host callback.
 	$(BIN)/python -m pfa_jax.native || echo "native kernel not built: using the fallback"
+	$(BIN)/python -m pfa_jax.native onednn || echo "oneDNN conv kernel not built: conv_impl='onednn' uses pfa_jax.conv"
 	touch $(STAMP)
 
 install: $(STAMP)

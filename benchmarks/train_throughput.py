@@ -5,22 +5,29 @@ Run from the repository root::
   python -m benchmarks.train_throughput            # all three models
   python -m benchmarks.train_throughput --models simple_cnn --steps 3
 
-Times SGD-momentum + weight-decay train steps (softmax CE, BN batch_stats
-carried, `jit(donate_argnums=0)`) and eval steps for SimpleCNN, VGG-16 (CIFAR)
-and ResNet-56 at batch 128 on 32x32x3 inputs, for each `conv_impl` in
-`--impls` ('xla' = lax's convolution, 'fast' = `pfa_jax.conv`), and the same
-three architectures in PyTorch eager (channels_last, 2 threads) when torch is
-importable (`make bench-deps`). Repetitions are interleaved round-robin over
-all (framework, model, mode) cells because this shared 2-core machine's speed
-drifts by up to 2.5x within minutes; medians are reported. Also measures a
-plain float32 matmul's GFLOP/s (the peak reference) and each model's
-achieved GFLOP/s (XLA's forward FLOP count x 3 for training).
+Times the library's own jitted `pfa_jax.steps.train_step` (state donated;
+SGD momentum + weight decay from `pfa_jax.optim`; softmax CE; BN
+batch_stats carried) and `steps.eval_step` for SimpleCNN, VGG-16 (CIFAR) and
+ResNet-56 at batch 128 on 32x32x3 float32 inputs, for each `conv_impl` in
+`--impls` ('xla' = lax's convolution, 'fast' = `pfa_jax.conv`, 'onednn' =
+`pfa_jax.onednn`), and the same three architectures in PyTorch eager
+(float32, channels_last, 2 threads; its convolutions are oneDNN's) when
+torch is importable (`make bench-deps`). Repetitions are interleaved
+round-robin over all (framework, model, mode) cells because this shared
+2-core machine's speed drifts by up to 2.5x within minutes; medians are
+reported, with the images timed per cell (equal on both sides) and the load
+average before and after each repetition. ``"loaded": true`` marks a run
+whose 1-minute load average exceeded 1.5 at its start or end: its absolute
+img/s are low, its within-run ratios still comparable. Also measures a plain
+float32 matmul's GFLOP/s (the peak reference) and each model's achieved
+GFLOP/s (XLA's forward FLOP count x 3 for training, x 1 for eval).
 
 Writes ``benchmarks/results/train_throughput.json``.
 """
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import platform
@@ -31,11 +38,16 @@ import time
 import flax
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 
 from pfa_jax import conv
 from pfa_jax import models
+from pfa_jax import onednn
+from pfa_jax import optim
+from pfa_jax import sharding
+from pfa_jax import steps
 
 MODEL_NAMES = ('simple_cnn', 'vgg16_cifar', 'resnet56')
 _OUT = os.path.join(
@@ -45,6 +57,33 @@ _LR, _MOMENTUM, _WD = 0.05, 0.9, 5e-4
 
 # --------------------------------------------------------------------------
 # JAX
+
+
+def _optim_config():
+  return ml_collections.ConfigDict(
+    {
+      'optim': {
+        'name': 'sgd',
+        'weight_decay': _WD,
+        'bn_l1': 0.0,
+        'momentum': _MOMENTUM,
+        'nesterov': False,
+      }
+    }
+  )
+
+
+def conv_path(impl):
+  """What computes the convolutions for ``impl`` (for the JSON)."""
+  if impl == 'onednn':
+    if onednn.available():
+      return 'oneDNN 3.2 (onednn-cpu-gomp) via XLA FFI, custom_vjp'
+    return f'pfa_jax.conv fallback ({onednn.status()["reason"][:200]})'
+  return {
+    'xla': 'lax.conv_general_dilated (XLA:CPU)',
+    'fast': 'pfa_jax.conv: XLA conv fwd/dgrad + im2col GEMM wgrad',
+    'auto': f'{conv.get_conv("auto").__module__}.conv_general_dilated',
+  }.get(impl, impl)
 
 
 def make_jax_runner(
@@ -57,80 +96,73 @@ def make_jax_runner(
   donate=True,
   data_parallel=False,
 ):
-  """Returns {'train': fn(steps) -> s, 'eval': ...} plus fwd FLOPs/image."""
+  """Returns {'train': fn(steps) -> s, 'eval': ...} for the library's steps.
+
+  Training is `pfa_jax.steps.train_step` (jitted, state donated) on a
+  `pfa_jax.steps.TrainState` built by `steps.create_train_state` with the
+  library's optimizer (`optim.create_optimizer`: weight decay + SGD
+  momentum); evaluation is `steps.eval_step`.
+  """
   model = models.get_model(name, num_classes=num_classes, conv_impl=impl)
   variables = jax.tree.map(jnp.copy, variables)  # train_step donates its state
-  tx = optax.chain(
-    optax.add_decayed_weights(_WD), optax.sgd(_LR, momentum=_MOMENTUM)
+  lr_fn = optim.learning_rate_schedule(
+    base_lr=_LR, schedule='constant', num_steps=1
+  )
+  state = steps.create_train_state(
+    jax.random.PRNGKey(0),
+    _optim_config(),
+    model,
+    (32, 32, 3),
+    lr_fn=lr_fn,
+    variables=variables,
   )
   rng = np.random.default_rng(seed)
-  x = jnp.asarray(rng.standard_normal((batch, 32, 32, 3), np.float32))
-  y = jnp.asarray(rng.integers(0, num_classes, batch), jnp.int32)
+  batch_ = {
+    'image': jnp.asarray(rng.standard_normal((batch, 32, 32, 3), np.float32)),
+    'label': jnp.asarray(rng.integers(0, num_classes, batch), jnp.int32),
+    'mask': jnp.ones((batch,), jnp.float32),
+  }
   key = jax.random.PRNGKey(1)
   if data_parallel:  # batch sharded over all (host) devices, state replicated
-    mesh = jax.make_mesh((jax.device_count(),), ('data',))
-    shard = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
-    repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    x, y = jax.device_put(x, shard), jax.device_put(y, shard)
-    variables, key = jax.device_put((variables, key), repl)
+    mesh = sharding.make_mesh()
+    batch_ = jax.device_put(batch_, sharding.data_sharding(mesh))
+    state, key = jax.device_put((state, key), sharding.replicated(mesh))
 
-  def train_step(state, x, y, key):
-    params, batch_stats, opt_state = state
+  p_train = jax.jit(
+    functools.partial(steps.train_step, lr_fn=lr_fn),
+    donate_argnums=0 if donate else (),
+  )
+  p_eval = jax.jit(steps.eval_step)
+  holder = [state]
 
-    def loss_fn(p):
-      logits, new = model.apply(
-        {'params': p, 'batch_stats': batch_stats},
-        x,
-        train=True,
-        rngs={'dropout': key},
-        mutable=['batch_stats'],
-      )
-      loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-      return loss.mean(), new['batch_stats']
-
-    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      params
-    )
-    updates, opt_state = tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    return (params, batch_stats, opt_state), loss
-
-  def eval_step(variables, x, y):
-    logits = model.apply(variables, x, train=False)
-    return jnp.sum(jnp.argmax(logits, -1) == y)
-
-  p_train = jax.jit(train_step, donate_argnums=0 if donate else ())
-  # Compiled once: the same executable gives the FLOP count and the timings.
-  p_eval = jax.jit(eval_step).lower(variables, x, y).compile()
-  state = [
-    (
-      variables['params'],
-      variables['batch_stats'],
-      tx.init(variables['params']),
-    )
-  ]
-
-  def run_train(steps):
+  def run_train(num_steps):
     t0 = time.perf_counter()
-    for _ in range(steps):
-      state[0], loss = p_train(state[0], x, y, key)
-    jax.block_until_ready((state[0], loss))
+    for _ in range(num_steps):
+      holder[0], metrics = p_train(holder[0], batch_, key)
+    jax.block_until_ready((holder[0], metrics))
     return time.perf_counter() - t0
 
-  def run_eval(steps):
-    params, batch_stats, _ = state[0]
-    v = {'params': params, 'batch_stats': batch_stats}
+  def run_eval(num_steps):
     t0 = time.perf_counter()
-    for _ in range(steps):
-      out = p_eval(v, x, y)
+    for _ in range(num_steps):
+      out = p_eval(holder[0], batch_)
     jax.block_until_ready(out)
     return time.perf_counter() - t0
 
-  cost = p_eval.cost_analysis()
+  return {'train': run_train, 'eval': run_eval}
+
+
+def forward_flops(name, variables, batch, num_classes=10):
+  """XLA's forward FLOP count per image (lax convolutions; no compile)."""
+  model = models.get_model(name, num_classes=num_classes, conv_impl='xla')
+  x = jax.ShapeDtypeStruct((batch, 32, 32, 3), jnp.float32)
+  lowered = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(
+    variables, x
+  )
+  cost = lowered.cost_analysis()
   if isinstance(cost, list):  # older jax returned one dict per device
     cost = cost[0]
-  flops = float(cost.get('flops', 0.0)) / batch
-  return {'train': run_train, 'eval': run_eval}, flops
+  return float((cost or {}).get('flops', 0.0)) / batch
 
 
 # --------------------------------------------------------------------------
@@ -284,7 +316,7 @@ def torch_matmul_gflops(n=2048, reps=3):
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('--models', default=','.join(MODEL_NAMES))
-  p.add_argument('--impls', default='xla,fast')
+  p.add_argument('--impls', default='xla,fast,onednn')
   p.add_argument('--modes', default='train,eval')
   p.add_argument('--batch', type=int, default=128)
   p.add_argument('--steps', type=int, default=2, help='steps per repetition')
@@ -312,6 +344,20 @@ def _load():
     return None
 
 
+def _torch_info(torch):
+  """Torch's conv library as its build config reports it."""
+  cfg = torch.__config__.show()
+  dnn = [
+    ln.strip() for ln in cfg.splitlines() if 'oneDNN' in ln or 'MKL-DNN' in ln
+  ]
+  return {
+    'version': torch.__version__,
+    'threads': torch.get_num_threads(),
+    'mkldnn_enabled': bool(torch.backends.mkldnn.is_available()),
+    'onednn': dnn[0][:120] if dnn else None,
+  }
+
+
 def main(argv=None):
   args = parse_args(argv)
   names = [m for m in args.models.split(',') if m]
@@ -322,25 +368,32 @@ def main(argv=None):
     conv.CHUNK_BYTES = args.chunk_bytes
   if args.small_map is not None:
     conv.SMALL_MAP = args.small_map
-  torch_version = None
+  if 'onednn' in impls and not onednn.available():
+    notes.append(
+      "oneDNN kernel unavailable, 'onednn' = pfa_jax.conv fallback: "
+      + onednn.status()['reason'][:300]
+    )
+  torch_info = None
   if not args.no_torch:
     try:
       import torch  # noqa: PLC0415
 
       torch.set_num_threads(2)
-      torch_version = torch.__version__
+      torch_info = _torch_info(torch)
     except ImportError:
       notes.append('torch not importable: PyTorch columns skipped.')
       print('NOTE: torch not importable (run `make bench-deps`); skipping.')
 
+  load_start = _load()
   cells, flops = {}, {}  # (model, fw) -> runners
   t_setup = time.perf_counter()
   for name in names:
     # conv_impl does not change the variables: initialise once per model.
     model = models.get_model(name, num_classes=10)
     variables = models.init(model, jax.random.PRNGKey(0), (32, 32, 3))
+    flops[name] = forward_flops(name, variables, args.batch)
     for impl in impls:
-      runners, flops[name] = make_jax_runner(
+      cells[(name, f'jax_{impl}')] = make_jax_runner(
         name,
         impl,
         args.batch,
@@ -348,8 +401,7 @@ def main(argv=None):
         donate=not args.no_donate,
         data_parallel=args.data_parallel,
       )
-      cells[(name, f'jax_{impl}')] = runners
-    if torch_version:
+    if torch_info:
       cells[(name, 'torch')] = make_torch_runner(name, args.batch)
   for runners in cells.values():  # compile + warm up
     for mode in modes:
@@ -357,25 +409,29 @@ def main(argv=None):
   print(f'setup + compile: {time.perf_counter() - t_setup:.0f} s', flush=True)
 
   times = {(k, mode): [] for k in cells for mode in modes}
+  images = {(k, mode): 0 for k in cells for mode in modes}
   peak = {'jax_matmul_gflops': [], 'torch_matmul_gflops': []}
   load = [_load()]
   for rep in range(args.repeats):
     peak['jax_matmul_gflops'].append(matmul_gflops())
-    if torch_version:
+    if torch_info:
       peak['torch_matmul_gflops'].append(torch_matmul_gflops())
     for key, runners in cells.items():
       for mode in modes:
         dt = runners[mode](args.steps)
         times[(key, mode)].append(args.batch * args.steps / dt)
+        images[(key, mode)] += args.batch * args.steps
     load.append(_load())
     print(f'repetition {rep + 1}/{args.repeats} done', flush=True)
+  load_end = _load()
+  loaded = any(x is not None and x[0] > 1.5 for x in (load_start, load_end))
 
   med = {k: statistics.median(v) for k, v in times.items()}
   peak_med = {k: statistics.median(v) for k, v in peak.items() if v}
   results, ratios = {}, {}
-  fws = [f'jax_{i}' for i in impls] + (['torch'] if torch_version else [])
-  header = f'{"model":12s} {"mode":5s} ' + ' '.join(f'{f:>10s}' for f in fws)
-  if torch_version:
+  fws = [f'jax_{i}' for i in impls] + (['torch'] if torch_info else [])
+  header = f'{"model":12s} {"mode":5s} ' + ' '.join(f'{f:>11s}' for f in fws)
+  if torch_info:
     header += ' ' + ' '.join(f'{"r_" + i:>8s}' for i in impls)
   print(f'\nimages/s, batch {args.batch} (median of {args.repeats}):')
   print(header)
@@ -384,21 +440,25 @@ def main(argv=None):
     ratios[name] = {}
     for mode in modes:
       row = {fw: med[((name, fw), mode)] for fw in fws}
+      counts = {images[((name, fw), mode)] for fw in fws}
+      if len(counts) != 1:
+        raise RuntimeError(f'{name} {mode}: unequal sample counts {counts}')
       results[name][mode] = {
         fw: {
           'median_img_s': round(v, 2),
           'all_img_s': [round(t, 2) for t in times[((name, fw), mode)]],
+          'images_timed': images[((name, fw), mode)],
         }
         for fw, v in row.items()
       }
-      if mode == 'train':
+      if flops.get(name):
+        mult = 3 if mode == 'train' else 1
         for fw in fws:
-          if fw.startswith('jax') and flops.get(name):
-            results[name][mode][fw]['achieved_gflops'] = round(
-              3 * flops[name] * row[fw] / 1e9, 1
-            )
-      line = f'{name:12s} {mode:5s} ' + ' '.join(f'{row[f]:10.1f}' for f in fws)
-      if torch_version:
+          results[name][mode][fw]['achieved_gflops'] = round(
+            mult * flops[name] * row[fw] / 1e9, 1
+          )
+      line = f'{name:12s} {mode:5s} ' + ' '.join(f'{row[f]:11.1f}' for f in fws)
+      if torch_info:
         r = {i: row[f'jax_{i}'] / row['torch'] for i in impls}
         ratios[name][mode] = {
           f'jax_{i}/torch': round(v, 3) for i, v in r.items()
@@ -413,17 +473,21 @@ def main(argv=None):
     'forward GFLOP/image (XLA count): ',
     {k: round(v / 1e9, 3) for k, v in flops.items()},
   )
+  print(f'load average start {load_start} end {load_end} loaded={loaded}')
 
   report = {
     'benchmark': 'train_throughput',
     'date': datetime.datetime.now().isoformat(timespec='seconds'),
     'command': 'python -m benchmarks.train_throughput '
-    + ' '.join(sys.argv[1:]),
+    + ' '.join(sys.argv[1:] if argv is None else argv),
+    'loaded': loaded,
     'machine': {
       'platform': platform.platform(),
       'processor': platform.processor(),
       'cpu_count': os.cpu_count(),
       'jax_devices': [str(d) for d in jax.devices()],
+      'load_average_start': load_start,
+      'load_average_end': load_end,
       'load_average_per_repetition': load,
     },
     'versions': {
@@ -432,16 +496,23 @@ def main(argv=None):
       'flax': flax.__version__,
       'optax': optax.__version__,
       'numpy': np.__version__,
-      'torch': torch_version,
+      'torch': torch_info and torch_info['version'],
     },
     'settings': {
       'batch': args.batch,
       'steps_per_repetition': args.steps,
       'repetitions': args.repeats,
+      'dtype': {'jax': 'float32', 'torch': 'float32'},
       'input': '32x32x3 float32 NHWC (torch: NCHW channels_last)',
+      'step': 'pfa_jax.steps.train_step / eval_step (jit, donate)',
       'optimizer': f'SGD lr={_LR} momentum={_MOMENTUM} wd={_WD}',
+      'conv_path': {
+        **{f'jax_{i}': conv_path(i) for i in impls},
+        'torch': torch_info and f'torch eager, {torch_info["onednn"]}',
+      },
+      'onednn_threads': onednn.THREADS or 'OpenMP default',
       'xla_flags': os.environ.get('XLA_FLAGS', ''),
-      'torch_threads': 2 if torch_version else None,
+      'torch': torch_info,
       'donate': not args.no_donate,
       'data_parallel': args.data_parallel,
       'conv_chunk_bytes': conv.CHUNK_BYTES,

@@ -22,6 +22,11 @@ without it the sweep is one point. A point is one run:
   skipped; an exception is recorded in ``failed.json`` (type, message,
   traceback) and the sweep goes on; ``--retry_failed`` runs those again.
 
+Several workers may share one root on one machine: each point is claimed
+(``<point>/claim``, host and pid, created atomically) before it runs and
+released after, and a worker skips points another has finished or holds;
+a dead worker's claim is taken over.
+
 Slicing: point ``i`` belongs to task ``i % num_tasks`` (strided, so slices
 stay balanced when point costs grow along the sweep). The defaults come from
 a SLURM job array: ``task_index = (SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN)
@@ -45,6 +50,7 @@ import json
 import math
 import os
 import re
+import socket
 import sys
 import time
 import traceback
@@ -53,6 +59,7 @@ from typing import Any
 
 RESULT = 'result.json'
 FAILED = 'failed.json'
+CLAIM = 'claim'
 MANIFEST = 'sweep.json'
 HASH_LEN = 10
 _SLUG_MAX = 80
@@ -243,6 +250,50 @@ def status(workdir: str, point) -> str:
   return 'todo'
 
 
+def claim(workdir: str, point) -> bool:
+  """Takes ``<point>/claim`` (host, pid) atomically; False if a live process
+  on this host holds it, so several workers can share one sweep root.
+
+  A claim whose process is gone (a killed worker) is taken over; a claim
+  from another host is respected (use ``--task_index`` across machines).
+  """
+  d = os.path.join(workdir, point['name'])
+  os.makedirs(d, exist_ok=True)
+  path = os.path.join(d, CLAIM)
+  me = {'host': socket.gethostname(), 'pid': os.getpid()}
+  for _ in range(2):
+    try:
+      fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+      held = _read(path) or {}
+      if held.get('host') != me['host'] or _alive(held.get('pid')):
+        return held == me
+      os.remove(path)  # stale: its worker died
+      continue
+    with os.fdopen(fd, 'w') as f:
+      json.dump(me, f)
+    return True
+  return False
+
+
+def release(workdir: str, point) -> None:
+  path = os.path.join(workdir, point['name'], CLAIM)
+  if os.path.exists(path):
+    os.remove(path)
+
+
+def _alive(pid) -> bool:
+  if not isinstance(pid, int):
+    return False
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
 def get_runner(config):
   spec = config.get('runner', '') or ''
   if not spec:
@@ -322,7 +373,8 @@ def run_sweep(
   command: str = '',
 ) -> dict[str, int]:
   """Runs the given (already sliced) points; returns status counts."""
-  todo, counts = [], {'complete': 0, 'failed': 0, 'ran': 0, 'todo': 0}
+  todo = []
+  counts = {'complete': 0, 'failed': 0, 'ran': 0, 'todo': 0, 'skipped': 0}
   for p in points:
     st = status(workdir, p)
     if dry_run:
@@ -342,14 +394,25 @@ def run_sweep(
     f'{counts["failed"]} failed (skipped), {len(todo)} to run.'
   )
   t_start = time.time()
+  ran = 0
   for n, p in enumerate(todo, 1):
-    rec = run_point(p, workdir, command)
+    # Another worker on this root may have finished or taken it meanwhile.
+    if status(workdir, p) == 'complete' or not claim(workdir, p):
+      counts['todo'] -= 1
+      counts['skipped'] += 1
+      log(f'[{n}/{len(todo)}] {p["name"]}: done or claimed by another worker')
+      continue
+    try:
+      rec = run_point(p, workdir, command)
+    finally:
+      release(workdir, p)
+    ran += 1
     counts['ran'] += 1
     counts['todo'] -= 1
     ok = rec['status'] == 'complete'
     counts['complete' if ok else 'failed'] += 1
     elapsed = time.time() - t_start
-    eta = elapsed / n * (len(todo) - n)
+    eta = elapsed / ran * (len(todo) - n)
     what = f'{len(rec["rows"])} rows' if ok else f'FAILED {rec["error"]}'
     log(
       f'[{n}/{len(todo)}] {p["name"]}: {what} in '

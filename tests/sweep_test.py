@@ -9,6 +9,7 @@ import csv
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -229,6 +230,32 @@ class SweepTest(absltest.TestCase):
     self.assertEqual(rc, 0)
     self.assertLen(self.calls, 2)
     self.assertIn('task 1/3 runs 2', out)
+
+  def test_claims_let_workers_share_a_root(self):
+    module, arg = sweep.load_config_module(self.config)
+    points = sweep.expand(module, arg)
+    held, stale = points[0], points[1]
+    # A live worker on this host (our parent process) holds point 0; a dead
+    # one held point 1.
+    dead = subprocess.Popen(['true'])
+    dead.wait()
+    for p, pid in ((held, os.getppid()), (stale, dead.pid)):
+      d = os.path.join(self.workdir, p['name'])
+      os.makedirs(d)
+      with open(os.path.join(d, sweep.CLAIM), 'w') as f:
+        json.dump({'host': socket.gethostname(), 'pid': pid}, f)
+    self.assertFalse(sweep.claim(self.workdir, held))
+    self.assertTrue(sweep.claim(self.workdir, stale))  # taken over
+    self.assertTrue(sweep.claim(self.workdir, stale))  # ours now
+    sweep.release(self.workdir, stale)
+    counts = sweep.run_sweep(points, self.workdir, log=lambda s: None)
+    self.assertEqual(counts['skipped'], 1)
+    self.assertNotIn(os.path.join(self.workdir, held['name']), self.calls)
+    self.assertLen(self.calls, len(points) - 1)
+    for p in points[1:]:  # claims are released after each point
+      self.assertFalse(
+        os.path.exists(os.path.join(self.workdir, p['name'], sweep.CLAIM))
+      )
 
   def test_slurm_array_defaults(self):
     self.assertEqual(sweep.slurm_defaults({}), (0, 1))

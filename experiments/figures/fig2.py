@@ -10,7 +10,6 @@ parameter footprint (left) and vs FLOPs (right), one line per method.
     --out_dir experiments/results --name fig2_vgg16_cpu
 """
 
-
 import matplotlib
 
 from experiments.figures import summary_cli

@@ -16,8 +16,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from pfa_jax import conv
+from pfa_jax.conv import CONV_IMPLS
+
 TAPS = ('pre_bn', 'post_bn', 'post_act')
-CONV_IMPLS = ('xla', 'fast', 'auto')
 RESPONSES = 'responses'
 
 
@@ -38,8 +40,6 @@ def conv_fn(impl: str):
     raise ValueError(f'conv_impl must be one of {CONV_IMPLS}, got {impl!r}.')
   if impl == 'xla':
     return None  # flax's default: lax.conv_general_dilated
-  from pfa_jax import conv  # noqa: PLC0415  (optional fast CPU kernels)
-
   return conv.get_conv(impl)
 
 

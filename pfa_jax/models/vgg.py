@@ -56,7 +56,9 @@ class VGG16(nn.Module):
       structure.Group(name=n, index=i, producers=(n,), consumers=(readers[i],))
       for i, n in enumerate(names)
     )
-    return structure.Structure(groups)
+    return structure.Structure(
+      groups, head='fc2' if self.variant == 'cifar' else 'fc8'
+    )
 
   @nn.compact
   def __call__(self, x, train: bool = False):

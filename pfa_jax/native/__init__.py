@@ -1,5 +1,8 @@
 """Optional native CPU kernels, built on first use, with a pure fallback.
 
+:func:`build` compiles a kernel's source into a cached shared library; the
+oneDNN convolutions (``onednn_conv.cc``) are loaded by :mod:`pfa_jax.onednn`.
+
 :func:`syrk` returns the XLA FFI target of ``syrk_ffi.cc`` (an in-place,
 BLAS xSYRK streaming Gram update for :mod:`pfa_jax.stats`), or None when it
 cannot be had; callers then use :func:`jax.pure_callback` (one more copy of
@@ -48,10 +51,22 @@ def _cache_dir() -> str:
   )
 
 
-def _build() -> str:
-  with open(_SRC, 'rb') as f:
-    key = hashlib.sha256(f.read() + jaxlib.__version__.encode()).hexdigest()
-  out = os.path.join(_cache_dir(), f'libpfa_syrk_{key[:16]}.so')
+def build(src: str, stem: str, flags: tuple[str, ...] = ()) -> str:
+  """Compiles ``src`` into a cached shared library; returns its path.
+
+  Args:
+    src: the C++ source.
+    stem: the library's file name prefix.
+    flags: extra compiler/linker arguments (include dirs, libraries); part
+      of the cache key with the source and the jaxlib version.
+
+  Raises:
+    OSError: no compiler, or the build failed (its stderr in the message).
+  """
+  with open(src, 'rb') as f:
+    key = f.read() + jaxlib.__version__.encode() + ' '.join(flags).encode()
+  key = hashlib.sha256(key).hexdigest()
+  out = os.path.join(_cache_dir(), f'{stem}_{key[:16]}.so')
   if os.path.exists(out):
     return out
   cxx = os.environ.get('CXX') or shutil.which('g++') or shutil.which('c++')
@@ -61,7 +76,7 @@ def _build() -> str:
   fd, tmp = tempfile.mkstemp(suffix='.so', dir=os.path.dirname(out))
   os.close(fd)
   cmd = [cxx, '-O2', '-std=c++17', '-shared', '-fPIC', '-w']
-  cmd += ['-I', jax.ffi.include_dir(), _SRC, '-o', tmp]
+  cmd += ['-I', jax.ffi.include_dir(), src, '-o', tmp, *flags]
   try:
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     os.replace(tmp, out)  # atomic: concurrent builders agree
@@ -88,7 +103,7 @@ def _load():
     raise OSError('disabled by PFA_JAX_NATIVE=0')
   from scipy.linalg import cython_blas  # noqa: PLC0415
 
-  lib = ctypes.cdll.LoadLibrary(_build())
+  lib = ctypes.cdll.LoadLibrary(build(_SRC, 'libpfa_syrk'))
   targets = {}
   for dtype, sym in _TARGETS.items():
     name = f'pfa_jax_{sym}'

@@ -1,4 +1,9 @@
-"""``python -m pfa_jax.native``: builds the native kernels now, prints status."""
+"""``python -m pfa_jax.native [onednn]``: builds a native kernel, prints status.
+
+Without an argument: the statistics' SSYRK kernel (:mod:`pfa_jax.native`);
+with ``onednn``: the oneDNN convolutions of :mod:`pfa_jax.onednn`. Exits 1
+when the kernel cannot be built (the reason is printed).
+"""
 
 import sys
 
@@ -7,6 +12,12 @@ import numpy as np
 from pfa_jax import native
 
 if __name__ == '__main__':
-  ok = native.syrk(np.float32) is not None
-  print(native.status())
+  if sys.argv[1:] == ['onednn']:
+    from pfa_jax import onednn  # noqa: PLC0415
+
+    ok = onednn.available()
+    print(onednn.status())
+  else:
+    ok = native.syrk(np.float32) is not None
+    print(native.status())
   sys.exit(0 if ok else 1)

@@ -1,0 +1,288 @@
+// XLA FFI handlers: 2-D convolution with oneDNN (forward, backward data,
+// backward weights), float32, NHWC activations and HWIO kernels.
+//
+// Every operand may carry extra leading (vmap) dimensions; they are looped
+// over, one convolution each (vmap_method='broadcast_all' on the Python side
+// gives all operands the same ones). Strides and explicit (low, high) pads
+// are attributes; no dilation, one group.
+//
+// oneDNN picks its own blocked weight layout (format_tag::any), so HWIO
+// kernels are reordered in (forward, backward data) and the weight gradient
+// is reordered out. Primitives and their reorders are created once per shape
+// and cached (creation costs milliseconds: more than a small layer's run).
+// The scratchpad is user-managed, in a per-thread buffer; executions are
+// serialised (one OpenMP team on the cores at a time). oneDNN's OpenMP team size is set
+// per call from the "threads" attribute (0: leave OpenMP's default).
+#include <omp.h>
+
+#include <cstdint>
+#include <exception>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "oneapi/dnnl/dnnl.hpp"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+using dnnl::memory;
+using tag = dnnl::memory::format_tag;
+
+namespace {
+
+enum Op : int64_t { kFwd = 0, kBwdData = 1, kBwdWeights = 2 };
+
+struct Shape {
+  int64_t n, h, w, c, kh, kw, o, ho, wo, sh, sw, pt, pb, pl, pr;
+};
+
+struct Entry {
+  dnnl::primitive prim;
+  memory::desc act_in;   // x or dy (nhwc)
+  memory::desc act_out;  // y or dx (nhwc)
+  memory::desc wei;      // oneDNN's weight layout
+  memory::desc wei_user; // hwio
+  bool reorder = false;  // wei != wei_user
+  dnnl::reorder wei_reorder;
+  memory::desc scratch;
+};
+
+dnnl::engine& Engine() {
+  static dnnl::engine eng(dnnl::engine::kind::cpu, 0);
+  return eng;
+}
+
+std::mutex cache_mu;
+// Serialises executions: XLA may run two independent convolutions (a
+// layer's two gradients) on two of its threads at once, and two OpenMP
+// teams on the same cores would oversubscribe them.
+std::mutex exec_mu;
+std::unordered_map<std::string, std::unique_ptr<Entry>> cache;
+
+std::string Key(Op op, const Shape& s) {
+  std::string k(reinterpret_cast<const char*>(&s), sizeof(s));
+  k += static_cast<char>(op);
+  return k;
+}
+
+Entry* Get(Op op, const Shape& s) {
+  const std::string key = Key(op, s);
+  {
+    std::lock_guard<std::mutex> lock(cache_mu);
+    auto it = cache.find(key);
+    if (it != cache.end()) return it->second.get();
+  }
+  auto& eng = Engine();
+  const auto f32 = memory::data_type::f32;
+  memory::desc src({s.n, s.c, s.h, s.w}, f32, tag::nhwc);
+  memory::desc dst({s.n, s.o, s.ho, s.wo}, f32, tag::nhwc);
+  memory::desc wei_any({s.o, s.c, s.kh, s.kw}, f32, tag::any);
+  memory::desc wei_user({s.o, s.c, s.kh, s.kw}, f32, tag::hwio);
+  memory::dims strides = {s.sh, s.sw}, pad_l = {s.pt, s.pl},
+               pad_r = {s.pb, s.pr};
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  auto algo = dnnl::algorithm::convolution_direct;
+  dnnl::convolution_forward::primitive_desc fwd(
+      eng, dnnl::prop_kind::forward_training, algo, src, wei_any, dst,
+      strides, pad_l, pad_r, attr);
+  auto e = std::make_unique<Entry>();
+  e->wei_user = wei_user;
+  if (op == kFwd) {
+    e->prim = dnnl::convolution_forward(fwd);
+    e->act_in = src, e->act_out = dst, e->wei = fwd.weights_desc();
+    e->scratch = fwd.scratchpad_desc();
+  } else if (op == kBwdData) {
+    dnnl::convolution_backward_data::primitive_desc pd(
+        eng, algo, src, wei_any, dst, strides, pad_l, pad_r, fwd, attr);
+    e->prim = dnnl::convolution_backward_data(pd);
+    e->act_in = dst, e->act_out = src, e->wei = pd.weights_desc();
+    e->scratch = pd.scratchpad_desc();
+  } else {
+    dnnl::convolution_backward_weights::primitive_desc pd(
+        eng, algo, src, wei_any, dst, strides, pad_l, pad_r, fwd, attr);
+    e->prim = dnnl::convolution_backward_weights(pd);
+    e->act_in = src, e->act_out = dst, e->wei = pd.diff_weights_desc();
+    e->scratch = pd.scratchpad_desc();
+  }
+  e->reorder = e->wei != wei_user;
+  if (e->reorder) {
+    e->wei_reorder = op == kBwdWeights
+                         ? dnnl::reorder(dnnl::reorder::primitive_desc(
+                               eng, e->wei, eng, wei_user))
+                         : dnnl::reorder(dnnl::reorder::primitive_desc(
+                               eng, wei_user, eng, e->wei));
+  }
+  std::lock_guard<std::mutex> lock(cache_mu);
+  auto& slot = cache[key];
+  if (!slot) slot = std::move(e);  // another thread may have won the race
+  return slot.get();
+}
+
+// Weight reorders below this size run on the calling thread alone: waking
+// an OpenMP team costs more than copying a small kernel.
+constexpr int64_t kSerialReorderBytes = 1 << 20;
+
+void Reorder(dnnl::reorder& r, dnnl::stream& strm, memory& from, memory& to,
+             int64_t bytes) {
+  if (bytes >= kSerialReorderBytes) {
+    r.execute(strm, from, to);
+    return;
+  }
+  const int threads = omp_get_max_threads();
+  omp_set_num_threads(1);
+  r.execute(strm, from, to);
+  omp_set_num_threads(threads);
+}
+
+// Per-thread buffers: scratchpad and the blocked weights.
+float* Buffer(std::vector<float>& buf, size_t bytes) {
+  size_t n = (bytes + sizeof(float) - 1) / sizeof(float) + 16;
+  if (buf.size() < n) buf.resize(n);
+  return buf.data();
+}
+
+int64_t Prod(ffi::Span<const int64_t> d, size_t from, size_t to) {
+  int64_t p = 1;
+  for (size_t i = from; i < to; ++i) p *= d[i];
+  return p;
+}
+
+// a: the activation whose spatial dims are (h, w) [..., N, H, W, C];
+// b: the other activation [..., N, Ho, Wo, O]; k: kernel [..., KH, KW, C, O].
+ffi::Error Run(Op op, const float* a_in, const float* b_in, float* out,
+               ffi::Span<const int64_t> x_dims,
+               ffi::Span<const int64_t> k_dims,
+               ffi::Span<const int64_t> y_dims,
+               ffi::Span<const int64_t> strides,
+               ffi::Span<const int64_t> pads, int64_t threads) {
+  const size_t r = x_dims.size();
+  if (r < 4 || k_dims.size() != r || y_dims.size() != r ||
+      strides.size() != 2 || pads.size() != 4)
+    return ffi::Error::InvalidArgument("onednn_conv: bad ranks or attributes");
+  Shape s{x_dims[r - 4], x_dims[r - 3], x_dims[r - 2], x_dims[r - 1],
+          k_dims[r - 4], k_dims[r - 3], k_dims[r - 1], y_dims[r - 3],
+          y_dims[r - 2], strides[0], strides[1], pads[0], pads[1],
+          pads[2], pads[3]};
+  if (k_dims[r - 2] != s.c || y_dims[r - 4] != s.n || y_dims[r - 1] != s.o)
+    return ffi::Error::InvalidArgument("onednn_conv: inconsistent shapes");
+  const int64_t groups = Prod(x_dims, 0, r - 4);
+  if (Prod(k_dims, 0, r - 4) != groups || Prod(y_dims, 0, r - 4) != groups)
+    return ffi::Error::InvalidArgument("onednn_conv: batch dims differ");
+  const int64_t x_sz = s.n * s.h * s.w * s.c, y_sz = s.n * s.ho * s.wo * s.o,
+                k_sz = s.kh * s.kw * s.c * s.o;
+  const int64_t k_bytes = k_sz * static_cast<int64_t>(sizeof(float));
+  thread_local std::vector<float> scratch_buf, wei_buf;
+  std::lock_guard<std::mutex> exec_lock(exec_mu);
+  // The team size is the calling thread's OpenMP setting: restored after.
+  const int prev_threads = omp_get_max_threads();
+  if (threads > 0) omp_set_num_threads(static_cast<int>(threads));
+  try {
+    Entry* e = Get(op, s);
+    auto& eng = Engine();
+    thread_local dnnl::stream strm(eng);
+    memory scratch(e->scratch, eng,
+                   Buffer(scratch_buf, e->scratch.get_size()));
+    float* wei_ptr =
+        e->reorder ? Buffer(wei_buf, e->wei.get_size()) : nullptr;
+    for (int64_t g = 0; g < groups; ++g) {
+      if (op == kFwd) {  // a = x, b = k, out = y
+        const float* x = a_in + g * x_sz;
+        const float* k = b_in + g * k_sz;
+        memory wu(e->wei_user, eng, const_cast<float*>(k));
+        memory w = wu;
+        if (e->reorder) {
+          w = memory(e->wei, eng, wei_ptr);
+          Reorder(e->wei_reorder, strm, wu, w, k_bytes);
+        }
+        e->prim.execute(
+            strm, {{DNNL_ARG_SRC, memory(e->act_in, eng, const_cast<float*>(x))},
+                   {DNNL_ARG_WEIGHTS, w},
+                   {DNNL_ARG_DST, memory(e->act_out, eng, out + g * y_sz)},
+                   {DNNL_ARG_SCRATCHPAD, scratch}});
+      } else if (op == kBwdData) {  // a = dy, b = k, out = dx
+        const float* dy = a_in + g * y_sz;
+        const float* k = b_in + g * k_sz;
+        memory wu(e->wei_user, eng, const_cast<float*>(k));
+        memory w = wu;
+        if (e->reorder) {
+          w = memory(e->wei, eng, wei_ptr);
+          Reorder(e->wei_reorder, strm, wu, w, k_bytes);
+        }
+        e->prim.execute(
+            strm,
+            {{DNNL_ARG_DIFF_DST, memory(e->act_in, eng, const_cast<float*>(dy))},
+             {DNNL_ARG_WEIGHTS, w},
+             {DNNL_ARG_DIFF_SRC, memory(e->act_out, eng, out + g * x_sz)},
+             {DNNL_ARG_SCRATCHPAD, scratch}});
+      } else {  // a = x, b = dy, out = dk
+        const float* x = a_in + g * x_sz;
+        const float* dy = b_in + g * y_sz;
+        memory wu(e->wei_user, eng, out + g * k_sz);
+        memory w = e->reorder ? memory(e->wei, eng, wei_ptr) : wu;
+        e->prim.execute(
+            strm,
+            {{DNNL_ARG_SRC, memory(e->act_in, eng, const_cast<float*>(x))},
+             {DNNL_ARG_DIFF_DST, memory(e->act_out, eng, const_cast<float*>(dy))},
+             {DNNL_ARG_DIFF_WEIGHTS, w},
+             {DNNL_ARG_SCRATCHPAD, scratch}});
+        if (e->reorder) Reorder(e->wei_reorder, strm, w, wu, k_bytes);
+      }
+    }
+    strm.wait();
+  } catch (const std::exception& err) {
+    if (threads > 0) omp_set_num_threads(prev_threads);
+    return ffi::Error::Internal(std::string("oneDNN: ") + err.what());
+  }
+  if (threads > 0) omp_set_num_threads(prev_threads);
+  return ffi::Error::Success();
+}
+
+ffi::Error Fwd(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
+               ffi::ResultBuffer<ffi::F32> y, ffi::Span<const int64_t> strides,
+               ffi::Span<const int64_t> pads, int64_t threads) {
+  return Run(kFwd, x.typed_data(), k.typed_data(), y->typed_data(),
+             x.dimensions(), k.dimensions(), y->dimensions(), strides, pads,
+             threads);
+}
+
+ffi::Error BwdData(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> k,
+                   ffi::ResultBuffer<ffi::F32> dx,
+                   ffi::Span<const int64_t> strides,
+                   ffi::Span<const int64_t> pads, int64_t threads) {
+  return Run(kBwdData, dy.typed_data(), k.typed_data(), dx->typed_data(),
+             dx->dimensions(), k.dimensions(), dy.dimensions(), strides, pads,
+             threads);
+}
+
+ffi::Error BwdWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
+                      ffi::ResultBuffer<ffi::F32> dk,
+                      ffi::Span<const int64_t> strides,
+                      ffi::Span<const int64_t> pads, int64_t threads) {
+  return Run(kBwdWeights, x.typed_data(), dy.typed_data(), dk->typed_data(),
+             x.dimensions(), dk->dimensions(), dy.dimensions(), strides, pads,
+             threads);
+}
+
+}  // namespace
+
+#define PFA_BIND                                   \
+  ffi::Ffi::Bind()                                 \
+      .Arg<ffi::Buffer<ffi::F32>>()                \
+      .Arg<ffi::Buffer<ffi::F32>>()                \
+      .Ret<ffi::Buffer<ffi::F32>>()                \
+      .Attr<ffi::Span<const int64_t>>("strides")   \
+      .Attr<ffi::Span<const int64_t>>("pads")      \
+      .Attr<int64_t>("threads")
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PfaDnnlConvFwd, Fwd, PFA_BIND);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PfaDnnlConvBwdData, BwdData, PFA_BIND);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PfaDnnlConvBwdWeights, BwdWeights, PFA_BIND);
+
+// Number of cached primitives (for tests and benchmarks).
+extern "C" int64_t PfaDnnlCacheSize() {
+  std::lock_guard<std::mutex> lock(cache_mu);
+  return static_cast<int64_t>(cache.size());
+}

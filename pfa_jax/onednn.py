@@ -1,0 +1,225 @@
+"""oneDNN 2-D convolutions on the CPU, through XLA's FFI.
+
+`conv_general_dilated` is a drop-in for `lax.conv_general_dilated` whose
+float32 NHWC/HWIO convolutions (any strides, explicit or 'SAME'/'VALID'
+padding, no dilation, one group) run oneDNN's forward, backward-data and
+backward-weights primitives (`pfa_jax/native/onednn_conv.cc`) inside a
+`jax.custom_vjp`. It is `conv_impl='onednn'` (`pfa_jax.conv.get_conv`).
+Everything else (other dtypes, layouts, dilation, groups), and every call
+when the kernel is not available, goes to `pfa_jax.conv.conv_general_dilated`.
+
+Decisions:
+  * The library is the CPU-only, GNU-OpenMP build of oneDNN 3.2 from the
+    `onednn-cpu-gomp` / `onednn-devel-cpu-gomp` wheels. The newer `onednn`
+    2026.x wheel is the SYCL build: its libdnnl needs libsycl, TBB and
+    Intel's compiler runtimes (`dpcpp-cpp-rt`, `intel-opencl-rt`, hundreds
+    of MB) that a CPU-only project does not want.
+  * Threads: oneDNN's OpenMP team size is `THREADS` (environment
+    `PFA_JAX_ONEDNN_THREADS`; default: OpenMP's own, i.e. `OMP_NUM_THREADS`
+    or all cores). oneDNN calls are serialised in the kernel, so XLA running
+    two independent convolutions at once (a layer's two gradients) does not
+    start two teams on the same cores.
+  * vmap: `vmap_method='broadcast_all'`; the kernel loops over the leading
+    (vmapped) dimensions, one convolution each (`pfa_jax.batched`).
+  * Sharding: with an operand explicitly sharded in its type (jit +
+    `NamedSharding` on an Explicit mesh) the call falls back to
+    `pfa_jax.conv` (XLA's partitioner cannot split a custom call). On
+    `pfa_jax.sharding`'s Auto mesh the partitioner sees an opaque custom call
+    and replicates its operands: correct, but without data parallelism, so
+    `get_conv('auto')` picks this module only when there is one device.
+    (`custom_partitioning` would split it, but has no vmap rule.)
+  * Built on first use like `pfa_jax.native.syrk` (`python -m pfa_jax.native`
+    builds it ahead of time); no compiler, no wheel or `PFA_JAX_ONEDNN=0`
+    -> `available()` is False and the reason is in `status()`.
+"""
+
+import ctypes
+import functools
+import importlib.metadata
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from pfa_jax import conv
+from pfa_jax import native
+
+_SRC = os.path.join(os.path.dirname(native.__file__), 'onednn_conv.cc')
+_DISTS = ('onednn-devel-cpu-gomp', 'onednn-cpu-gomp')
+_FWD, _BWD_DATA, _BWD_WEIGHTS = (
+  'pfa_jax_dnnl_conv_fwd',
+  'pfa_jax_dnnl_conv_bwd_data',
+  'pfa_jax_dnnl_conv_bwd_weights',
+)
+_SYMBOLS = {
+  _FWD: 'PfaDnnlConvFwd',
+  _BWD_DATA: 'PfaDnnlConvBwdData',
+  _BWD_WEIGHTS: 'PfaDnnlConvBwdWeights',
+}
+THREADS = int(os.environ.get('PFA_JAX_ONEDNN_THREADS', '0'))
+_status = {'built': False, 'reason': 'not tried'}
+
+
+def status() -> dict:
+  """Whether the oneDNN kernel is in use, and why not."""
+  return dict(_status)
+
+
+def _paths() -> tuple[str, str]:
+  """(include dir, lib dir) of oneDNN: `$PFA_JAX_ONEDNN_ROOT` or the wheels."""
+  root = os.environ.get('PFA_JAX_ONEDNN_ROOT')
+  if root:
+    return os.path.join(root, 'include'), os.path.join(root, 'lib')
+  found = {}
+  for dist, name in zip(_DISTS, ('dnnl.hpp', 'libdnnl.so.3'), strict=True):
+    try:
+      files = importlib.metadata.files(dist) or []
+    except importlib.metadata.PackageNotFoundError as e:
+      raise OSError(f'oneDNN wheel {dist!r} not installed') from e
+    hits = [f for f in files if f.name == name and 'oneapi' not in str(f)]
+    if not hits:
+      raise OSError(f'{name} not found in the {dist!r} wheel')
+    found[name] = os.path.dirname(os.path.realpath(hits[0].locate()))
+  return found['dnnl.hpp'], found['libdnnl.so.3']
+
+
+@functools.cache
+def _load() -> ctypes.CDLL:
+  if os.environ.get('PFA_JAX_ONEDNN', '1') == '0':
+    raise OSError('disabled by PFA_JAX_ONEDNN=0')
+  inc, lib_dir = _paths()
+  flags = ('-fopenmp', '-I', inc, '-L', lib_dir, '-l:libdnnl.so.3')
+  flags += (f'-Wl,-rpath,{lib_dir}',)
+  lib = ctypes.cdll.LoadLibrary(native.build(_SRC, 'libpfa_onednn', flags))
+  for name, sym in _SYMBOLS.items():
+    jax.ffi.register_ffi_target(
+      name, jax.ffi.pycapsule(getattr(lib, sym)), platform='cpu'
+    )
+  lib.PfaDnnlCacheSize.restype = ctypes.c_int64
+  return lib
+
+
+def available() -> bool:
+  """True when the oneDNN kernel is built and registered (builds it once)."""
+  try:
+    _load()
+  except (OSError, AttributeError) as e:
+    _status.update(built=False, reason=str(e))
+    return False
+  _status.update(built=True, reason='')
+  return True
+
+
+def cache_size() -> int:
+  """Number of oneDNN primitives cached in the kernel (0 if unavailable)."""
+  return int(_load().PfaDnnlCacheSize()) if available() else 0
+
+
+def _call(target, out_shape, a, b, strides, pads):
+  flat_pads = np.array([p for lo_hi in pads for p in lo_hi], np.int64)
+  return jax.ffi.ffi_call(
+    target,
+    jax.ShapeDtypeStruct(out_shape, jnp.float32),
+    vmap_method='broadcast_all',
+  )(
+    a,
+    b,
+    strides=np.array(strides, np.int64),
+    pads=flat_pads,
+    threads=np.int64(THREADS),
+  )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv(x, w, strides, pads):
+  n, _, _, _ = x.shape
+  ho, wo = conv._out_hw(x.shape, w.shape[:2], strides, pads)
+  return _call(_FWD, (n, ho, wo, w.shape[3]), x, w, strides, pads)
+
+
+def _conv_fwd(x, w, strides, pads):
+  return _conv(x, w, strides, pads), (x, w)
+
+
+def _conv_bwd(strides, pads, res, g):
+  x, w = res
+  dx = _call(_BWD_DATA, x.shape, g, w, strides, pads)
+  dw = _call(_BWD_WEIGHTS, w.shape, x, g, strides, pads)
+  return dx, dw
+
+
+_conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def _eligible(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers, **kw):
+  return (
+    lhs.ndim == 4
+    and rhs.ndim == 4
+    and lhs.dtype == jnp.float32
+    and rhs.dtype == jnp.float32
+    and conv._is_nhwc(dimension_numbers, lhs.shape, rhs.shape)
+    and conv._all_ones(lhs_dilation)
+    and conv._all_ones(rhs_dilation)
+    and kw['feature_group_count'] == 1
+    and kw['batch_group_count'] == 1
+    and kw['preferred_element_type'] is None
+    and not any(conv._sharding_spec(lhs) or ())
+    and not any(conv._sharding_spec(rhs) or ())
+    and min(lhs.shape[:3] + rhs.shape) > 0
+    and available()
+  )
+
+
+def conv_general_dilated(
+  lhs: jax.typing.ArrayLike,
+  rhs: jax.typing.ArrayLike,
+  window_strides: Sequence[int],
+  padding: str | Sequence[tuple[int, int]],
+  lhs_dilation: Sequence[int] | None = None,
+  rhs_dilation: Sequence[int] | None = None,
+  dimension_numbers: Any = None,
+  feature_group_count: int = 1,
+  batch_group_count: int = 1,
+  precision: Any = None,
+  preferred_element_type: Any = None,
+) -> jax.Array:
+  """Drop-in for `lax.conv_general_dilated`: oneDNN for float32 NHWC/HWIO.
+
+  Same arguments and function as `lax.conv_general_dilated`. Eligible calls
+  (module docstring) run oneDNN in float32 whatever `precision` says (its
+  float32 convolutions have no reduced-precision mode); all others go to
+  `pfa_jax.conv.conv_general_dilated` unchanged.
+
+  Returns:
+    The convolution output, [N, Ho, Wo, Cout] on the oneDNN path.
+  """
+  lhs = jnp.asarray(lhs)
+  rhs = jnp.asarray(rhs)
+  kw = dict(
+    feature_group_count=feature_group_count,
+    batch_group_count=batch_group_count,
+    preferred_element_type=preferred_element_type,
+  )
+  args = (lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation)
+  if _eligible(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers, **kw):
+    strides = tuple(int(s) for s in (window_strides or (1, 1)))
+    if isinstance(padding, str):
+      pads = lax.padtype_to_pads(
+        lhs.shape[1:3], rhs.shape[:2], strides, padding
+      )
+    else:
+      pads = padding
+    pads = tuple((int(lo), int(hi)) for lo, hi in pads)
+    ho, wo = conv._out_hw(lhs.shape, rhs.shape[:2], strides, pads)
+    if len(strides) == 2 and min(sum(pads, ())) >= 0 and min(ho, wo) > 0:
+      return _conv(lhs, rhs, strides, pads)
+  return conv.conv_general_dilated(
+    *args,
+    dimension_numbers=dimension_numbers,
+    precision=precision,
+    **kw,
+  )

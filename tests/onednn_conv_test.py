@@ -1,0 +1,294 @@
+"""Tests for pfa_jax.onednn: oneDNN convolutions == lax's (float64 checked)."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from absl.testing import absltest
+from absl.testing import parameterized
+from jax import lax
+
+from pfa_jax import conv
+from pfa_jax import onednn
+from pfa_jax import optim
+from pfa_jax import steps
+
+_DN = ('NHWC', 'HWIO', 'NHWC')
+_TOL = 1e-5
+
+
+def _rel_err(a, b):
+  a = np.asarray(a, np.float64)
+  b = np.asarray(b, np.float64)
+  return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
+
+
+def _normal(shape, seed):
+  return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def _onednn_vjp(x, k, ct, strides, padding):
+  def fn(x, k):
+    return onednn.conv_general_dilated(
+      x, k, strides, padding, dimension_numbers=_DN
+    )
+
+  y, vjp_fn = jax.vjp(jax.jit(fn), x, k)
+  return (y, *vjp_fn(ct))
+
+
+def _reference_vjp(x, k, ct, strides, padding):
+  """Output and both gradients of lax's convolution, in float64."""
+  with jax.enable_x64():
+    x, k, ct = (jnp.asarray(a, jnp.float64) for a in (x, k, ct))
+
+    def fn(x, k):
+      return lax.conv_general_dilated(
+        x, k, strides, padding, dimension_numbers=_DN
+      )
+
+    y, vjp_fn = jax.vjp(fn, x, k)
+    return tuple(np.asarray(a) for a in (y, *vjp_fn(ct)))
+
+
+def _out_shape(x_shape, k_shape, strides, padding):
+  return jax.eval_shape(
+    lambda x, k: lax.conv_general_dilated(
+      x, k, strides, padding, dimension_numbers=_DN
+    ),
+    jax.ShapeDtypeStruct(x_shape, jnp.float32),
+    jax.ShapeDtypeStruct(k_shape, jnp.float32),
+  ).shape
+
+
+class OnednnConvTest(parameterized.TestCase):
+  def setUp(self):
+    super().setUp()
+    if not onednn.available():
+      pytest.skip(f'oneDNN kernel not built: {onednn.status()["reason"]}')
+
+  def assert_matches_lax(self, x_shape, k_shape, strides, padding, seed=0):
+    x = _normal(x_shape, seed)
+    k = _normal(k_shape, seed + 1) / np.sqrt(np.prod(k_shape[:3]))
+    ct = _normal(_out_shape(x_shape, k_shape, strides, padding), seed + 2)
+    got = _onednn_vjp(x, k, ct, strides, padding)
+    want = _reference_vjp(x, k, ct, strides, padding)
+    for name, a, b in zip(('out', 'd_input', 'd_kernel'), got, want):
+      self.assertEqual(a.shape, b.shape, name)
+      self.assertEqual(a.dtype, jnp.float32, name)
+      self.assertLess(_rel_err(a, b), _TOL, name)
+
+  @parameterized.named_parameters(
+    # name, (N, H, W, Cin), (KH, KW, Cin, Cout), strides, padding
+    ('1x1', (2, 8, 8, 16), (1, 1, 16, 32), (1, 1), 'SAME'),
+    ('1x1_stride2_valid_odd', (2, 9, 9, 8), (1, 1, 8, 12), (2, 2), 'VALID'),
+    ('3x3_same_rgb', (2, 8, 8, 3), (3, 3, 3, 16), (1, 1), 'SAME'),
+    ('3x3_valid_odd', (3, 9, 7, 5), (3, 3, 5, 6), (1, 1), 'VALID'),
+    ('3x3_stride2_same_odd', (2, 9, 9, 8), (3, 3, 8, 8), (2, 2), 'SAME'),
+    ('3x3_stride2_valid', (2, 8, 8, 8), (3, 3, 8, 4), (2, 2), 'VALID'),
+    ('3x3_explicit_pad', (2, 8, 8, 8), (3, 3, 8, 8), (1, 1), ((1, 2), (0, 1))),
+    ('3x3_map2x2', (2, 2, 2, 16), (3, 3, 16, 16), (1, 1), 'SAME'),
+    ('5x3_mixed_strides', (1, 11, 10, 4), (5, 3, 4, 7), (2, 1), 'SAME'),
+  )
+  def test_matches_lax(self, x_shape, k_shape, strides, padding):
+    self.assert_matches_lax(x_shape, k_shape, strides, padding)
+
+  def test_random_shapes(self):
+    rng = np.random.default_rng(7)
+    for i in range(6):
+      kh, kw = rng.choice([1, 3], 2)
+      sh, sw = rng.choice([1, 2], 2)
+      h, w = rng.integers(max(kh, kw), 11, 2)
+      x_shape = (
+        int(rng.integers(1, 4)),
+        int(h),
+        int(w),
+        int(rng.integers(1, 9)),
+      )
+      k_shape = (int(kh), int(kw), x_shape[3], int(rng.integers(1, 9)))
+      padding = str(rng.choice(['SAME', 'VALID']))
+      with self.subTest(x=x_shape, k=k_shape, s=(sh, sw), p=padding):
+        self.assert_matches_lax(
+          x_shape, k_shape, (int(sh), int(sw)), padding, seed=i
+        )
+
+  def test_vmap(self):
+    # K stacked variants (pfa_jax.batched): batched and shared kernels.
+    x = _normal((3, 2, 7, 7, 4), 0)
+    k = _normal((3, 3, 3, 4, 5), 1) / 6
+
+    def loss(conv_fn):
+      def fn(x, k):
+        y = conv_fn(x, k, (2, 2), 'SAME', dimension_numbers=_DN)
+        return jnp.sum(jnp.sin(y))
+
+      return jax.grad(fn, (0, 1))
+
+    got = jax.jit(jax.vmap(loss(onednn.conv_general_dilated)))(x, k)
+    want = jax.vmap(loss(lax.conv_general_dilated))(x, k)
+    for a, b in zip(got, want):
+      self.assertLess(_rel_err(a, b), _TOL)
+    got = jax.vmap(loss(onednn.conv_general_dilated), (0, None))(x, k[0])
+    want = jax.vmap(loss(lax.conv_general_dilated), (0, None))(x, k[0])
+    for a, b in zip(got, want):
+      self.assertEqual(a.shape, b.shape)
+      self.assertLess(_rel_err(a, b), _TOL)
+
+  def test_uses_ffi_and_caches_primitives(self):
+    x, k = _normal((2, 6, 6, 4), 0), _normal((3, 3, 4, 4), 1)
+
+    def fn(x, k):
+      return onednn.conv_general_dilated(
+        x, k, (1, 1), 'SAME', dimension_numbers=_DN
+      )
+
+    grad_fn = jax.value_and_grad(lambda x, k: jnp.sum(fn(x, k) ** 2), (0, 1))
+    hlo = jax.jit(grad_fn).lower(x, k)
+    text = hlo.as_text()
+    for target in ('fwd', 'bwd_data', 'bwd_weights'):
+      self.assertIn(f'pfa_jax_dnnl_conv_{target}', text)
+    jax.block_until_ready(fn(x, k))
+    size = onednn.cache_size()
+    jax.block_until_ready(fn(x + 1, k))
+    self.assertEqual(onednn.cache_size(), size)
+
+  def test_auto_mesh_batch_sharded(self):
+    # The partitioner replicates the custom call's operands: still correct.
+    mesh = jax.make_mesh(
+      (jax.device_count(),), ('data',), axis_types=(jax.sharding.AxisType.Auto,)
+    )
+    n = 2 * jax.device_count()
+    x, k = _normal((n, 5, 5, 3), 0), _normal((3, 3, 3, 4), 1)
+    ct = _normal((n, 5, 5, 4), 2)
+    xs = jax.device_put(
+      x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+    )
+    got = _onednn_vjp(xs, k, ct, (1, 1), 'SAME')
+    want = _reference_vjp(x, k, ct, (1, 1), 'SAME')
+    for a, b in zip(got, want):
+      self.assertLess(_rel_err(a, b), _TOL)
+
+  def test_explicit_batch_sharding_falls_back(self):
+    # jit + NamedSharding on an Explicit mesh: pfa_jax.conv's path instead.
+    mesh = jax.make_mesh(
+      (2,),
+      ('data',),
+      axis_types=(jax.sharding.AxisType.Explicit,),
+      devices=jax.devices()[:2],
+    )
+    spec = jax.sharding.PartitionSpec
+    x, k = _normal((4, 5, 5, 3), 0), _normal((3, 3, 3, 4), 1)
+    ct = _normal((4, 5, 5, 4), 2)
+    xs = jax.device_put(x, jax.sharding.NamedSharding(mesh, spec('data')))
+    ks = jax.device_put(k, jax.sharding.NamedSharding(mesh, spec()))
+
+    def fn(x, k):
+      return onednn.conv_general_dilated(
+        x, k, (1, 1), 'SAME', dimension_numbers=_DN
+      )
+
+    self.assertNotIn('pfa_jax_dnnl', jax.jit(fn).lower(xs, ks).as_text())
+    y, vjp_fn = jax.vjp(jax.jit(fn), xs, ks)
+    got = (y, *vjp_fn(jax.device_put(ct, y.sharding)))
+    want = _reference_vjp(x, k, ct, (1, 1), 'SAME')
+    for a, b in zip(got, want):
+      self.assertLess(_rel_err(a, b), _TOL)
+
+  def test_tiny_model_trains_like_xla(self):
+    class Tiny(nn.Module):
+      conv_fn: object
+
+      @nn.compact
+      def __call__(self, x, train=False):
+        c = dict(conv_general_dilated=self.conv_fn, use_bias=False)
+        x = nn.Conv(8, (3, 3), **c)(x)
+        x = nn.BatchNorm(use_running_average=not train)(x)
+        x = nn.relu(x)
+        x = nn.Conv(8, (3, 3), strides=(2, 2), **c)(x)
+        x = nn.relu(nn.Conv(6, (1, 1), **c)(x))
+        return nn.Dense(3)(x.mean(axis=(1, 2)))
+
+    config = ml_collections.ConfigDict(
+      {
+        'optim': {
+          'name': 'sgd',
+          'weight_decay': 5e-4,
+          'bn_l1': 0.0,
+          'momentum': 0.9,
+          'nesterov': False,
+        }
+      }
+    )
+    lr_fn = optim.learning_rate_schedule(
+      base_lr=0.1, schedule='constant', num_steps=3
+    )
+    batch = {
+      'image': _normal((4, 9, 9, 3), 0),
+      'label': np.array([0, 1, 2, 1], np.int32),
+      'mask': np.ones(4, np.float32),
+    }
+    init = Tiny(lax.conv_general_dilated).init(
+      jax.random.PRNGKey(0), batch['image']
+    )
+    params = {}
+    for impl in ('xla', 'onednn'):
+      state = steps.create_train_state(
+        jax.random.PRNGKey(0),
+        config,
+        Tiny(conv.get_conv(impl)),
+        (9, 9, 3),
+        lr_fn=lr_fn,
+        variables=init,
+      )
+      step = jax.jit(functools.partial(steps.train_step, lr_fn=lr_fn))
+      for _ in range(3):
+        state, metrics = step(state, batch, jax.random.PRNGKey(1))
+      params[impl] = (state.params, state.batch_stats, metrics['loss'])
+    flat = [jax.tree.leaves(params[i]) for i in ('xla', 'onednn')]
+    for a, b in zip(*flat):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+class OnednnFallbackTest(parameterized.TestCase):
+  """Paths that never reach the kernel (run with or without it)."""
+
+  def test_get_conv(self):
+    self.assertIs(conv.get_conv('onednn'), onednn.conv_general_dilated)
+    self.assertIn('onednn', conv.CONV_IMPLS)
+    # Several devices (conftest's 8): the Auto-mesh partitioner would
+    # replicate the custom call, so 'auto' keeps pfa_jax.conv.
+    self.assertGreater(jax.device_count(), 1)
+    self.assertIs(conv.get_conv('auto'), conv.conv_general_dilated)
+
+  def test_ineligible_calls_match_lax(self):
+    x, k = _normal((2, 7, 7, 4), 0), _normal((3, 3, 4, 6), 1)
+    cases = {
+      'float64': dict(dtype=np.float64),
+      'dilation': dict(rhs_dilation=(2, 2)),
+      'nchw': dict(dimension_numbers=('NCHW', 'OIHW', 'NCHW'), nchw=True),
+    }
+    for name, kw in cases.items():
+      with self.subTest(name), jax.enable_x64():
+        dtype = kw.pop('dtype', np.float32)
+        nchw = kw.pop('nchw', False)
+        xi = x.transpose(0, 3, 1, 2) if nchw else x
+        ki = k.transpose(3, 2, 0, 1) if nchw else k
+        xi, ki = xi.astype(dtype), ki.astype(dtype)
+        kw.setdefault('dimension_numbers', _DN)
+        got = onednn.conv_general_dilated(xi, ki, (1, 1), 'SAME', **kw)
+        want = lax.conv_general_dilated(xi, ki, (1, 1), 'SAME', **kw)
+        self.assertEqual(got.dtype, want.dtype)
+        self.assertLess(_rel_err(got, want), _TOL)
+
+  def test_status(self):
+    status = onednn.status()
+    self.assertIn('built', status)
+    self.assertIsInstance(onednn.available(), bool)
+
+
+if __name__ == '__main__':
+  absltest.main()
