@@ -420,6 +420,7 @@ class Fig1StudyTest(absltest.TestCase):
     self.assertEqual(beats['scratch']['vs_base'], 'loss')
     self.assertEqual(fig1.verdict(0.5, 0.25), 'indistinguishable')
     self.assertEqual(fig1.verdict(-0.51, 0.25), 'loss')
+    self.assertEqual(fig1.verdict(5.0, 0.0, n=1), 'too few seeds')
     self.assertAlmostEqual(agg['base']['mean'], 0.71)
     self.assertAlmostEqual(
       agg['base']['std'], np.std([0.7, 0.72, 0.71], ddof=1)

@@ -23,6 +23,7 @@ the curve shows how fast it grows with n.
 import statistics
 
 import matplotlib
+import matplotlib.ticker
 import numpy as np
 
 from experiments.figures import summary_cli
@@ -55,8 +56,11 @@ def _mean_std(values) -> tuple[float, float]:
   )
 
 
-def verdict(diff: float, sigma: float) -> str:
-  """'win' / 'loss' beyond 2 sigma, else 'indistinguishable'."""
+def verdict(diff: float, sigma: float, n: int = 2) -> str:
+  """'win' / 'loss' beyond 2 sigma, else 'indistinguishable'; with fewer
+  than 2 seeds on a side there is no sigma: 'too few seeds'."""
+  if n < 2:
+    return 'too few seeds'
   if abs(diff) <= 2 * sigma:
     return 'indistinguishable'
   return 'win' if diff > 0 else 'loss'
@@ -108,6 +112,7 @@ def claims(agg: dict) -> dict:
         'vs_random_mean': verdict(
           p['mean_pp'] - c['mean_pp'],
           ((p['std_pp'] ** 2 + c['std_pp'] ** 2) / 2) ** 0.5,
+          min(p['n'], c['n']),
         ),
       }
     )
@@ -127,7 +132,7 @@ def claims(agg: dict) -> dict:
             'widths': kind,
             'selection_minus_scratch_pp': diff,
             'sigma_pp': sigma,
-            'verdict': verdict(diff, sigma),
+            'verdict': verdict(diff, sigma, min(a['n'], b['n'])),
           }
         )
   beats = []
@@ -140,12 +145,15 @@ def claims(agg: dict) -> dict:
       'recipe': p['recipe'],
       'footprint': p['footprint'],
       'vs_base_pp': p['mean_pp'],
-      'vs_base': verdict(p['mean_pp'], p['std_pp']),
+      'vs_base': verdict(p['mean_pp'], p['std_pp'], p['n']),
     }
     if control is not None:
       diff = p['mean_pp'] - control['mean_pp']
       sigma = ((p['std_pp'] ** 2 + control['std_pp'] ** 2) / 2) ** 0.5
-      row.update(vs_control_pp=diff, vs_control=verdict(diff, sigma))
+      row.update(
+        vs_control_pp=diff,
+        vs_control=verdict(diff, sigma, min(p['n'], control['n'])),
+      )
     beats.append(row)
   return {
     'rule': 'a difference within 2 pooled seed std is indistinguishable',
@@ -269,11 +277,20 @@ def claims_markdown(c: dict) -> list[str]:
   for kind in ('pfa', 'random_mean'):
     rs = [r for r in sel if r['widths'] == kind]
     if rs:
-      tally = {v: sum(r['verdict'] == v for r in rs) for v in ('win', 'loss')}
+      tally = {
+        v: sum(r['verdict'] == v for r in rs)
+        for v in ('win', 'loss', 'indistinguishable')
+      }
       out.append(
         f'2. Selection vs scratch ({kind}): selection wins at {tally["win"]}, '
         f'loses at {tally["loss"]}, indistinguishable at '
-        f'{len(rs) - tally["win"] - tally["loss"]} of {len(rs)} recipes.'
+        f'{tally["indistinguishable"]} of {len(rs)} recipes'
+        + (
+          f' ({len(rs) - sum(tally.values())} with too few seeds)'
+          if len(rs) > sum(tally.values())
+          else ''
+        )
+        + '.'
       )
   beats = c['c3_compressed_vs_full']
   if beats:
@@ -343,6 +360,8 @@ def draw(agg: dict, path: str, title: str) -> None:
   ax.legend(fontsize=8)
   ax2.axhline(0, color='k', lw=0.8)
   ax2.set_xscale('log')
+  ax2.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+  ax2.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
   ax2.set_xlabel('n random architectures')
   ax2.set_ylabel('expected best-of-n change (pp)')
   ax2.set_title('expected max of n (one line per footprint)')
