@@ -206,6 +206,8 @@ def aggregate(summary: dict) -> dict:
         'expected_max_pp': {str(k): expected_max(d, k) for k in _ns(n)},
       }
     )
+  out['command'] = next((r['command'] for r in rows if r.get('command')), '')
+  out['commits'] = sorted({r['commit'] for r in rows if r.get('commit')})
   points = _pfa_points(pfa_rows)
   out['pfa'] = [p for p in points if p['recipe'] != 'full']
   out['control'] = next((p for p in points if p['recipe'] == 'full'), None)
@@ -216,6 +218,17 @@ def aggregate(summary: dict) -> dict:
 def markdown(agg: dict, title: str) -> str:
   b = agg['base']
   lines = [f'# {title}', '']
+  if agg.get('command'):
+    lines += [
+      f'Sweep: `{agg["command"]}`; summary of its rows, drawn by '
+      '`python -m experiments.figures.fig1_random`. Commits: '
+      + ', '.join(
+        f'`{c[:12]}{"-dirty" if c.endswith("-dirty") else ""}`'
+        for c in agg.get('commits', [])
+      )
+      + '.',
+      '',
+    ]
   if b['mean'] is not None:
     spread = f' ± {100 * b["std"]:.2f}' if b['std'] is not None else ''
     lines.append(
@@ -359,9 +372,11 @@ def draw(agg: dict, path: str, title: str) -> None:
   ax.set_title(title)
   ax.legend(fontsize=8)
   ax2.axhline(0, color='k', lw=0.8)
-  ax2.set_xscale('log')
-  ax2.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-  ax2.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+  n_max = max((c['n'] for c in agg['curves']), default=1)
+  if n_max > 10:
+    ax2.set_xscale('log')
+    ax2.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+  ax2.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
   ax2.set_xlabel('n random architectures')
   ax2.set_ylabel('expected best-of-n change (pp)')
   ax2.set_title('expected max of n (one line per footprint)')
