@@ -14,13 +14,13 @@ It needs the prepared TFDS data (``make data``); without it, it skips.
 """
 
 import glob
-import io
 import json
 import os
 import shlex
 import statistics
+import subprocess
+import sys
 import tempfile
-from contextlib import redirect_stdout
 
 import pytest
 from absl.testing import absltest
@@ -43,6 +43,31 @@ def _have_data(dataset: str) -> bool:
     '~/tensorflow_datasets'
   )
   return os.path.isdir(os.path.join(d, dataset))
+
+
+_RERUN = """
+import json, sys
+from experiments import sweep
+spec, want, root = sys.argv[1:]
+module, arg = sweep.load_config_module(spec)
+(point,) = [p for p in sweep.expand(module, arg) if p['hash'] == want]
+print(json.dumps(sweep.run_point(point, root)))
+"""
+
+
+def _rerun(spec: str, want: str, root: str) -> dict:
+  """Runs the point with hash ``want`` in a fresh process, on the real
+  devices (the tests' 8 fake CPU devices would change the batch split)."""
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  out = subprocess.run(
+    [sys.executable, '-c', _RERUN, os.path.join(_ROOT, spec), want, root],
+    cwd=_ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    check=True,
+  ).stdout
+  return json.loads(out.strip().splitlines()[-1])
 
 
 @pytest.mark.slow
@@ -70,12 +95,11 @@ class ProvenanceTest(absltest.TestCase):
     base = [r for r in rows if r.get('part') == 'base']
     if len(base) < 2:
       self.skipTest(f'{path}: no seed spread to compare with')
-    point = points[base[-1]['hash']]
-    if not _have_data(point['config'].input.dataset):
+    want = base[-1]['hash']
+    if not _have_data(points[want]['config'].input.dataset):
       self.skipTest('TFDS data not prepared (make data)')
     with tempfile.TemporaryDirectory() as root:
-      with redirect_stdout(io.StringIO()):
-        rec = sweep.run_point(point, root)
+      rec = _rerun(spec, want, root)
     self.assertEqual(rec['status'], 'complete', rec.get('error'))
     (row,) = rec['rows']
     accs = [r['accuracy'] for r in base]
