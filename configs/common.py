@@ -113,6 +113,15 @@ def cosine_optim(warmup_epochs: float) -> ml_collections.ConfigDict:
   )
 
 
+def cosine_finetune_optim() -> ml_collections.ConfigDict:
+  """The short CPU-scale fine-tune: lr 0.02 cosine to 0, no warm-up.
+
+  A fine-tune of a fraction of an epoch must not reuse a training schedule
+  with a longer warm-up: it would end at (or near) the peak learning rate.
+  """
+  return optim(lr=0.02, weight_decay=5e-4, schedule='cosine', nesterov=True)
+
+
 def compress() -> ml_collections.ConfigDict:
   """The compression job's data and bookkeeping (the method is top level)."""
   return ml_collections.ConfigDict(

@@ -32,7 +32,5 @@ def get_config(arg=None):
     'energy:0.95',
   )
   c.finetune.num_epochs = args.finetune_epochs
-  c.finetune.optim = common.optim(
-    lr=0.02, weight_decay=5e-4, schedule='cosine', nesterov=True
-  )
+  c.finetune.optim = common.cosine_finetune_optim()
   return c

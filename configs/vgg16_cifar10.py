@@ -56,5 +56,5 @@ def cpu_scale(c, width_mult=0.25, dropout=0.0):
   c.ckpt_every_steps = 200
   c.compress.num_batches = 20
   c.finetune.num_epochs = 0.5
-  c.finetune.optim = c.optim.copy_and_resolve_references()
+  c.finetune.optim = common.cosine_finetune_optim()
   return c

@@ -63,6 +63,10 @@ class ConfigsTest(parameterized.TestCase):
     m = models.get_model(c.model.name, num_classes=10, **c.model.kw)
     self.assertEqual((m.widths[0], m.widths[12], m.dropout), (16, 128, 0.0))
     self.assertEqual((c.num_epochs, c.optim.schedule), (5.0, 'cosine'))
+    # A half-epoch fine-tune must not inherit the 0.5-epoch warm-up (it
+    # would end at the peak learning rate).
+    self.assertEqual(c.finetune.optim.warmup_epochs, 0.0)
+    self.assertEqual(c.finetune.optim.schedule, 'cosine')
     compress.validate(c)
 
   def test_parse_arg(self):
