@@ -1,8 +1,11 @@
 """End-to-end compress on mock CIFAR-10 with a tiny SimpleCNN."""
 
+import argparse
+import io
 import json
 import os
 import tempfile
+from contextlib import redirect_stdout
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -210,6 +213,19 @@ class CompressTest(absltest.TestCase):
     for path in demo_plots.draw(self.workdir):
       with open(path, 'rb') as f:
         self.assertEqual(f.read(8), b'\x89PNG\r\n\x1a\n')
+    # The committed summary records the load average and marks a loaded run.
+    for load, loaded in (((0.4, 0.9), False), ((0.4, 2.5), True)):
+      out = tempfile.mkdtemp()
+      args = argparse.Namespace(summary_dir=out, config_arg=None)
+      with redirect_stdout(io.StringIO()):
+        demo._save_summary(args, r, 12.0, load)  # noqa: SLF001
+      with open(os.path.join(out, 'demo_cifar10.json')) as f:
+        saved = json.load(f)
+      self.assertEqual(
+        (saved['load_average'], saved['loaded']), (list(load), loaded)
+      )
+      with open(os.path.join(out, 'demo_cifar10.md')) as f:
+        self.assertEqual('(a loaded machine)' in f.read(), loaded)
 
   def test_bad_recipes_fail_early(self):
     for spec, pattern in [
