@@ -15,8 +15,8 @@ call inside it. With ``--dnikit-python`` (a Python with ``dnikit`` installed)
 interleaved with ours. Targets: <= 1 s inside ``analyze`` for the first job,
 >= 10x DNIKit process to process on both (the issue's quiet-machine DNIKit
 times, 6.2 s and 43.9 s, are the fallback reference). Writes
-``benchmarks/results/analyze_cold.json``; results measured with a 1-min load
-above 1.5 are marked ``loaded``.
+``benchmarks/results/analyze_cold.json``; ``loaded`` marks a run started on a busy
+machine (``benchmarks.common.loaded``).
 """
 
 import argparse
@@ -112,7 +112,7 @@ def main(argv=None):
         speedup_vs_dnikit_same_run=ref / ours if ref else None,
         speedup_vs_issue_dnikit=ISSUE_DNIKIT_S[name] / ours,
         load_avg=[load0, load],
-        loaded=bool(load0[0] > 1.5 or load[0] > 1.5),
+        loaded=common.loaded(),
       )
       if name == 'vgg16':
         rec['pass_inside_1s'] = inside <= 1.0

@@ -9,6 +9,14 @@ import time
 
 import jax
 
+# The load averages when this process started, before it did any work: what
+# other processes put on the machine. A benchmark's own threads raise the load
+# while it runs, so the end of a run cannot tell a quiet machine from a busy
+# one; the start can (on 2 cores, a 1-minute average above 1 means another
+# job held at least one core).
+START_LOAD = os.getloadavg()
+QUIET_LOAD = 1.0
+
 RESULTS = os.path.join(os.path.dirname(__file__), 'results')
 
 
@@ -23,6 +31,11 @@ def machine() -> dict:
     'devices': [str(d) for d in jax.devices()],
     'date': datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds'),
   }
+
+
+def loaded() -> bool:
+  """Whether the machine was busy when this benchmark process started."""
+  return bool(START_LOAD[0] > QUIET_LOAD)
 
 
 def median_time(fn, repeats: int) -> float:

@@ -14,8 +14,8 @@ target search, so the FLOPs budget still holds. The jitted eval forward pass
 is then timed, pruned against full, interleaved, at each batch size.
 Reported: FLOPs ratio, time ratio and their quotient (1.0 = ideal); target
 at batch 128: time speed-up >= 0.8x the FLOPs reduction. Writes
-``benchmarks/results/pruned_speedup.json`` (``loaded`` when the 1-min load
-average > 1.5).
+``benchmarks/results/pruned_speedup.json`` (``loaded`` when the machine was busy at the
+start, ``benchmarks.common.loaded``).
 """
 
 import argparse
@@ -200,7 +200,7 @@ def main(argv=None):
     {
       'target': 'batch 128, CPU: speed-up >= 0.8 x FLOPs reduction',
       'load_avg': [load0, load],
-      'loaded': bool(load0[0] > 1.5 or load[0] > 1.5),
+      'loaded': common.loaded(),
       'conv_impl': 'default (auto)',
       'dtype': 'float32',
       'results': rows,

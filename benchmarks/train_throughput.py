@@ -17,8 +17,9 @@ round-robin over all (framework, model, mode) cells because this shared
 2-core machine's speed drifts by up to 2.5x within minutes; medians are
 reported, with the images timed per cell (equal on both sides) and the load
 average before and after each repetition. ``"loaded": true`` marks a run
-whose 1-minute load average exceeded 1.5 at its start or end: its absolute
-img/s are low, its within-run ratios still comparable. Also measures a plain
+started on a busy machine (``benchmarks.common.loaded``: the 1-minute load
+average above 1 before it did any work): its absolute img/s are low, its
+within-run ratios still comparable. Also measures a plain
 float32 matmul's GFLOP/s (the peak reference) and each model's achieved
 GFLOP/s (XLA's forward FLOP count x 3 for training, x 1 for eval).
 
@@ -42,6 +43,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from benchmarks import common
 from pfa_jax import conv
 from pfa_jax import models
 from pfa_jax import onednn
@@ -424,7 +426,7 @@ def main(argv=None):
     load.append(_load())
     print(f'repetition {rep + 1}/{args.repeats} done', flush=True)
   load_end = _load()
-  loaded = any(x is not None and x[0] > 1.5 for x in (load_start, load_end))
+  loaded = common.loaded()
 
   med = {k: statistics.median(v) for k, v in times.items()}
   peak_med = {k: statistics.median(v) for k, v in peak.items() if v}

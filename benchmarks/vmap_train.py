@@ -19,7 +19,8 @@ variant (``per_variant_img_s``), compile seconds, and the wall time a study
 of ``--study_steps`` steps per variant would take with each path (compiles
 included). Repetitions interleave the paths and report medians, since this
 shared machine's speed drifts. ``loadavg`` is recorded before and after;
-``loaded`` is true when it exceeded 1.5 (numbers then overstate times).
+``loaded`` is true when the machine was busy at the start
+(``benchmarks.common.loaded``; numbers then overstate times).
 
 Writes ``benchmarks/results/vmap_train_<backend>.json``.
 """
@@ -188,7 +189,7 @@ def main(argv=None):
     'rows': rows,
     'loadavg_before': load_before,
     'loadavg_after': load_after,
-    'loaded': max(load_before[0], load_after[0]) > 1.5,
+    'loaded': common.loaded(),
   }
   name = args.out or f'vmap_train_{jax.default_backend()}'
   path = common.write(name, payload)

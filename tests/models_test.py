@@ -159,5 +159,27 @@ class ModelsTest(parameterized.TestCase):
     np.testing.assert_allclose(resp['stream3'], out.max(axis=(1, 2)), rtol=1e-6)
 
 
+  def test_option_a_shortcut_is_an_exact_copy_and_its_gradient_a_scatter(self):
+    from pfa_jax.models import resnet  # pylint: disable=g-import-not-at-top
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 6, 6, 5)).astype(np.float32)
+    cmap = np.array([-1, 3, 0, -1, 4, 4, 1], np.int32)  # repeats and zeros
+    g = rng.standard_normal((2, 3, 3, 7)).astype(np.float32)
+    sub = x[:, ::2, ::2, :]
+    want = np.where(cmap < 0, 0.0, sub[..., np.maximum(cmap, 0)])
+    # Gradient of <g, shortcut(x)>: scatter-add of g into the kept pixels.
+    want_grad = np.zeros_like(x)
+    for j, c in enumerate(cmap):
+      if c >= 0:
+        want_grad[:, ::2, ::2, c] += g[..., j]
+    f = jax.jit(resnet._option_a)  # pylint: disable=protected-access
+    np.testing.assert_array_equal(f(x, cmap), want)
+    grad = jax.grad(lambda x: jnp.vdot(g, f(x, cmap)))(x)
+    np.testing.assert_allclose(grad, want_grad, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(
+      f(x, np.asarray(resnet.option_a_map(5, 9), np.int32))[..., 2:7], sub
+    )
+
 if __name__ == '__main__':
   absltest.main()

@@ -19,13 +19,14 @@ Args (comma list): ``model=vgg16|resnet56``; one scale: ``runlocal``,
 
 CPU scale (VGG-16): ``configs/vgg16_cifar10.py:cpu`` (width 1/4, no
 dropout, 5 cosine epochs on the whole train split), targets params 0.25
-and 0.5 for every method plus PFA-KL and PFA-En(0.95), fine-tuned for half
-an epoch. ResNet-56's CPU scale is ResNet-20 (same blocks, 3 per stage),
-5 cosine epochs; it is configured but was not run here.
+and 0.5 and FLOPs 0.5 for every method plus PFA-KL and PFA-En(0.95),
+fine-tuned for half an epoch. ResNet-56's CPU scale is ResNet-20 (same
+blocks, 3 per stage, full width), with the same schedule.
 
 Paper scale: the full networks and schedules of configs/vgg16_cifar10.py
 and configs/resnet56_cifar10.py (fine-tuning as long as training), targets
-params 0.2, 0.4 and 0.6 plus PFA-KL and PFA-En at 0.9, 0.95, 0.98.
+params 0.2, 0.4 and 0.6 and FLOPs 0.3 and 0.5 plus PFA-KL and PFA-En at
+0.9, 0.95, 0.98.
 """
 
 import ml_collections
@@ -89,19 +90,27 @@ def get_config(arg=None):
 
 
 def recipes(scale: str) -> list[tuple[str, str]]:
-  """``(method, recipe)`` of every compress point at ``scale``."""
+  """``(method, recipe)`` of every compress point at ``scale``.
+
+  Every method at the same parameter targets and at the same FLOPs targets,
+  so footprints match by construction on both axes, plus PFA's own
+  parameter-free recipes.
+  """
   if scale == 'paper':
-    targets, own = (
+    targets, flops, own = (
       (0.2, 0.4, 0.6),
+      (0.3, 0.5),
       ('kl', 'energy:0.9', 'energy:0.95', 'energy:0.98'),
     )
   elif scale == 'cpu':
-    targets, own = (0.25, 0.5), ('kl', 'energy:0.95')
+    targets, flops, own = (0.25, 0.5), (0.5,), ('kl', 'energy:0.95')
   else:
-    targets, own = (0.5,), ('kl',)
+    targets, flops, own = (0.5,), (), ('kl',)
   out = [('pfa', r) for r in own]
   for t in targets:
     out += [(m, f'params:{t}') for m in METHODS]
+  for t in flops:
+    out += [(m, f'flops:{t}') for m in METHODS]
   return out
 
 

@@ -26,6 +26,7 @@ compiled program.
 """
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from pfa_jax.models import layers
@@ -196,13 +197,21 @@ class BasicBlock(nn.Module):
 
 
 def _option_a(x, channel_map):
-  """Subsample by 2 and gather channels; -1 picks an appended zero channel.
+  """Subsample by 2 and copy channels by ``channel_map``; -1 is a zero channel.
 
-  ``channel_map`` is an array (traced under jit), so one compiled program
-  serves every map of the same length.
+  The copy is a matmul with the one-hot [c_in, c_out] matrix of the map:
+  exact in floating point (one product by 1.0 per output, the rest add
+  zeros), and its gradient is the transposed matmul. A ``take`` along the
+  channel axis computes the same thing, but its gradient is a scatter-add
+  that cost XLA:CPU 25-39 ms per ResNet-56 step. ``channel_map`` is an array
+  (traced under jit), so one compiled program serves every map of the same
+  length.
   """
   x = x[:, ::2, ::2, :]
-  c_in = x.shape[-1]
-  x = jnp.concatenate([x, jnp.zeros_like(x[..., :1])], axis=-1)
-  index = jnp.where(channel_map < 0, c_in, channel_map)
-  return jnp.take(x, index, axis=-1, mode='clip')
+  one_hot = channel_map[None, :] == jnp.arange(x.shape[-1])[:, None]
+  return jnp.einsum(
+    'nhwi,io->nhwo',
+    x,
+    one_hot.astype(x.dtype),
+    precision=jax.lax.Precision.HIGHEST,
+  )
