@@ -46,7 +46,7 @@ format: $(STAMP)
 
 # Benchmark-only dependency; never in requirements.txt (an unpinned torch pulls CUDA).
 bench-deps: $(STAMP)
-	$(BIN)/pip install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu || $(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q torch==2.13.0
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.pfa_core

@@ -123,7 +123,6 @@ def _ssyrk_acc(c):
   return add
 
 
-
 def bench_throughput(c, num_batches, reps, batch=2048):
   rng = np.random.default_rng(2)
   xs = [

@@ -348,20 +348,29 @@ def get_conv(impl: str) -> Callable[..., jax.Array]:
   Raises:
     ValueError: if `impl` is not one of `CONV_IMPLS`.
   """
-  if impl == 'auto':
-    impl = 'fast' if jax.default_backend() == 'cpu' else 'xla'
-    if impl == 'fast' and jax.device_count() == 1:
-      from pfa_jax import onednn  # noqa: PLC0415  (imports this module)
-
-      impl = 'onednn' if onednn.available() else 'fast'
+  impl = resolve(impl)
   if impl == 'xla':
     return lax.conv_general_dilated
   if impl == 'fast':
     return conv_general_dilated
-  if impl == 'onednn':
-    if jax.default_backend() != 'cpu':
-      return lax.conv_general_dilated
-    from pfa_jax import onednn  # noqa: PLC0415  (imports this module)
+  from pfa_jax import onednn  # noqa: PLC0415  (imports this module)
 
-    return onednn.conv_general_dilated
-  raise ValueError(f'Unknown conv impl {impl!r}; expected one of {CONV_IMPLS}.')
+  return onednn.conv_general_dilated
+
+
+def resolve(impl: str) -> str:
+  """The implementation `get_conv(impl)` runs now: 'xla', 'fast' or 'onednn'."""
+  if impl not in CONV_IMPLS:
+    raise ValueError(
+      f'Unknown conv impl {impl!r}; expected one of {CONV_IMPLS}.'
+    )
+  cpu = jax.default_backend() == 'cpu'
+  if impl == 'auto':
+    impl = 'fast' if cpu else 'xla'
+    if impl == 'fast' and jax.device_count() == 1:
+      from pfa_jax import onednn  # noqa: PLC0415  (imports this module)
+
+      impl = 'onednn' if onednn.available() else 'fast'
+  if impl == 'onednn' and not cpu:
+    impl = 'xla'
+  return impl

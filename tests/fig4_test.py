@@ -145,7 +145,9 @@ class Fig4Test(absltest.TestCase):
     )
     with open(stem + '.md') as f:
       md = f.read()
-    self.assertIn('| R1 | 10 | 30.0% | 28.9% | 10.00 | 20.00 | 30.00 | 40.00 |', md)
+    self.assertIn(
+      '| R1 | 10 | 30.0% | 28.9% | 10.00 | 20.00 | 30.00 | 40.00 |', md
+    )
 
 
 if __name__ == '__main__':

@@ -158,7 +158,6 @@ class ModelsTest(parameterized.TestCase):
     out = inter['intermediates']['stage3_block0']['__call__'][0]
     np.testing.assert_allclose(resp['stream3'], out.max(axis=(1, 2)), rtol=1e-6)
 
-
   def test_option_a_shortcut_is_an_exact_copy_and_its_gradient_a_scatter(self):
     from pfa_jax.models import resnet  # pylint: disable=g-import-not-at-top
 
@@ -180,6 +179,7 @@ class ModelsTest(parameterized.TestCase):
     np.testing.assert_array_equal(
       f(x, np.asarray(resnet.option_a_map(5, 9), np.int32))[..., 2:7], sub
     )
+
 
 if __name__ == '__main__':
   absltest.main()

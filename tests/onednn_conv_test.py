@@ -252,6 +252,86 @@ class OnednnConvTest(parameterized.TestCase):
     for a, b in zip(*flat):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
+  def test_materialize_is_the_identity_and_a_fusion_boundary(self):
+    x = _normal((3, 4, 4, 5), 0)
+    g = _normal((3, 4, 4, 5), 1)
+    np.testing.assert_array_equal(jax.jit(onednn.materialize)(x), x)
+    _, vjp_fn = jax.vjp(onednn.materialize, jnp.asarray(x))
+    np.testing.assert_array_equal(vjp_fn(jnp.asarray(g))[0], g)
+    np.testing.assert_array_equal(
+      jax.vmap(onednn.materialize)(jnp.stack([x, g])), np.stack([x, g])
+    )
+
+    def chain(x, barrier):
+      # A residual stream: without a boundary XLA fuses it all into one
+      # loop, re-computing every level from the input.
+      y = x
+      for i in range(6):
+        y = barrier(jnp.maximum(y * (1.0 + i) - 0.5, 0.0) + x)
+      return y.sum()
+
+    def fusions(barrier):
+      hlo = (
+        jax.jit(jax.grad(functools.partial(chain, barrier=barrier)))
+        .lower(x)
+        .compile()
+        .as_text()
+      )
+      return hlo.count(' fusion('), hlo.count('pfa_jax_materialize')
+
+    self.assertEqual(fusions(lambda y: y)[1], 0)
+    plain, bounded = fusions(lambda y: y)[0], fusions(onednn.materialize)
+    self.assertGreaterEqual(bounded[1], 6)  # forward and backward
+    self.assertGreater(bounded[0], plain)
+    grad = jax.grad(functools.partial(chain, barrier=onednn.materialize))
+    want = jax.grad(functools.partial(chain, barrier=lambda y: y))
+    np.testing.assert_allclose(grad(x), want(x), rtol=1e-6)
+
+  def test_resnet_trains_like_xla(self):
+    from pfa_jax import models  # noqa: PLC0415
+
+    config = ml_collections.ConfigDict(
+      {
+        'optim': {
+          'name': 'sgd',
+          'weight_decay': 5e-4,
+          'bn_l1': 0.0,
+          'momentum': 0.9,
+          'nesterov': False,
+        }
+      }
+    )
+    lr_fn = optim.learning_rate_schedule(
+      base_lr=0.1, schedule='constant', num_steps=2
+    )
+    batch = {
+      'image': _normal((4, 8, 8, 3), 0),
+      'label': np.array([0, 1, 2, 1], np.int32),
+      'mask': np.ones(4, np.float32),
+    }
+    m = models.get_model('resnet8', num_classes=3, conv_impl='xla')
+    init = models.init(m, jax.random.key(0), (8, 8, 3))
+    out = {}
+    for impl in ('xla', 'onednn'):
+      model = models.get_model('resnet8', num_classes=3, conv_impl=impl)
+      state = steps.create_train_state(
+        jax.random.PRNGKey(0),
+        config,
+        model,
+        (8, 8, 3),
+        lr_fn=lr_fn,
+        variables=init,
+      )
+      step = jax.jit(functools.partial(steps.train_step, lr_fn=lr_fn))
+      if impl == 'onednn':  # the blocks' outputs are fusion boundaries
+        hlo = step.lower(state, batch, jax.random.PRNGKey(1)).as_text()
+        self.assertIn('pfa_jax_materialize', hlo)
+      for _ in range(2):
+        state, metrics = step(state, batch, jax.random.PRNGKey(1))
+      out[impl] = (state.params, state.batch_stats, metrics['loss'])
+    for a, b in zip(*(jax.tree.leaves(out[i]) for i in ('xla', 'onednn'))):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
 
 class OnednnFallbackTest(parameterized.TestCase):
   """Paths that never reach the kernel (run with or without it)."""

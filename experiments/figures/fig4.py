@@ -86,8 +86,8 @@ def markdown(agg: dict, title: str) -> str:
   if agg['base_accuracy'] is not None:
     lines += [
       f'Base model {100 * agg["base_accuracy"]:.2f}% test accuracy on all '
-      'classes. Subset accuracies are on the subset\'s test images, every '
-      'net predicting only the subset\'s classes; the last state, never a '
+      "classes. Subset accuracies are on the subset's test images, every "
+      "net predicting only the subset's classes; the last state, never a "
       'test-selected checkpoint.',
       '',
     ]

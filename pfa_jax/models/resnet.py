@@ -29,6 +29,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from pfa_jax import conv as conv_lib
+from pfa_jax import onednn
 from pfa_jax.models import layers
 from pfa_jax.models import structure
 
@@ -193,7 +195,18 @@ class BasicBlock(nn.Module):
       shortcut = layers.ConvBN(
         self.out, (1, 1), strides=strides, relu=False, name='proj', **conv
       )(x, train)
-    return nn.relu(h + shortcut)
+    # The block's output is the next block's input: materialise it. Without
+    # the barrier, XLA:CPU re-fuses the whole residual chain (every earlier
+    # block's BN + add + ReLU) into each later block's elementwise fusions,
+    # forward and backward, so stage s re-reads O(n^2) conv outputs.
+    out = nn.relu(h + shortcut)
+    if conv_lib.resolve(self.conv_impl) == 'onednn':
+      # The block's output is the next block's input: materialise it, or
+      # XLA:CPU re-computes every earlier block's BN + add + ReLU inside each
+      # later block's fusions (onednn.materialize). Other paths leave XLA's
+      # fusion alone (a custom call would block sharding).
+      out = onednn.materialize(out)
+    return out
 
 
 def _option_a(x, channel_map):

@@ -16,6 +16,7 @@
 #include <omp.h>
 
 #include <cstdint>
+#include <cstring>
 #include <exception>
 #include <memory>
 #include <mutex>
@@ -266,6 +267,17 @@ ffi::Error BwdWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
              threads);
 }
 
+// The identity, called with its output aliased to its input: a fusion
+// boundary XLA:CPU cannot see through (pfa_jax.onednn.materialize). XLA may
+// still give the output its own buffer (it then copies to honour the alias
+// elsewhere); copy only in that case.
+ffi::Error Materialize(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> out) {
+  if (out->untyped_data() != x.untyped_data()) {
+    std::memcpy(out->untyped_data(), x.untyped_data(), x.size_bytes());
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 #define PFA_BIND                                   \
@@ -280,6 +292,10 @@ ffi::Error BwdWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PfaDnnlConvFwd, Fwd, PFA_BIND);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PfaDnnlConvBwdData, BwdData, PFA_BIND);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PfaDnnlConvBwdWeights, BwdWeights, PFA_BIND);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PfaMaterialize, Materialize,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
 
 // Number of cached primitives (for tests and benchmarks).
 extern "C" int64_t PfaDnnlCacheSize() {
