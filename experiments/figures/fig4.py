@@ -131,7 +131,7 @@ def draw(agg: dict, path: str, title: str) -> None:
     1, 2, figsize=(12, 4.2), gridspec_kw={'width_ratios': [2.2, 1]}
   )
   subsets = [s for s in agg['subsets'] if 'widths' in s]
-  full = next((s['full_widths'] for s in agg['subsets'] if 'full_widths' in s))
+  full = next(s['full_widths'] for s in agg['subsets'] if 'full_widths' in s)
   layers = list(full)
   x = range(len(layers))
   ax_w.plot(x, [full[n] for n in layers], 'k-', lw=2, label='full')
