@@ -3,7 +3,7 @@
   python -m benchmarks.stats_overhead [--batch 256] [--repeats 7]
 
 For each model, times (a) the jitted eval forward pass and (b) the jitted
-``compress.stats_step`` (the same forward pass, sowing every prunable
+``pfa_jax.methods.pfa.stats_step`` (the same forward pass, sowing every prunable
 layer's response and updating its streaming covariance), interleaved on the
 same batches. Target: (b) / (a) <= 1.05. Writes
 ``benchmarks/results/stats_overhead.json``.
@@ -16,9 +16,10 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import common
-from pfa_jax import compress
 from pfa_jax import models
 from pfa_jax import stats
+from pfa_jax.methods import base
+from pfa_jax.methods import pfa
 
 MODELS = ('simple_cnn', 'vgg16_cifar', 'resnet56')
 
@@ -26,7 +27,7 @@ MODELS = ('simple_cnn', 'vgg16_cifar', 'resnet56')
 def bench(name: str, batch: int, repeats: int) -> dict:
   model = models.get_model(name, num_classes=10, conv_impl='auto')
   variables = models.init(model, jax.random.key(0), (32, 32, 3))
-  names = compress.analysed_groups(model, 'inner+stream')
+  names = base.select_groups(model, 'inner+stream')
   widths = models.widths_of(model)
   x = {
     'image': jax.random.normal(jax.random.key(1), (batch, 32, 32, 3)),
@@ -34,7 +35,7 @@ def bench(name: str, batch: int, repeats: int) -> dict:
   }
   fwd = jax.jit(lambda v, b: model.apply(v, b['image'], train=False))
   step = jax.jit(
-    functools.partial(compress.stats_step, model=model, names=tuple(names))
+    functools.partial(pfa.stats_step, model=model, names=tuple(names))
   )
   states = stats.init_tree({n: widths[n] for n in names})
   jax.block_until_ready(fwd(variables, x))
