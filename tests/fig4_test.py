@@ -133,6 +133,20 @@ class Fig4Test(absltest.TestCase):
       agg['subsets'][2]['accuracy'],
       {s: 0.1 * (i + 1) for i, s in enumerate(fig4.STRATEGIES)},
     )
+    # S2: pfa_fine 0.4 vs full_fine 0.2 on 200 test images: 2 sigma is
+    # 2 * sqrt(0.4 * 0.6 / 200 + 0.2 * 0.8 / 200) = 8.94 pp, so +20 pp is
+    # above; R1 pfa_fine 0.4 vs pfa_scratch 0.3 on 1000: 4.24 pp, above.
+    c = agg['subsets'][2]['comparisons']['pfa_fine-full_fine']
+    self.assertAlmostEqual(c['diff_pp'], 20.0)
+    self.assertAlmostEqual(c['two_sigma_pp'], 8.944, places=3)
+    self.assertEqual(c['verdict'], 'above')
+    c = agg['subsets'][0]['comparisons']['pfa_fine-pfa_scratch']
+    self.assertAlmostEqual(c['two_sigma_pp'], 4.243, places=3)
+    self.assertEqual(c['verdict'], 'above')
+    # 90% vs 88% on 200 images: 2 sigma = 6.25 pp, a tie.
+    tie = fig4_figure._compare({'pfa_fine': 0.9, 'full_fine': 0.88}, 2)  # noqa: SLF001
+    self.assertEqual(tie['pfa_fine-full_fine']['verdict'], 'tie')
+    self.assertAlmostEqual(tie['pfa_fine-full_fine']['two_sigma_pp'], 6.25, 2)
     ours = agg['claim_10_class_keep_more']['footprint']
     # R1 0.30 is below S1 0.35: the claim fails for ours, by hand.
     self.assertFalse(ours['every_10_above_every_2'])

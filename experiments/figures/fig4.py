@@ -12,6 +12,7 @@ the full network's, beside the footprints (ours and the paper's).
 """
 
 import json
+import math
 
 import matplotlib
 
@@ -21,6 +22,17 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 
 STRATEGIES = ('full_scratch', 'full_fine', 'pfa_scratch', 'pfa_fine')
+# The paper's comparisons, (a, b): is a above, below or indistinguishable
+# from b? One seed per strategy, so the noise judged is the test set's: the
+# binomial standard error of each accuracy on CIFAR-100's 100 test images
+# per class, and a difference within 2 sigma of the difference is a tie.
+COMPARISONS = (
+  ('pfa_fine', 'full_fine'),
+  ('pfa_fine', 'full_scratch'),
+  ('full_fine', 'full_scratch'),
+  ('pfa_fine', 'pfa_scratch'),
+)
+TEST_IMAGES_PER_CLASS = 100
 _PROVENANCE = ('commit', 'hash', 'config_seed', 'command')
 
 
@@ -50,12 +62,33 @@ def aggregate(summary: dict) -> dict:
     if r['strategy'] == 'full_fine':
       s['full_widths'] = json.loads(r['widths'])
   ordered = [subsets[k] for k in sorted(subsets)]
+  for s in ordered:
+    s['comparisons'] = _compare(s['accuracy'], len(s['classes']))
   return {
     'base_accuracy': base.get('accuracy'),
     'base_params': base.get('params'),
     'subsets': ordered,
     'claim_10_class_keep_more': _claim(ordered),
   }
+
+
+def _compare(acc: dict, num_classes: int) -> dict:
+  n = TEST_IMAGES_PER_CLASS * num_classes
+  out = {}
+  for a, b in COMPARISONS:
+    if acc.get(a) is None or acc.get(b) is None:
+      continue
+    pa, pb = acc[a], acc[b]
+    sigma = math.sqrt(pa * (1 - pa) / n + pb * (1 - pb) / n)
+    diff = pa - pb
+    out[f'{a}-{b}'] = {
+      'diff_pp': 100 * diff,
+      'two_sigma_pp': 200 * sigma,
+      'verdict': 'tie'
+      if abs(diff) <= 2 * sigma
+      else ('above' if diff > 0 else 'below'),
+    }
+  return out
 
 
 def _claim(subsets: list[dict]) -> dict:
@@ -119,6 +152,25 @@ def markdown(agg: dict, title: str) -> str:
       f'{100 * v["mean_2_class"]:.1f}% (max {100 * v["max_2_class"]:.1f}%): '
       + ('yes, every one' if v['every_10_above_every_2'] else 'not for all')
     )
+  lines += [
+    '',
+    "Differences in pp, with the test set's 2-sigma (binomial, "
+    f'{TEST_IMAGES_PER_CLASS} test images per class; one seed per strategy, '
+    'so seed noise is not in it): within 2 sigma is a tie.',
+    '',
+    '| subset | ' + ' | '.join(f'{a} - {b}' for a, b in COMPARISONS) + ' |',
+    '|---|' + '---|' * len(COMPARISONS),
+  ]
+  for s in agg['subsets']:
+    cells = []
+    for a, b in COMPARISONS:
+      c = s['comparisons'].get(f'{a}-{b}')
+      cells.append(
+        '-'
+        if c is None
+        else f'{c["diff_pp"]:+.1f} ± {c["two_sigma_pp"]:.1f} ({c["verdict"]})'
+      )
+    lines.append(f'| {s["subset"]} | ' + ' | '.join(cells) + ' |')
   lines += ['', 'Classes:', '']
   for s in agg['subsets']:
     names = ', '.join(s['class_names']) or '(names unavailable)'
