@@ -66,6 +66,26 @@ class StatsTest(parameterized.TestCase):
       np.testing.assert_allclose(got_d, want_d, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(g, g_copy)  # no in-place writes to inputs
 
+  def test_blas_threads_for_narrow_layers_is_one_thread(self):
+    import threadpoolctl  # noqa: PLC0415
+
+    from pfa_jax import gram  # noqa: PLC0415
+
+    def blas_threads():
+      return [
+        i['num_threads']
+        for i in threadpoolctl.threadpool_info()
+        if i['user_api'] == 'blas'
+      ]
+
+    before = blas_threads()
+    self.assertNotEmpty(before)  # SciPy's OpenBLAS is loaded by pfa_jax.gram
+    with gram.blas_threads_for([64, 512, gram.SERIAL_BLAS_BELOW - 1]):
+      self.assertEqual(set(blas_threads()), {1})
+    self.assertEqual(blas_threads(), before)
+    with gram.blas_threads_for([64, gram.SERIAL_BLAS_BELOW]):
+      self.assertEqual(blas_threads(), before)
+
   def test_native_kernel_builds_here(self):
     # The machine has g++; the fallback is tested above. Skip only if the
     # reason is a missing compiler, so a broken build still fails.

@@ -51,6 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pfa_jax import gram
 from pfa_jax import plan as plan_lib
 from pfa_jax import slicing
 from pfa_jax import stats
@@ -183,12 +184,14 @@ def input_stats(
   widths = {n: int(model.widths[s.group(n).index]) for n in groups}
   states = {n: stats.init(w, dtype) for n, w in widths.items()}
   seen = 0
-  for batch in _batches(batches):
-    images = jnp.asarray(batch['image'])
-    mask = batch.get('mask')
-    mask = jnp.ones(images.shape[:1]) if mask is None else jnp.asarray(mask)
-    states = step(states, variables, images, mask)
-    seen += 1
+  with gram.blas_threads_for(widths.values()):
+    for batch in _batches(batches):
+      images = jnp.asarray(batch['image'])
+      mask = batch.get('mask')
+      mask = jnp.ones(images.shape[:1]) if mask is None else jnp.asarray(mask)
+      states = step(states, variables, images, mask)
+      seen += 1
+    states = jax.block_until_ready(states)
   if not seen:
     raise ValueError('compensation got an empty batch iterator.')
   return states

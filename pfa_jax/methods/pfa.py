@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pfa_jax import gram
 from pfa_jax import models
 from pfa_jax import plan as plan_lib
 from pfa_jax import recipes
@@ -53,11 +54,12 @@ def collect_states(model, variables, batches, groups, dtype, progress=None):
     functools.partial(stats_step, model=model, names=tuple(groups)),
     donate_argnums=0,
   )
-  for i, batch in enumerate(batches, 1):
-    states = step(states, variables, batch)
-    if progress is not None:
-      progress(i, states)
-  states = jax.device_get(states)
+  with gram.blas_threads_for(widths[n] for n in groups):
+    for i, batch in enumerate(batches, 1):
+      states = step(states, variables, batch)
+      if progress is not None:
+        progress(i, states)
+    states = jax.device_get(states)
   stats.check_finite_tree(states)
   return states
 
