@@ -52,8 +52,16 @@ def get_sweep(arg=None):
 class Fig2Test(absltest.TestCase):
   def test_sweep_expands(self):
     module, _ = sweep.load_config_module(_FIG2)
-    self.assertLen(sweep.expand(module, 'cpu'), 2 + 2 + 2 * 4)
-    self.assertLen(sweep.expand(module, 'paper'), 2 + 4 + 3 * 4)
+    # bases + PFA's own recipes + (params and FLOPs targets) x 4 methods
+    cpu = sweep.expand(module, 'cpu')
+    self.assertLen(cpu, 2 + 2 + (2 + 1) * 4)
+    self.assertLen(sweep.expand(module, 'paper'), 2 + 4 + (3 + 2) * 4)
+    flops = {
+      p['overrides']['fig2.method']
+      for p in cpu
+      if p['overrides'].get('fig2.recipe') == 'flops:0.5'
+    }
+    self.assertEqual(flops, {'pfa', 'l1', 'slim', 'cf'})
     c = module.get_config('model=resnet56,cpu')
     self.assertEqual(c.model.name, 'resnet20')
     with self.assertRaisesRegex(ValueError, 'model must be one of'):
