@@ -106,7 +106,7 @@ def draw(agg: dict, path: str, title: str) -> None:
     ax.axhline(0, color='k', lw=0.8)
     ax.set_xlabel(f'{xlabel} (fraction of the base model)')
   axes[0].set_ylabel('accuracy change after fine-tuning (pp)')
-  axes[0].set_title(title)
+  fig.suptitle(title, fontsize=11)
   axes[0].legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
