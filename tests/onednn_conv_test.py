@@ -65,6 +65,39 @@ def _out_shape(x_shape, k_shape, strides, padding):
   ).shape
 
 
+def _train(model, init, batch, num_steps, hlo_check=None):
+  """``num_steps`` library train steps (SGD momentum + weight decay) from
+  ``init``; returns (params, batch_stats, last loss)."""
+  config = ml_collections.ConfigDict(
+    {
+      'optim': {
+        'name': 'sgd',
+        'weight_decay': 5e-4,
+        'bn_l1': 0.0,
+        'momentum': 0.9,
+        'nesterov': False,
+      }
+    }
+  )
+  lr_fn = optim.learning_rate_schedule(
+    base_lr=0.1, schedule='constant', num_steps=num_steps
+  )
+  state = steps.create_train_state(
+    jax.random.PRNGKey(0),
+    config,
+    model,
+    batch['image'].shape[1:],
+    lr_fn=lr_fn,
+    variables=init,
+  )
+  step = jax.jit(functools.partial(steps.train_step, lr_fn=lr_fn))
+  if hlo_check is not None:
+    hlo_check(step.lower(state, batch, jax.random.PRNGKey(1)).as_text())
+  for _ in range(num_steps):
+    state, metrics = step(state, batch, jax.random.PRNGKey(1))
+  return state.params, state.batch_stats, metrics['loss']
+
+
 class OnednnConvTest(parameterized.TestCase):
   def setUp(self):
     super().setUp()
@@ -212,20 +245,6 @@ class OnednnConvTest(parameterized.TestCase):
         x = nn.relu(nn.Conv(6, (1, 1), **c)(x))
         return nn.Dense(3)(x.mean(axis=(1, 2)))
 
-    config = ml_collections.ConfigDict(
-      {
-        'optim': {
-          'name': 'sgd',
-          'weight_decay': 5e-4,
-          'bn_l1': 0.0,
-          'momentum': 0.9,
-          'nesterov': False,
-        }
-      }
-    )
-    lr_fn = optim.learning_rate_schedule(
-      base_lr=0.1, schedule='constant', num_steps=3
-    )
     batch = {
       'image': _normal((4, 9, 9, 3), 0),
       'label': np.array([0, 1, 2, 1], np.int32),
@@ -234,20 +253,10 @@ class OnednnConvTest(parameterized.TestCase):
     init = Tiny(lax.conv_general_dilated).init(
       jax.random.PRNGKey(0), batch['image']
     )
-    params = {}
-    for impl in ('xla', 'onednn'):
-      state = steps.create_train_state(
-        jax.random.PRNGKey(0),
-        config,
-        Tiny(conv.get_conv(impl)),
-        (9, 9, 3),
-        lr_fn=lr_fn,
-        variables=init,
-      )
-      step = jax.jit(functools.partial(steps.train_step, lr_fn=lr_fn))
-      for _ in range(3):
-        state, metrics = step(state, batch, jax.random.PRNGKey(1))
-      params[impl] = (state.params, state.batch_stats, metrics['loss'])
+    params = {
+      impl: _train(Tiny(conv.get_conv(impl)), init, batch, 3)
+      for impl in ('xla', 'onednn')
+    }
     flat = [jax.tree.leaves(params[i]) for i in ('xla', 'onednn')]
     for a, b in zip(*flat):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
@@ -290,20 +299,6 @@ class OnednnConvTest(parameterized.TestCase):
   def test_resnet_trains_like_xla(self):
     from pfa_jax import models  # noqa: PLC0415
 
-    config = ml_collections.ConfigDict(
-      {
-        'optim': {
-          'name': 'sgd',
-          'weight_decay': 5e-4,
-          'bn_l1': 0.0,
-          'momentum': 0.9,
-          'nesterov': False,
-        }
-      }
-    )
-    lr_fn = optim.learning_rate_schedule(
-      base_lr=0.1, schedule='constant', num_steps=2
-    )
     batch = {
       'image': _normal((4, 8, 8, 3), 0),
       'label': np.array([0, 1, 2, 1], np.int32),
@@ -311,24 +306,20 @@ class OnednnConvTest(parameterized.TestCase):
     }
     m = models.get_model('resnet8', num_classes=3, conv_impl='xla')
     init = models.init(m, jax.random.key(0), (8, 8, 3))
-    out = {}
-    for impl in ('xla', 'onednn'):
-      model = models.get_model('resnet8', num_classes=3, conv_impl=impl)
-      state = steps.create_train_state(
-        jax.random.PRNGKey(0),
-        config,
-        model,
-        (8, 8, 3),
-        lr_fn=lr_fn,
-        variables=init,
+
+    def has_boundaries(hlo):  # the blocks' outputs are fusion boundaries
+      self.assertIn('pfa_jax_materialize', hlo)
+
+    out = {
+      impl: _train(
+        models.get_model('resnet8', num_classes=3, conv_impl=impl),
+        init,
+        batch,
+        2,
+        hlo_check=has_boundaries if impl == 'onednn' else None,
       )
-      step = jax.jit(functools.partial(steps.train_step, lr_fn=lr_fn))
-      if impl == 'onednn':  # the blocks' outputs are fusion boundaries
-        hlo = step.lower(state, batch, jax.random.PRNGKey(1)).as_text()
-        self.assertIn('pfa_jax_materialize', hlo)
-      for _ in range(2):
-        state, metrics = step(state, batch, jax.random.PRNGKey(1))
-      out[impl] = (state.params, state.batch_stats, metrics['loss'])
+      for impl in ('xla', 'onednn')
+    }
     for a, b in zip(*(jax.tree.leaves(out[i]) for i in ('xla', 'onednn'))):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
