@@ -421,11 +421,12 @@ class _TorchProcess:
   def matmul_gflops(self):
     return self._ask('matmul')
 
+  def _time(self, name, mode, steps):
+    return self._ask((name, mode, steps))
+
   def runner(self, name):
     return {
-      mode: functools.partial(
-        lambda m, steps: self._ask((name, m, steps)), mode
-      )
+      mode: functools.partial(self._time, name, mode)
       for mode in ('train', 'eval')
     }
 
