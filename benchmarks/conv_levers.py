@@ -31,6 +31,8 @@ import subprocess
 import sys
 import tempfile
 
+from pfa_jax import hostmem
+
 _RESULTS = os.path.join(os.path.dirname(__file__), 'results')
 _OUT = os.path.join(_RESULTS, 'conv_levers.json')
 # (name, H=W, Cin, Cout, stride) at batch 128: VGG-16 / ResNet-56 layers.
@@ -206,6 +208,7 @@ def layer_table(reps=3, batch=128):
 
 
 def main(argv=None):
+  hostmem.retain_freed_memory()  # before the first JAX computation
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('--models', default='resnet56')
   p.add_argument('--steps', type=int, default=2)

@@ -41,6 +41,7 @@ import scipy.linalg.blas
 
 from benchmarks import common
 from pfa_jax import analysis
+from pfa_jax import hostmem
 from pfa_jax import native
 from pfa_jax import select
 from pfa_jax import stats
@@ -258,6 +259,7 @@ SECTIONS = ('analyze', 'selection', 'throughput', 'error', 'at_scale')
 
 
 def main(argv=None):
+  hostmem.retain_freed_memory()  # before the first JAX computation
   p = argparse.ArgumentParser()
   p.add_argument(
     '--only',

@@ -28,6 +28,7 @@ import numpy as np
 
 from benchmarks import common
 from pfa_jax import costs
+from pfa_jax import hostmem
 from pfa_jax import models
 from pfa_jax import recipes
 from pfa_jax import select
@@ -164,6 +165,7 @@ def bench_case(name, mode, factors, batches, repeats):
 
 
 def main(argv=None):
+  hostmem.retain_freed_memory()  # before the first JAX computation
   p = argparse.ArgumentParser()
   p.add_argument('--batches', default='1,128')
   p.add_argument('--factors', default='2,4')

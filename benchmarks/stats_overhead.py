@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from benchmarks import common
 from pfa_jax import gram
+from pfa_jax import hostmem
 from pfa_jax import models
 from pfa_jax import stats
 from pfa_jax.methods import base
@@ -65,6 +66,7 @@ def bench(name: str, batch: int, repeats: int) -> dict:
 
 
 def main(argv=None) -> list[dict]:
+  hostmem.retain_freed_memory()  # before the first JAX computation
   p = argparse.ArgumentParser()
   p.add_argument('--batch', type=int, default=256)
   p.add_argument('--repeats', type=int, default=7)

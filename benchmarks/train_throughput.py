@@ -47,6 +47,7 @@ import optax
 
 from benchmarks import common
 from pfa_jax import conv
+from pfa_jax import hostmem
 from pfa_jax import models
 from pfa_jax import onednn
 from pfa_jax import optim
@@ -436,6 +437,7 @@ class _TorchProcess:
 
 
 def main(argv=None):
+  hostmem.retain_freed_memory()  # before the first JAX computation
   args = parse_args(argv)
   names = [m for m in args.models.split(',') if m]
   impls = [i for i in args.impls.split(',') if i]

@@ -36,6 +36,7 @@ import numpy as np
 
 from benchmarks import common
 from pfa_jax import batched
+from pfa_jax import hostmem
 from pfa_jax import models
 from pfa_jax import optim
 from pfa_jax import sampling
@@ -77,6 +78,7 @@ def _timed_step(step, state, batch, rng, masks):
 
 
 def main(argv=None):
+  hostmem.retain_freed_memory()  # before the first JAX computation
   p = argparse.ArgumentParser()
   p.add_argument('--ks', default='1,4,16')
   p.add_argument('--width_mult', type=float, default=1 / 3)

@@ -32,6 +32,8 @@ import time
 
 from absl import logging
 
+from pfa_jax import hostmem
+
 ARMS = ('none', 'ls')
 STAGES = ('pruned', 'recalibrated', 'finetuned')
 
@@ -118,6 +120,7 @@ def to_markdown(s: dict) -> str:
 
 
 def main(argv=None):
+  hostmem.retain_freed_memory()  # before the first JAX computation
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   home = os.path.expanduser('~')
   p.add_argument(

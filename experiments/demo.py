@@ -16,6 +16,7 @@ from absl import logging
 
 from configs import demo_cifar10
 from experiments.figures import demo_plots
+from pfa_jax import hostmem
 
 
 def _acc(r, key):
@@ -106,6 +107,7 @@ def _save_summary(args, result, minutes, load=None):
 
 
 def main(argv=None) -> int:
+  hostmem.retain_freed_memory()  # before the first JAX computation
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--workdir', default='workdirs/demo')
   parser.add_argument(

@@ -57,6 +57,8 @@ import traceback
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from pfa_jax import hostmem
+
 RESULT = 'result.json'
 FAILED = 'failed.json'
 CLAIM = 'claim'
@@ -485,6 +487,7 @@ def summarize(workdir: str) -> list[dict[str, Any]]:
 
 
 def main(argv=None) -> int:
+  hostmem.retain_freed_memory()  # before the first JAX computation
   parser = argparse.ArgumentParser(
     prog='python -m experiments.sweep', description=__doc__.split('\n')[0]
   )

@@ -23,6 +23,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from pfa_jax import hostmem
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
   'config',
@@ -154,6 +156,7 @@ def quiet_third_party_logs(verbose: bool = False) -> None:
 
 
 def main(argv):
+  hostmem.retain_freed_memory()  # before the first JAX computation
   if not FLAGS['verbosity'].present:  # Default: our INFO lines, quietly.
     logging.set_verbosity(logging.INFO)
   quiet_third_party_logs(verbose=FLAGS.verbosity > 0)

@@ -16,9 +16,12 @@ Decisions:
     of MB) that a CPU-only project does not want.
   * Threads: oneDNN's OpenMP team size is `THREADS` (environment
     `PFA_JAX_ONEDNN_THREADS`; default: OpenMP's own, i.e. `OMP_NUM_THREADS`
-    or all cores). oneDNN calls are serialised in the kernel, so XLA running
-    two independent convolutions at once (a layer's two gradients) does not
-    start two teams on the same cores.
+    or all cores). Every call (and every `pfa_jax.fused_bn` call) runs on
+    one dedicated "team thread", one at a time: XLA running two independent
+    convolutions at once (a layer's two gradients) does not start two teams
+    on the same cores, and libgomp, which keeps one spinning worker pool per
+    thread that opens a parallel region, keeps one pool instead of one per
+    XLA worker thread (`set_team_thread`).
   * vmap: `vmap_method='broadcast_all'`; the kernel loops over the leading
     (vmapped) dimensions, one convolution each (`pfa_jax.batched`).
   * Sharding: with an operand explicitly sharded in its type (jit +
@@ -48,7 +51,10 @@ from jax import lax
 from pfa_jax import conv
 from pfa_jax import native
 
-_SRC = os.path.join(os.path.dirname(native.__file__), 'onednn_conv.cc')
+_SRCS = tuple(
+  os.path.join(os.path.dirname(native.__file__), f)
+  for f in ('onednn_conv.cc', 'bn_act.cc')
+)
 _DISTS = ('onednn-devel-cpu-gomp', 'onednn-cpu-gomp')
 _FWD, _BWD_DATA, _BWD_WEIGHTS = (
   'pfa_jax_dnnl_conv_fwd',
@@ -61,8 +67,17 @@ _SYMBOLS = {
   _BWD_DATA: 'PfaDnnlConvBwdData',
   _BWD_WEIGHTS: 'PfaDnnlConvBwdWeights',
   _MATERIALIZE: 'PfaMaterialize',
+  # Batch norm + residual + ReLU (pfa_jax.fused_bn), in the same library so
+  # that it shares the convolutions' one-team-at-a-time lock.
+  'pfa_jax_bn_train_fwd': 'PfaBnTrainFwd',
+  'pfa_jax_bn_train_fwd_res': 'PfaBnTrainFwdRes',
+  'pfa_jax_bn_train_bwd': 'PfaBnTrainBwd',
+  'pfa_jax_bn_train_bwd_res': 'PfaBnTrainBwdRes',
+  'pfa_jax_bn_infer': 'PfaBnInfer',
+  'pfa_jax_bn_infer_res': 'PfaBnInferRes',
 }
 THREADS = int(os.environ.get('PFA_JAX_ONEDNN_THREADS', '0'))
+TEAM_THREAD = os.environ.get('PFA_JAX_ONEDNN_TEAM_THREAD', '1') != '0'
 _status = {'built': False, 'reason': 'not tried'}
 
 
@@ -94,14 +109,24 @@ def _load() -> ctypes.CDLL:
   if os.environ.get('PFA_JAX_ONEDNN', '1') == '0':
     raise OSError('disabled by PFA_JAX_ONEDNN=0')
   inc, lib_dir = _paths()
-  flags = ('-fopenmp', '-I', inc, '-L', lib_dir, '-l:libdnnl.so.3')
+  flags = (
+    '-O3',
+    '-march=native',
+    '-fopenmp',
+    '-I',
+    inc,
+    '-L',
+    lib_dir,
+    '-l:libdnnl.so.3',
+  )
   flags += (f'-Wl,-rpath,{lib_dir}',)
-  lib = ctypes.cdll.LoadLibrary(native.build(_SRC, 'libpfa_onednn', flags))
+  lib = ctypes.cdll.LoadLibrary(native.build(_SRCS, 'libpfa_onednn', flags))
   for name, sym in _SYMBOLS.items():
     jax.ffi.register_ffi_target(
       name, jax.ffi.pycapsule(getattr(lib, sym)), platform='cpu'
     )
   lib.PfaDnnlCacheSize.restype = ctypes.c_int64
+  lib.PfaSetTeamThread(int(TEAM_THREAD))
   return lib
 
 
@@ -114,6 +139,16 @@ def available() -> bool:
     return False
   _status.update(built=True, reason='')
   return True
+
+
+def set_team_thread(on: bool) -> None:
+  """Runs the kernels on one team thread (True, the default) or inline.
+
+  See ``TeamThread`` in ``pfa_jax/native/onednn_conv.cc``; the switch is for
+  benchmarks and tests (environment ``PFA_JAX_ONEDNN_TEAM_THREAD=0``).
+  """
+  if available():
+    _load().PfaSetTeamThread(int(bool(on)))
 
 
 def cache_size() -> int:

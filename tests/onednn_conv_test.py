@@ -307,8 +307,15 @@ class OnednnConvTest(parameterized.TestCase):
     m = models.get_model('resnet8', num_classes=3, conv_impl='xla')
     init = models.init(m, jax.random.key(0), (8, 8, 3))
 
-    def has_boundaries(hlo):  # the blocks' outputs are fusion boundaries
-      self.assertIn('pfa_jax_materialize', hlo)
+    def has_boundaries(hlo):
+      # Every BN (+ residual) + ReLU is one fused kernel per direction, so
+      # the blocks' outputs are fusion boundaries without materialize.
+      # resnet8: stem + 3 blocks x 2 convs; 3 of the 7 BNs take a residual.
+      self.assertEqual(hlo.count('custom_call @pfa_jax_bn_train_fwd('), 4)
+      self.assertEqual(hlo.count('custom_call @pfa_jax_bn_train_fwd_res('), 3)
+      self.assertEqual(hlo.count('custom_call @pfa_jax_bn_train_bwd('), 4)
+      self.assertEqual(hlo.count('custom_call @pfa_jax_bn_train_bwd_res('), 3)
+      self.assertNotIn('pfa_jax_materialize', hlo)
 
     out = {
       impl: _train(

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 
 from pfa_jax import conv
+from pfa_jax import fused_bn
+from pfa_jax import onednn
 from pfa_jax.conv import CONV_IMPLS
 
 TAPS = ('pre_bn', 'post_bn', 'post_act')
@@ -43,6 +45,66 @@ def conv_fn(impl: str):
   return conv.get_conv(impl)
 
 
+class BatchNorm(nn.BatchNorm):
+  """``nn.BatchNorm``, then ``+ residual`` and ReLU, fused when ``native``.
+
+  The same variables and function as ``nn.BatchNorm`` followed by the add
+  and the activation. With ``native=True`` (the ``conv_impl='onednn'``
+  path) and eligible operands, all three run as one kernel per direction
+  (:mod:`pfa_jax.fused_bn`); otherwise as flax's BN and two ``jnp`` ops. A
+  ``mask`` (BN recalibration, :mod:`pfa_jax.recalibrate`, which finds this
+  layer as an ``nn.BatchNorm``) always takes flax's path.
+  """
+
+  relu: bool = False
+  native: bool = False
+
+  @nn.compact
+  def __call__(self, x, use_running_average=None, *, mask=None, residual=None):
+    use_ra = nn.merge_param(
+      'use_running_average', self.use_running_average, use_running_average
+    )
+    fused = (
+      self.native
+      and mask is None
+      and self.axis in (-1, x.ndim - 1)
+      and self.use_scale
+      and self.use_bias
+      and self.axis_name is None
+      and x.dtype == jnp.float32
+      and self.dtype in (None, jnp.float32)
+      and self.param_dtype == jnp.float32
+      and fused_bn.eligible(x, residual)
+    )
+    if not fused:
+      y = super().__call__(x, use_running_average, mask=mask)
+      if residual is not None:
+        y = y + residual
+      y = nn.relu(y) if self.relu else y
+      # A residual chain computed by XLA on the oneDNN path: keep it in
+      # memory, or XLA:CPU re-computes it inside every later block's
+      # fusions (onednn.materialize).
+      return (
+        onednn.materialize(y) if self.native and residual is not None else y
+      )
+    shape = x.shape[-1:]
+    ra_mean = self.variable(
+      'batch_stats', 'mean', jnp.zeros, shape, jnp.float32
+    )
+    ra_var = self.variable('batch_stats', 'var', jnp.ones, shape, jnp.float32)
+    scale = self.param('scale', self.scale_init, shape, self.param_dtype)
+    bias = self.param('bias', self.bias_init, shape, self.param_dtype)
+    kw = dict(residual=residual, relu=self.relu, eps=self.epsilon)
+    if use_ra:
+      return fused_bn.infer(x, scale, bias, ra_mean.value, ra_var.value, **kw)
+    y, mean, var = fused_bn.train(x, scale, bias, **kw)
+    if not self.is_initializing():
+      m = self.momentum
+      ra_mean.value = m * ra_mean.value + (1 - m) * mean
+      ra_var.value = m * ra_var.value + (1 - m) * var
+    return y
+
+
 class ConvBN(nn.Module):
   """Conv, optional BN, optional ReLU; sows its PFA response.
 
@@ -61,7 +123,7 @@ class ConvBN(nn.Module):
   conv_impl: str = 'auto'
 
   @nn.compact
-  def __call__(self, x, train: bool = False):
+  def __call__(self, x, train: bool = False, residual=None):
     y = nn.Conv(
       self.features,
       self.kernel_size,
@@ -72,7 +134,8 @@ class ConvBN(nn.Module):
       conv_general_dilated=conv_fn(self.conv_impl),
       name='conv',
     )(x)
-    return _bn_act(self, y, train)
+    native = conv.resolve(self.conv_impl) == 'onednn'
+    return _bn_act(self, y, train, residual=residual, native=native)
 
 
 class DenseBN(nn.Module):
@@ -89,15 +152,37 @@ class DenseBN(nn.Module):
     return _bn_act(self, y, train)
 
 
-def _bn_act(module, y, train):
+def _bn_act(module, y, train, *, residual=None, native=False):
+  """BN, ``+ residual``, ReLU, with the module's tap; BN fused if ``native``."""
   if module.tap not in TAPS:
     raise ValueError(f'tap must be one of {TAPS}, got {module.tap!r}.')
   if module.tap == 'pre_bn':
     sow_response(module, y)
-  if module.use_bn:
-    y = nn.BatchNorm(
-      use_running_average=not train, momentum=0.9, epsilon=1e-5, name='bn'
-    )(y)
+  if not module.use_bn:
+    y = y if residual is None else y + residual
+    return _act(module, y)
+  split = module.tap == 'post_bn' and module.is_mutable_collection(RESPONSES)
+  bn = BatchNorm(
+    use_running_average=not train,
+    momentum=0.9,
+    epsilon=1e-5,
+    relu=module.relu and not split,
+    native=native,
+    name='bn',
+  )
+  if split:  # the tap needs BN's output before the add and the activation
+    y = bn(y)
+    sow_response(module, y)
+    y = y if residual is None else y + residual
+    y = nn.relu(y) if module.relu else y
+  else:
+    y = bn(y, residual=residual)
+  if module.tap == 'post_act':
+    sow_response(module, y)
+  return y
+
+
+def _act(module, y):
   if module.tap == 'post_bn':
     sow_response(module, y)
   if module.relu:

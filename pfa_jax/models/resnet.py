@@ -29,8 +29,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from pfa_jax import conv as conv_lib
-from pfa_jax import onednn
 from pfa_jax.models import layers
 from pfa_jax.models import structure
 
@@ -164,7 +162,7 @@ class ResNet(nn.Module):
 
 
 class BasicBlock(nn.Module):
-  """conv1-BN-ReLU, conv2-BN, + shortcut, ReLU."""
+  """conv1-BN-ReLU, conv2-BN, + shortcut, ReLU (conv2 sows the block output)."""
 
   inner: int
   out: int
@@ -180,7 +178,6 @@ class BasicBlock(nn.Module):
     h = layers.ConvBN(self.inner, strides=strides, name='conv1', **conv)(
       x, train
     )
-    h = layers.ConvBN(self.out, relu=False, name='conv2', **conv)(h, train)
     if self.stride == 1:
       shortcut = x
     elif self.shortcut == 'option_a':
@@ -195,18 +192,11 @@ class BasicBlock(nn.Module):
       shortcut = layers.ConvBN(
         self.out, (1, 1), strides=strides, relu=False, name='proj', **conv
       )(x, train)
-    # The block's output is the next block's input: materialise it. Without
-    # the barrier, XLA:CPU re-fuses the whole residual chain (every earlier
-    # block's BN + add + ReLU) into each later block's elementwise fusions,
-    # forward and backward, so stage s re-reads O(n^2) conv outputs.
-    out = nn.relu(h + shortcut)
-    if conv_lib.resolve(self.conv_impl) == 'onednn':
-      # The block's output is the next block's input: materialise it, or
-      # XLA:CPU re-computes every earlier block's BN + add + ReLU inside each
-      # later block's fusions (onednn.materialize). Other paths leave XLA's
-      # fusion alone (a custom call would block sharding).
-      out = onednn.materialize(out)
-    return out
+    # conv2's BN, the residual add and the ReLU are one layer: one fused
+    # kernel on the oneDNN path (layers.BatchNorm).
+    return layers.ConvBN(self.out, name='conv2', **conv)(
+      h, train, residual=shortcut
+    )
 
 
 def _option_a(x, channel_map):

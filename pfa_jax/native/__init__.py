@@ -26,6 +26,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Sequence
 
 import jax
 import jaxlib
@@ -51,20 +52,31 @@ def _cache_dir() -> str:
   )
 
 
-def build(src: str, stem: str, flags: tuple[str, ...] = ()) -> str:
-  """Compiles ``src`` into a cached shared library; returns its path.
+def build(
+  src: str | Sequence[str], stem: str, flags: tuple[str, ...] = ()
+) -> str:
+  """Compiles ``src`` (one or more C++ files) into a cached shared library.
 
   Args:
-    src: the C++ source.
+    src: the C++ source file, or several linked into one library.
     stem: the library's file name prefix.
     flags: extra compiler/linker arguments (include dirs, libraries); part
-      of the cache key with the source and the jaxlib version.
+      of the cache key with the sources and the jaxlib version, and with the
+      CPU's name and feature flags when they include ``-march=native``.
+
+  Returns:
+    The library's path.
 
   Raises:
     OSError: no compiler, or the build failed (its stderr in the message).
   """
-  with open(src, 'rb') as f:
-    key = f.read() + jaxlib.__version__.encode() + ' '.join(flags).encode()
+  srcs = (src,) if isinstance(src, str) else tuple(src)
+  key = jaxlib.__version__.encode() + ' '.join(flags).encode()
+  for path in srcs:
+    with open(path, 'rb') as f:
+      key += f.read()
+  if '-march=native' in flags:
+    key += _cpu_fingerprint()
   key = hashlib.sha256(key).hexdigest()
   out = os.path.join(_cache_dir(), f'{stem}_{key[:16]}.so')
   if os.path.exists(out):
@@ -76,7 +88,7 @@ def build(src: str, stem: str, flags: tuple[str, ...] = ()) -> str:
   fd, tmp = tempfile.mkstemp(suffix='.so', dir=os.path.dirname(out))
   os.close(fd)
   cmd = [cxx, '-O2', '-std=c++17', '-shared', '-fPIC', '-w']
-  cmd += ['-I', jax.ffi.include_dir(), src, '-o', tmp, *flags]
+  cmd += ['-I', jax.ffi.include_dir(), *srcs, '-o', tmp, *flags]
   try:
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     os.replace(tmp, out)  # atomic: concurrent builders agree
@@ -86,6 +98,19 @@ def build(src: str, stem: str, flags: tuple[str, ...] = ()) -> str:
     if os.path.exists(tmp):
       os.remove(tmp)
   return out
+
+
+def _cpu_fingerprint() -> bytes:
+  """The CPU's model name and feature flags (a ``-march=native`` build's key)."""
+  try:
+    with open('/proc/cpuinfo', 'rb') as f:
+      lines = f.read().splitlines()
+  except OSError:
+    import platform  # noqa: PLC0415
+
+    return platform.processor().encode()
+  wanted = (b'model name', b'flags', b'Features', b'CPU part')
+  return b'\n'.join(sorted({ln for ln in lines if ln.startswith(wanted)}))
 
 
 def _capsule_pointer(capsule) -> int:

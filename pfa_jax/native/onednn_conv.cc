@@ -15,11 +15,17 @@
 // per call from the "threads" attribute (0: leave OpenMP's default).
 #include <omp.h>
 
+#include <unistd.h>
+
+#include <atomic>
+#include <condition_variable>
 #include <cstdint>
 #include <cstring>
 #include <exception>
+#include <functional>
 #include <memory>
 #include <mutex>
+#include <thread>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -30,6 +36,74 @@
 namespace ffi = xla::ffi;
 using dnnl::memory;
 using tag = dnnl::memory::format_tag;
+
+namespace {
+
+// Every oneDNN and fused-BN call runs on one "team thread", one call at a
+// time. XLA may run two independent convolutions (a layer's two gradients),
+// or a convolution and a fused batch norm (bn_act.cc), on two of its
+// threads at once, and two OpenMP teams would oversubscribe the cores. And
+// libgomp keeps one pool of worker threads per thread that opens a parallel
+// region: started from XLA's several worker threads, the calls would leave
+// several pools spinning after their regions (GOMP_SPINCOUNT), stealing the
+// cores from the next call's team. From one thread there is one pool.
+class TeamThread {
+ public:
+  ffi::Error Run(const std::function<ffi::Error()>& task) {
+    std::lock_guard<std::mutex> serial(serial_mu_);
+    if (!enabled_.load()) return task();
+    std::unique_lock<std::mutex> lock(mu_);
+    if (owner_pid_ != getpid()) {  // first call, or a forked child
+      owner_pid_ = getpid();
+      std::thread([this] { Loop(); }).detach();
+    }
+    task_ = &task;
+    done_ = false;
+    work_cv_.notify_one();
+    done_cv_.wait(lock, [this] { return done_; });
+    return std::move(result_);
+  }
+  void set_enabled(bool on) {
+    std::lock_guard<std::mutex> serial(serial_mu_);
+    enabled_.store(on);
+  }
+
+ private:
+  void Loop() {
+    std::unique_lock<std::mutex> lock(mu_);
+    for (;;) {
+      work_cv_.wait(lock, [this] { return task_ != nullptr; });
+      const std::function<ffi::Error()>* task = task_;
+      task_ = nullptr;
+      lock.unlock();
+      ffi::Error result = (*task)();
+      lock.lock();
+      result_ = std::move(result);
+      done_ = true;
+      done_cv_.notify_one();
+    }
+  }
+
+  std::mutex serial_mu_;  // one caller at a time
+  std::mutex mu_;         // guards the fields below
+  std::condition_variable work_cv_, done_cv_;
+  const std::function<ffi::Error()>* task_ = nullptr;
+  ffi::Error result_ = ffi::Error::Success();
+  bool done_ = false;
+  pid_t owner_pid_ = 0;
+  std::atomic<bool> enabled_{true};
+};
+
+TeamThread& Team() {
+  static TeamThread* team = new TeamThread;  // never destroyed: its thread
+  return *team;                              // outlives static destructors
+}
+
+}  // namespace
+
+ffi::Error PfaOnTeamThread(const std::function<ffi::Error()>& task) {
+  return Team().Run(task);
+}
 
 namespace {
 
@@ -56,10 +130,6 @@ dnnl::engine& Engine() {
 }
 
 std::mutex cache_mu;
-// Serialises executions: XLA may run two independent convolutions (a
-// layer's two gradients) on two of its threads at once, and two OpenMP
-// teams on the same cores would oversubscribe them.
-std::mutex exec_mu;
 std::unordered_map<std::string, std::unique_ptr<Entry>> cache;
 
 std::string Key(Op op, const Shape& s) {
@@ -176,7 +246,7 @@ ffi::Error Run(Op op, const float* a_in, const float* b_in, float* out,
                 k_sz = s.kh * s.kw * s.c * s.o;
   const int64_t k_bytes = k_sz * static_cast<int64_t>(sizeof(float));
   thread_local std::vector<float> scratch_buf, wei_buf;
-  std::lock_guard<std::mutex> exec_lock(exec_mu);
+  return PfaOnTeamThread([&]() -> ffi::Error {
   // The team size is the calling thread's OpenMP setting: restored after.
   const int prev_threads = omp_get_max_threads();
   if (threads > 0) omp_set_num_threads(static_cast<int>(threads));
@@ -239,6 +309,7 @@ ffi::Error Run(Op op, const float* a_in, const float* b_in, float* out,
   }
   if (threads > 0) omp_set_num_threads(prev_threads);
   return ffi::Error::Success();
+  });
 }
 
 ffi::Error Fwd(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
@@ -296,6 +367,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PfaMaterialize, Materialize,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>());
+
+// Whether calls run on the team thread (1, the default) or on XLA's calling
+// thread (0): a switch for benchmarks and tests.
+extern "C" void PfaSetTeamThread(int on) { Team().set_enabled(on != 0); }
 
 // Number of cached primitives (for tests and benchmarks).
 extern "C" int64_t PfaDnnlCacheSize() {

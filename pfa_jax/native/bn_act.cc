@@ -1,0 +1,377 @@
+// XLA FFI handlers: batch normalisation fused with an optional residual add
+// and an optional ReLU, float32, channels last (pfa_jax.fused_bn).
+//
+//   z = (x - mean) * scale / sqrt(var + eps) + bias [+ residual]
+//   y = relu(z) if relu else z
+//
+// Operands are [G..., M..., C]: x (and residual, y, dy, dx) hold G groups of
+// an [M, C] matrix (M = N*H*W rows, channels innermost); scale, bias, mean
+// and var are [G..., C]. The leading G dims are vmap's (vmap_method=
+// 'broadcast_all' gives every operand the same ones); each group is one
+// independent batch norm.
+//
+// Training forward: one pass of per-channel sums (float over blocks of rows,
+// double across blocks and threads), then one elementwise pass. The variance
+// is the biased one, E[x^2] - E[x]^2 clipped at 0, as flax computes it.
+// Training backward, with dz = dy * (y > 0) (or dy without ReLU):
+//   dbias = sum(dz), dscale = sum(dz * xhat), dresidual = dz,
+//   dx = scale * rstd * (dz - dbias / M - xhat * dscale / M),
+// in one reduction pass and one elementwise pass. Inference is a single
+// elementwise pass with the given mean and var.
+//
+// Threads: an OpenMP team of `threads` (0: OpenMP's default), row-chunked,
+// run on the oneDNN convolutions' team thread (one team on the cores at a
+// time, one libgomp pool: pfa_jax/native/onednn_conv.cc TeamThread).
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <functional>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+// Runs `task` on the oneDNN calls' team thread, one call at a time.
+ffi::Error PfaOnTeamThread(const std::function<ffi::Error()>& task);
+
+namespace {
+
+constexpr int64_t kBlock = 64;  // rows summed in float before going double
+
+struct Dims {
+  int64_t g, m, c;
+};
+
+ffi::Error GetDims(ffi::Span<const int64_t> x, ffi::Span<const int64_t> p,
+                   Dims* d) {
+  if (p.size() == 0 || x.size() < p.size())
+    return ffi::Error::InvalidArgument("fused_bn: bad ranks");
+  d->c = p[p.size() - 1];
+  d->g = 1;
+  for (size_t i = 0; i + 1 < p.size(); ++i) {
+    if (x[i] != p[i])
+      return ffi::Error::InvalidArgument("fused_bn: batch dims differ");
+    d->g *= p[i];
+  }
+  if (x[x.size() - 1] != d->c)
+    return ffi::Error::InvalidArgument("fused_bn: channel counts differ");
+  d->m = 1;
+  for (size_t i = p.size() - 1; i + 1 < x.size(); ++i) d->m *= x[i];
+  return ffi::Error::Success();
+}
+
+int Team(int64_t threads) {
+  return threads > 0 ? static_cast<int>(threads) : omp_get_max_threads();
+}
+
+// Per-channel sums over the rows of one [M, C] group, split across the team:
+// s1 = sum(a * w), s2 = sum(a * a * w) or sum(a * b * w) where w masks rows
+// by `keep` (ReLU's y > 0), each centred on `shift` (b - shift).
+// Mode kStats: s1 = sum(x - shift), s2 = sum((x - shift)^2).
+// Mode kGrad:  s1 = sum(dz), s2 = sum(dz * (x - shift)), dz = dy [* (y > 0)].
+enum Mode { kStats, kGrad };
+
+void Sums(Mode mode, const float* x, const float* y, const float* dy,
+          const float* shift, bool relu, int64_t m, int64_t c, int team,
+          double* s1, double* s2) {
+  std::vector<double> part(2 * c * team, 0.0);
+#pragma omp parallel num_threads(team)
+  {
+    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    const int64_t lo = m * t / nt, hi = m * (t + 1) / nt;
+    double* d1 = part.data() + 2 * c * t;
+    double* d2 = d1 + c;
+    std::vector<float> f(2 * c);
+    float* f1 = f.data();
+    float* f2 = f1 + c;
+    for (int64_t r0 = lo; r0 < hi; r0 += kBlock) {
+      const int64_t r1 = std::min(hi, r0 + kBlock);
+      std::fill(f.begin(), f.end(), 0.0f);
+      for (int64_t r = r0; r < r1; ++r) {
+        const float* xr = x + r * c;
+        if (mode == kStats) {
+#pragma omp simd
+          for (int64_t k = 0; k < c; ++k) {
+            const float v = xr[k] - shift[k];
+            f1[k] += v;
+            f2[k] += v * v;
+          }
+        } else {
+          const float* yr = y + r * c;
+          const float* gr = dy + r * c;
+#pragma omp simd
+          for (int64_t k = 0; k < c; ++k) {
+            const float g = (!relu || yr[k] > 0.0f) ? gr[k] : 0.0f;
+            f1[k] += g;
+            f2[k] += g * (xr[k] - shift[k]);
+          }
+        }
+      }
+      for (int64_t k = 0; k < c; ++k) d1[k] += f1[k], d2[k] += f2[k];
+    }
+  }
+  for (int64_t k = 0; k < c; ++k) {
+    double a = 0.0, b = 0.0;
+    for (int t = 0; t < team; ++t) a += part[2 * c * t + k], b += part[2 * c * t + c + k];
+    s1[k] = a, s2[k] = b;
+  }
+}
+
+// out = act((x - mean) * a + bias [+ res]) row by row across the team.
+void Normalize(const float* x, const float* res, const float* mean,
+               const float* a, const float* bias, bool relu, int64_t m,
+               int64_t c, int team, float* out) {
+#pragma omp parallel for num_threads(team) schedule(static)
+  for (int64_t r = 0; r < m; ++r) {
+    const float* xr = x + r * c;
+    float* o = out + r * c;
+    if (res) {
+      const float* rr = res + r * c;
+#pragma omp simd
+      for (int64_t k = 0; k < c; ++k) {
+        const float z = (xr[k] - mean[k]) * a[k] + bias[k] + rr[k];
+        o[k] = relu ? std::max(z, 0.0f) : z;
+      }
+    } else {
+#pragma omp simd
+      for (int64_t k = 0; k < c; ++k) {
+        const float z = (xr[k] - mean[k]) * a[k] + bias[k];
+        o[k] = relu ? std::max(z, 0.0f) : z;
+      }
+    }
+  }
+}
+
+ffi::Error TrainFwd(ffi::Buffer<ffi::F32> x, const float* res,
+                    ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bias,
+                    ffi::ResultBuffer<ffi::F32> y,
+                    ffi::ResultBuffer<ffi::F32> mean_out,
+                    ffi::ResultBuffer<ffi::F32> var_out, float eps, bool relu,
+                    int64_t threads) {
+  Dims d;
+  if (auto e = GetDims(x.dimensions(), scale.dimensions(), &d); e.failure())
+    return e;
+  return PfaOnTeamThread([&]() -> ffi::Error {
+  const int team = Team(threads);
+  std::vector<double> s1(d.c), s2(d.c);
+  std::vector<float> a(d.c), mean(d.c), zero(d.c, 0.0f);
+  for (int64_t g = 0; g < d.g; ++g) {
+    const float* xg = x.typed_data() + g * d.m * d.c;
+    // A first row as the shift keeps E[x^2] - E[x]^2 well conditioned.
+    const float* shift = d.m > 0 ? xg : zero.data();
+    Sums(kStats, xg, nullptr, nullptr, shift, false, d.m, d.c, team,
+         s1.data(), s2.data());
+    const float* sc = scale.typed_data() + g * d.c;
+    float* mo = mean_out->typed_data() + g * d.c;
+    float* vo = var_out->typed_data() + g * d.c;
+    const double inv_m = d.m > 0 ? 1.0 / static_cast<double>(d.m) : 0.0;
+    for (int64_t k = 0; k < d.c; ++k) {
+      const double mu = s1[k] * inv_m;
+      const double var = std::max(s2[k] * inv_m - mu * mu, 0.0);
+      mean[k] = static_cast<float>(mu + shift[k]);
+      mo[k] = mean[k];
+      vo[k] = static_cast<float>(var);
+      a[k] = sc[k] / std::sqrt(static_cast<float>(var) + eps);
+    }
+    Normalize(xg, res ? res + g * d.m * d.c : nullptr, mean.data(), a.data(),
+              bias.typed_data() + g * d.c, relu, d.m, d.c, team,
+              y->typed_data() + g * d.m * d.c);
+  }
+  return ffi::Error::Success();
+  });
+}
+
+ffi::Error TrainFwdPlain(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
+                         ffi::Buffer<ffi::F32> bias,
+                         ffi::ResultBuffer<ffi::F32> y,
+                         ffi::ResultBuffer<ffi::F32> mean,
+                         ffi::ResultBuffer<ffi::F32> var, float eps, bool relu,
+                         int64_t threads) {
+  return TrainFwd(x, nullptr, scale, bias, y, mean, var, eps, relu, threads);
+}
+
+ffi::Error TrainFwdRes(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> res,
+                       ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bias,
+                       ffi::ResultBuffer<ffi::F32> y,
+                       ffi::ResultBuffer<ffi::F32> mean,
+                       ffi::ResultBuffer<ffi::F32> var, float eps, bool relu,
+                       int64_t threads) {
+  if (res.element_count() != x.element_count())
+    return ffi::Error::InvalidArgument("fused_bn: residual shape differs");
+  return TrainFwd(x, res.typed_data(), scale, bias, y, mean, var, eps, relu,
+                  threads);
+}
+
+// dx (and dres = dz when dres is non-null), dscale, dbias.
+ffi::Error TrainBwd(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> y,
+                    ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> scale,
+                    ffi::Buffer<ffi::F32> mean, ffi::Buffer<ffi::F32> var,
+                    ffi::ResultBuffer<ffi::F32> dx, float* dres,
+                    ffi::ResultBuffer<ffi::F32> dscale,
+                    ffi::ResultBuffer<ffi::F32> dbias, float eps, bool relu,
+                    int64_t threads) {
+  Dims d;
+  if (auto e = GetDims(x.dimensions(), scale.dimensions(), &d); e.failure())
+    return e;
+  return PfaOnTeamThread([&]() -> ffi::Error {
+  const int team = Team(threads);
+  std::vector<double> s1(d.c), s2(d.c);
+  std::vector<float> ka(d.c), kb(d.c), kd(d.c);
+  const double inv_m = d.m > 0 ? 1.0 / static_cast<double>(d.m) : 0.0;
+  for (int64_t g = 0; g < d.g; ++g) {
+    const int64_t off = g * d.m * d.c;
+    const float* xg = x.typed_data() + off;
+    const float* yg = y.typed_data() + off;
+    const float* gg = dy.typed_data() + off;
+    const float* mu = mean.typed_data() + g * d.c;
+    const float* va = var.typed_data() + g * d.c;
+    const float* sc = scale.typed_data() + g * d.c;
+    Sums(kGrad, xg, yg, gg, mu, relu, d.m, d.c, team, s1.data(), s2.data());
+    float* ds = dscale->typed_data() + g * d.c;
+    float* db = dbias->typed_data() + g * d.c;
+    for (int64_t k = 0; k < d.c; ++k) {
+      const double rstd = 1.0 / std::sqrt(static_cast<double>(va[k]) + eps);
+      const double dsk = s2[k] * rstd;  // sum(dz * xhat)
+      db[k] = static_cast<float>(s1[k]);
+      ds[k] = static_cast<float>(dsk);
+      // dx = A dz + B (x - mean) + D
+      const double a = sc[k] * rstd;
+      ka[k] = static_cast<float>(a);
+      kb[k] = static_cast<float>(-a * rstd * dsk * inv_m);
+      kd[k] = static_cast<float>(-a * s1[k] * inv_m);
+    }
+    float* dxg = dx->typed_data() + off;
+    float* drg = dres ? dres + off : nullptr;
+    const float *A = ka.data(), *B = kb.data(), *D = kd.data();
+#pragma omp parallel for num_threads(team) schedule(static)
+    for (int64_t r = 0; r < d.m; ++r) {
+      const float* xr = xg + r * d.c;
+      const float* yr = yg + r * d.c;
+      const float* gr = gg + r * d.c;
+      float* o = dxg + r * d.c;
+      if (drg) {
+        float* q = drg + r * d.c;
+#pragma omp simd
+        for (int64_t k = 0; k < d.c; ++k) {
+          const float dz = (!relu || yr[k] > 0.0f) ? gr[k] : 0.0f;
+          q[k] = dz;
+          o[k] = A[k] * dz + B[k] * (xr[k] - mu[k]) + D[k];
+        }
+      } else {
+#pragma omp simd
+        for (int64_t k = 0; k < d.c; ++k) {
+          const float dz = (!relu || yr[k] > 0.0f) ? gr[k] : 0.0f;
+          o[k] = A[k] * dz + B[k] * (xr[k] - mu[k]) + D[k];
+        }
+      }
+    }
+  }
+  return ffi::Error::Success();
+  });
+}
+
+ffi::Error TrainBwdPlain(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> y,
+                         ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> scale,
+                         ffi::Buffer<ffi::F32> mean, ffi::Buffer<ffi::F32> var,
+                         ffi::ResultBuffer<ffi::F32> dx,
+                         ffi::ResultBuffer<ffi::F32> dscale,
+                         ffi::ResultBuffer<ffi::F32> dbias, float eps,
+                         bool relu, int64_t threads) {
+  return TrainBwd(x, y, dy, scale, mean, var, dx, nullptr, dscale, dbias, eps,
+                  relu, threads);
+}
+
+ffi::Error TrainBwdRes(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> y,
+                       ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> scale,
+                       ffi::Buffer<ffi::F32> mean, ffi::Buffer<ffi::F32> var,
+                       ffi::ResultBuffer<ffi::F32> dx,
+                       ffi::ResultBuffer<ffi::F32> dres,
+                       ffi::ResultBuffer<ffi::F32> dscale,
+                       ffi::ResultBuffer<ffi::F32> dbias, float eps, bool relu,
+                       int64_t threads) {
+  return TrainBwd(x, y, dy, scale, mean, var, dx, dres->typed_data(), dscale,
+                  dbias, eps, relu, threads);
+}
+
+ffi::Error Infer(ffi::Buffer<ffi::F32> x, const float* res,
+                 ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bias,
+                 ffi::Buffer<ffi::F32> mean, ffi::Buffer<ffi::F32> var,
+                 ffi::ResultBuffer<ffi::F32> y, float eps, bool relu,
+                 int64_t threads) {
+  Dims d;
+  if (auto e = GetDims(x.dimensions(), scale.dimensions(), &d); e.failure())
+    return e;
+  return PfaOnTeamThread([&]() -> ffi::Error {
+  const int team = Team(threads);
+  std::vector<float> a(d.c);
+  for (int64_t g = 0; g < d.g; ++g) {
+    const float* sc = scale.typed_data() + g * d.c;
+    const float* va = var.typed_data() + g * d.c;
+    for (int64_t k = 0; k < d.c; ++k) a[k] = sc[k] / std::sqrt(va[k] + eps);
+    const int64_t off = g * d.m * d.c;
+    Normalize(x.typed_data() + off, res ? res + off : nullptr,
+              mean.typed_data() + g * d.c, a.data(),
+              bias.typed_data() + g * d.c, relu, d.m, d.c, team,
+              y->typed_data() + off);
+  }
+  return ffi::Error::Success();
+  });
+}
+
+ffi::Error InferPlain(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
+                      ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> mean,
+                      ffi::Buffer<ffi::F32> var, ffi::ResultBuffer<ffi::F32> y,
+                      float eps, bool relu, int64_t threads) {
+  return Infer(x, nullptr, scale, bias, mean, var, y, eps, relu, threads);
+}
+
+ffi::Error InferRes(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> res,
+                    ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bias,
+                    ffi::Buffer<ffi::F32> mean, ffi::Buffer<ffi::F32> var,
+                    ffi::ResultBuffer<ffi::F32> y, float eps, bool relu,
+                    int64_t threads) {
+  if (res.element_count() != x.element_count())
+    return ffi::Error::InvalidArgument("fused_bn: residual shape differs");
+  return Infer(x, res.typed_data(), scale, bias, mean, var, y, eps, relu,
+               threads);
+}
+
+}  // namespace
+
+#define PFA_F32 ffi::Buffer<ffi::F32>
+#define PFA_ATTRS                \
+  .Attr<float>("eps")            \
+      .Attr<bool>("relu")        \
+      .Attr<int64_t>("threads")
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    PfaBnTrainFwd, TrainFwdPlain,
+    ffi::Ffi::Bind().Arg<PFA_F32>().Arg<PFA_F32>().Arg<PFA_F32>()
+        .Ret<PFA_F32>().Ret<PFA_F32>().Ret<PFA_F32>() PFA_ATTRS);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    PfaBnTrainFwdRes, TrainFwdRes,
+    ffi::Ffi::Bind().Arg<PFA_F32>().Arg<PFA_F32>().Arg<PFA_F32>()
+        .Arg<PFA_F32>().Ret<PFA_F32>().Ret<PFA_F32>().Ret<PFA_F32>()
+            PFA_ATTRS);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    PfaBnTrainBwd, TrainBwdPlain,
+    ffi::Ffi::Bind().Arg<PFA_F32>().Arg<PFA_F32>().Arg<PFA_F32>()
+        .Arg<PFA_F32>().Arg<PFA_F32>().Arg<PFA_F32>().Ret<PFA_F32>()
+        .Ret<PFA_F32>().Ret<PFA_F32>() PFA_ATTRS);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    PfaBnTrainBwdRes, TrainBwdRes,
+    ffi::Ffi::Bind().Arg<PFA_F32>().Arg<PFA_F32>().Arg<PFA_F32>()
+        .Arg<PFA_F32>().Arg<PFA_F32>().Arg<PFA_F32>().Ret<PFA_F32>()
+        .Ret<PFA_F32>().Ret<PFA_F32>().Ret<PFA_F32>() PFA_ATTRS);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    PfaBnInfer, InferPlain,
+    ffi::Ffi::Bind().Arg<PFA_F32>().Arg<PFA_F32>().Arg<PFA_F32>()
+        .Arg<PFA_F32>().Arg<PFA_F32>().Ret<PFA_F32>() PFA_ATTRS);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    PfaBnInferRes, InferRes,
+    ffi::Ffi::Bind().Arg<PFA_F32>().Arg<PFA_F32>().Arg<PFA_F32>()
+        .Arg<PFA_F32>().Arg<PFA_F32>().Arg<PFA_F32>().Ret<PFA_F32>()
+            PFA_ATTRS);
