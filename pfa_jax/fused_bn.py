@@ -69,6 +69,17 @@ def reference_infer(
   return _act(y, residual, relu)
 
 
+def spatial_max(y):
+  """[N, ..., C] -> [N, C]: the max over every axis but the first and last."""
+  return jnp.max(y, axis=tuple(range(1, y.ndim - 1)))
+
+
+def reference_infer_with_max(x, scale, bias, mean, var, *, relu=True, eps=1e-5):
+  """``(y, spatial_max(y))`` of :func:`reference_infer` (no residual)."""
+  y = reference_infer(x, scale, bias, mean, var, relu=relu, eps=eps)
+  return y, spatial_max(y)
+
+
 def eligible(*operands) -> bool:
   """True when the native kernel can take these operands (None skipped)."""
   ops = [o for o in operands if o is not None]
@@ -165,6 +176,51 @@ def _infer_bwd(relu, eps, res, g):
 
 
 _infer.defvjp(_infer_fwd, _infer_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _infer_max(x, scale, bias, mean, var, relu, eps):
+  n, c = x.shape[0], x.shape[-1]
+  return jax.ffi.ffi_call(
+    'pfa_jax_bn_infer_max',
+    (_f32(x.shape), _f32((n, c))),
+    vmap_method='broadcast_all',
+  )(x, scale, bias, mean, var, **_attrs(relu, eps))
+
+
+def _infer_max_fwd(x, scale, bias, mean, var, relu, eps):
+  return _infer_max(x, scale, bias, mean, var, relu, eps), (
+    x,
+    scale,
+    bias,
+    mean,
+    var,
+  )
+
+
+def _infer_max_bwd(relu, eps, res, g):
+  def f(*args):
+    return reference_infer_with_max(*args, relu=relu, eps=eps)
+
+  return jax.vjp(f, *res)[1](g)
+
+
+_infer_max.defvjp(_infer_max_fwd, _infer_max_bwd)
+
+
+def infer_with_max(x, scale, bias, mean, var, *, relu=True, eps=1e-5):
+  """``(y, spatial_max(y))``: :func:`infer` and its PFA response, one pass.
+
+  ``x`` is ``[N, ..., C]`` with at least one spatial axis. The max is taken
+  while each sample's rows are in cache, instead of re-reading the map
+  (the collection pass's overhead). Falls back to
+  :func:`reference_infer_with_max` when not :func:`eligible`.
+  """
+  if x.ndim < 3 or not eligible(x, scale, bias, mean, var):
+    return reference_infer_with_max(
+      x, scale, bias, mean, var, relu=relu, eps=eps
+    )
+  return _infer_max(x, scale, bias, mean, var, relu, float(eps))
 
 
 def infer(x, scale, bias, mean, var, *, residual=None, relu=True, eps=1e-5):

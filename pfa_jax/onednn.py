@@ -75,6 +75,7 @@ _SYMBOLS = {
   'pfa_jax_bn_train_bwd_res': 'PfaBnTrainBwdRes',
   'pfa_jax_bn_infer': 'PfaBnInfer',
   'pfa_jax_bn_infer_res': 'PfaBnInferRes',
+  'pfa_jax_bn_infer_max': 'PfaBnInferMax',
 }
 THREADS = int(os.environ.get('PFA_JAX_ONEDNN_THREADS', '0'))
 TEAM_THREAD = os.environ.get('PFA_JAX_ONEDNN_TEAM_THREAD', '1') != '0'

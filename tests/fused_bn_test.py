@@ -41,7 +41,7 @@ def _x64_grads(fn, args, ct):
   with jax.enable_x64():
     args = [None if a is None else jnp.asarray(a, jnp.float64) for a in args]
     _, vjp = jax.vjp(fn, *args)
-    grads = vjp(jnp.asarray(ct, jnp.float64))
+    grads = vjp(jax.tree.map(lambda c: jnp.asarray(c, jnp.float64), ct))
     return [None if g is None else np.asarray(g) for g in grads]
 
 
@@ -125,6 +125,45 @@ class FusedBnTest(parameterized.TestCase):
     got = jax.vjp(f, x, s, mean)[1](g)
     for a, w in zip(got, _x64_grads(ref, [x, s, mean], g)):
       self.assertLess(_rel_err(a, w), 1e-5)
+
+  def test_infer_with_max_matches_float64(self):
+    x, _, s, b, g = _data((5, 4, 3, 20), seed=13)
+    mean = np.linspace(-1, 1, 20).astype(np.float32)
+    var = np.linspace(0.5, 3, 20).astype(np.float32)
+    y, m = jax.jit(lambda x: fused_bn.infer_with_max(x, s, b, mean, var))(x)
+    z = np.maximum(
+      (x.astype(np.float64) - mean) / np.sqrt(var + EPS) * s + b, 0
+    )
+    self.assertLess(_rel_err(y, z), 1e-6)
+    self.assertLess(_rel_err(m, z.max(axis=(1, 2))), 1e-6)
+    got = jax.vjp(lambda x: fused_bn.infer_with_max(x, s, b, mean, var), x)[1](
+      (g, g[:, 0, 0])
+    )[0]
+    want = _x64_grads(
+      lambda x: fused_bn.reference_infer_with_max(x, s, b, mean, var),
+      [x],
+      (g, g[:, 0, 0]),
+    )[0]
+    self.assertLess(_rel_err(got, want), 1e-5)
+
+  @parameterized.parameters('simple_cnn', 'resnet8')
+  def test_model_responses_match_the_xla_path(self, name):
+    from pfa_jax import models  # noqa: PLC0415
+
+    hw = 32 if name == 'simple_cnn' else 8
+    x = np.random.default_rng(0).standard_normal((3, hw, hw, 3))
+    x = x.astype(np.float32)
+    kw = dict(num_classes=3)
+    if name == 'simple_cnn':
+      kw['width_mult'] = 0.125
+    ref = models.get_model(name, conv_impl='xla', **kw)
+    native = models.get_model(name, conv_impl='onednn', **kw)
+    v = models.init(ref, jax.random.key(0), (hw, hw, 3))
+    fn = jax.jit(lambda v, x: models.responses(native, v, x))
+    self.assertIn('pfa_jax_bn_infer_max', fn.lower(v, x).as_text())
+    got, want = fn(v, x), models.responses(ref, v, x)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
   def test_vmap_keeps_variants_apart(self):
     x, r, s, b, _ = _data((3, 4, 5, 5, 8), seed=7)  # 3 variants

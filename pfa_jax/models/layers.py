@@ -60,7 +60,20 @@ class BatchNorm(nn.BatchNorm):
   native: bool = False
 
   @nn.compact
-  def __call__(self, x, use_running_average=None, *, mask=None, residual=None):
+  def __call__(
+    self,
+    x,
+    use_running_average=None,
+    *,
+    mask=None,
+    residual=None,
+    with_max=False,
+  ):
+    """``act(bn(x) + residual)``; with ``with_max`` also its spatial max.
+
+    ``with_max`` (inference, no residual, ``x`` with spatial axes) returns
+    ``(y, spatial_max(y))``, computed in the same pass on the native path.
+    """
     use_ra = nn.merge_param(
       'use_running_average', self.use_running_average, use_running_average
     )
@@ -84,9 +97,9 @@ class BatchNorm(nn.BatchNorm):
       # A residual chain computed by XLA on the oneDNN path: keep it in
       # memory, or XLA:CPU re-computes it inside every later block's
       # fusions (onednn.materialize).
-      return (
-        onednn.materialize(y) if self.native and residual is not None else y
-      )
+      if self.native and residual is not None:
+        y = onednn.materialize(y)
+      return (y, spatial_max(y)) if with_max else y
     shape = x.shape[-1:]
     ra_mean = self.variable(
       'batch_stats', 'mean', jnp.zeros, shape, jnp.float32
@@ -95,14 +108,20 @@ class BatchNorm(nn.BatchNorm):
     scale = self.param('scale', self.scale_init, shape, self.param_dtype)
     bias = self.param('bias', self.bias_init, shape, self.param_dtype)
     kw = dict(residual=residual, relu=self.relu, eps=self.epsilon)
+    stats = (ra_mean.value, ra_var.value)
+    if with_max and use_ra and residual is None and x.ndim >= 3:
+      return fused_bn.infer_with_max(
+        x, scale, bias, *stats, relu=self.relu, eps=self.epsilon
+      )
     if use_ra:
-      return fused_bn.infer(x, scale, bias, ra_mean.value, ra_var.value, **kw)
+      y = fused_bn.infer(x, scale, bias, *stats, **kw)
+      return (y, spatial_max(y)) if with_max else y
     y, mean, var = fused_bn.train(x, scale, bias, **kw)
     if not self.is_initializing():
       m = self.momentum
       ra_mean.value = m * ra_mean.value + (1 - m) * mean
       ra_var.value = m * ra_var.value + (1 - m) * var
-    return y
+    return (y, spatial_max(y)) if with_max else y
 
 
 class ConvBN(nn.Module):
@@ -175,6 +194,16 @@ def _bn_act(module, y, train, *, residual=None, native=False):
     sow_response(module, y)
     y = y if residual is None else y + residual
     y = nn.relu(y) if module.relu else y
+  elif (
+    module.tap == 'post_act'
+    and module.is_mutable_collection(RESPONSES)
+    and not train
+    and residual is None
+    and y.ndim >= 3
+  ):  # the response from BN's own pass, while the map is in cache
+    y, response = bn(y, with_max=True)
+    module.sow(RESPONSES, 'out', response)
+    return y
   else:
     y = bn(y, residual=residual)
   if module.tap == 'post_act':

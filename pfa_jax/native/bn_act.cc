@@ -145,6 +145,34 @@ void Normalize(const float* x, const float* res, const float* mean,
   }
 }
 
+// Normalize without residual, plus the per-sample spatial max of the output:
+// rows [n * P, (n + 1) * P) are sample n (P = M / N), rmax is [N, C].
+void NormalizeMax(const float* x, const float* mean, const float* a,
+                  const float* bias, bool relu, int64_t n, int64_t p,
+                  int64_t c, int team, float* out, float* rmax) {
+#pragma omp parallel num_threads(team)
+  {
+    std::vector<float> mx(c);
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < n; ++i) {
+      std::fill(mx.begin(), mx.end(), -INFINITY);
+      float* m = mx.data();
+      for (int64_t r = i * p; r < (i + 1) * p; ++r) {
+        const float* xr = x + r * c;
+        float* o = out + r * c;
+#pragma omp simd
+        for (int64_t k = 0; k < c; ++k) {
+          const float z = (xr[k] - mean[k]) * a[k] + bias[k];
+          const float v = relu ? std::max(z, 0.0f) : z;
+          o[k] = v;
+          m[k] = std::max(m[k], v);
+        }
+      }
+      std::copy(mx.begin(), mx.end(), rmax + i * c);
+    }
+  }
+}
+
 ffi::Error TrainFwd(ffi::Buffer<ffi::F32> x, const float* res,
                     ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bias,
                     ffi::ResultBuffer<ffi::F32> y,
@@ -339,6 +367,38 @@ ffi::Error InferRes(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> res,
                threads);
 }
 
+// Inference BN (+ ReLU) and the spatial max of its output per sample (the
+// PFA response of the layer, pfa_jax.models.layers), in one pass.
+ffi::Error InferMax(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
+                    ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> mean,
+                    ffi::Buffer<ffi::F32> var, ffi::ResultBuffer<ffi::F32> y,
+                    ffi::ResultBuffer<ffi::F32> rmax, float eps, bool relu,
+                    int64_t threads) {
+  Dims d;
+  if (auto e = GetDims(x.dimensions(), scale.dimensions(), &d); e.failure())
+    return e;
+  const auto rd = rmax->dimensions();
+  if (rd.size() < 2 || rd[rd.size() - 1] != d.c)
+    return ffi::Error::InvalidArgument("fused_bn: bad max shape");
+  const int64_t n = rd[rd.size() - 2];
+  if (n <= 0 || d.m % n != 0)
+    return ffi::Error::InvalidArgument("fused_bn: rows not a multiple of N");
+  return PfaOnTeamThread([&]() -> ffi::Error {
+    const int team = Team(threads);
+    std::vector<float> a(d.c);
+    for (int64_t g = 0; g < d.g; ++g) {
+      const float* sc = scale.typed_data() + g * d.c;
+      const float* va = var.typed_data() + g * d.c;
+      for (int64_t k = 0; k < d.c; ++k) a[k] = sc[k] / std::sqrt(va[k] + eps);
+      const int64_t off = g * d.m * d.c;
+      NormalizeMax(x.typed_data() + off, mean.typed_data() + g * d.c, a.data(),
+                   bias.typed_data() + g * d.c, relu, n, d.m / n, d.c, team,
+                   y->typed_data() + off, rmax->typed_data() + g * n * d.c);
+    }
+    return ffi::Error::Success();
+  });
+}
+
 }  // namespace
 
 #define PFA_F32 ffi::Buffer<ffi::F32>
@@ -374,4 +434,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
     PfaBnInferRes, InferRes,
     ffi::Ffi::Bind().Arg<PFA_F32>().Arg<PFA_F32>().Arg<PFA_F32>()
         .Arg<PFA_F32>().Arg<PFA_F32>().Arg<PFA_F32>().Ret<PFA_F32>()
+            PFA_ATTRS);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    PfaBnInferMax, InferMax,
+    ffi::Ffi::Bind().Arg<PFA_F32>().Arg<PFA_F32>().Arg<PFA_F32>()
+        .Arg<PFA_F32>().Arg<PFA_F32>().Ret<PFA_F32>().Ret<PFA_F32>()
             PFA_ATTRS);
