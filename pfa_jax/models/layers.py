@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from pfa_jax import conv
+from pfa_jax import dropout as dropout_lib
 from pfa_jax import fused_bn
 from pfa_jax import onednn
 from pfa_jax.conv import CONV_IMPLS
@@ -43,6 +44,33 @@ def conv_fn(impl: str):
   if impl == 'xla':
     return None  # flax's default: lax.conv_general_dilated
   return conv.get_conv(impl)
+
+
+class Dropout(nn.Dropout):
+  """``nn.Dropout``, as one native pass when ``native`` (:mod:`pfa_jax.dropout`).
+
+  Same rng collection and distribution as ``nn.Dropout``; the native mask
+  is a different stream. ``broadcast_dims`` and non-float32 inputs take
+  flax's path.
+  """
+
+  native: bool = False
+
+  @nn.compact
+  def __call__(self, inputs, deterministic=None, rng=None):
+    off = nn.merge_param('deterministic', self.deterministic, deterministic)
+    if (
+      not self.native
+      or self.broadcast_dims
+      or off
+      or self.rate == 0.0
+      or self.rate >= 1.0
+      or not dropout_lib.eligible(inputs)
+    ):
+      return super().__call__(inputs, deterministic, rng)
+    if rng is None:
+      rng = self.make_rng(self.rng_collection)
+    return dropout_lib.dropout(inputs, rng, self.rate)
 
 
 class BatchNorm(nn.BatchNorm):

@@ -9,6 +9,7 @@ last. Prunable groups: conv1..conv8 (conv9 emits the logits).
 import flax.linen as nn
 import jax.numpy as jnp
 
+from pfa_jax import conv as conv_lib
 from pfa_jax.models import layers
 from pfa_jax.models import structure
 
@@ -55,7 +56,11 @@ class SimpleCNN(nn.Module):
         name=f'conv{i + 1}',
       )(x, train)
       if i in _DROPOUT_AFTER:
-        x = nn.Dropout(self.dropout, deterministic=not train)(x)
+        x = layers.Dropout(
+          self.dropout,
+          deterministic=not train,
+          native=conv_lib.resolve(self.conv_impl) == 'onednn',
+        )(x)
     x = layers.ConvBN(
       self.num_classes,
       (1, 1),

@@ -14,6 +14,7 @@ classes and a spatial mean. Groups: conv1..conv13, fc6, fc7.
 import flax.linen as nn
 import jax.numpy as jnp
 
+from pfa_jax import conv as conv_lib
 from pfa_jax.models import layers
 from pfa_jax.models import structure
 
@@ -40,7 +41,10 @@ class VGG16(nn.Module):
 
   def _drop(self, rate, x, train):
     rate = rate * self.dropout
-    return nn.Dropout(rate, deterministic=not train)(x) if rate else x
+    if not rate:
+      return x
+    native = conv_lib.resolve(self.conv_impl) == 'onednn'
+    return layers.Dropout(rate, deterministic=not train, native=native)(x)
 
   def _head_names(self):
     return ('fc1',) if self.variant == 'cifar' else ('fc6', 'fc7')
