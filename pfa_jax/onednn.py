@@ -53,7 +53,7 @@ from pfa_jax import native
 
 _SRCS = tuple(
   os.path.join(os.path.dirname(native.__file__), f)
-  for f in ('onednn_conv.cc', 'bn_act.cc', 'dropout.cc')
+  for f in ('onednn_conv.cc', 'bn_act.cc', 'dropout.cc', 'pool.cc')
 )
 _DISTS = ('onednn-devel-cpu-gomp', 'onednn-cpu-gomp')
 _FWD, _BWD_DATA, _BWD_WEIGHTS = (
@@ -77,6 +77,8 @@ _SYMBOLS = {
   'pfa_jax_bn_infer_res': 'PfaBnInferRes',
   'pfa_jax_bn_infer_max': 'PfaBnInferMax',
   'pfa_jax_dropout': 'PfaDropout',
+  'pfa_jax_max_pool2_fwd': 'PfaMaxPool2Fwd',
+  'pfa_jax_max_pool2_bwd': 'PfaMaxPool2Bwd',
 }
 THREADS = int(os.environ.get('PFA_JAX_ONEDNN_THREADS', '0'))
 TEAM_THREAD = os.environ.get('PFA_JAX_ONEDNN_TEAM_THREAD', '1') != '0'

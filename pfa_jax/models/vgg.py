@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from pfa_jax import conv as conv_lib
+from pfa_jax import pool
 from pfa_jax.models import layers
 from pfa_jax.models import structure
 
@@ -80,7 +81,10 @@ class VGG16(nn.Module):
         name=name,
       )(x, train)
       if i in _POOL_AFTER:
-        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        if conv_lib.resolve(self.conv_impl) == 'onednn':
+          x = pool.max_pool_2x2(x)
+        else:
+          x = nn.max_pool(x, (2, 2), strides=(2, 2))
       elif self.variant == 'cifar':
         x = self._drop(_CIFAR_DROPOUT.get(i, 0.4), x, train)
     if self.variant == 'cifar':
