@@ -1,7 +1,8 @@
 """``python -m pfa_jax.native [onednn]``: builds a native kernel, prints status.
 
 Without an argument: the statistics' SSYRK kernel (:mod:`pfa_jax.native`);
-with ``onednn``: the oneDNN convolutions of :mod:`pfa_jax.onednn`. Exits 1
+with ``onednn``: the oneDNN convolutions of :mod:`pfa_jax.onednn` and, in
+the same library, the fused BN, dropout and max-pool kernels. Exits 1
 when the kernel cannot be built (the reason is printed).
 """
 
