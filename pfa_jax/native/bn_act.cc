@@ -401,42 +401,20 @@ ffi::Error InferMax(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
 
 }  // namespace
 
-#define PFA_F32 ffi::Buffer<ffi::F32>
-#define PFA_ATTRS                \
-  .Attr<float>("eps")            \
-      .Attr<bool>("relu")        \
-      .Attr<int64_t>("threads")
+// Bindings: I = one float32 operand, O = one float32 result.
+#define I .Arg<ffi::Buffer<ffi::F32>>()
+#define O .Ret<ffi::Buffer<ffi::F32>>()
+#define PFA_BN(name, fn, ...)                                            \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, fn,                                \
+                                ffi::Ffi::Bind() __VA_ARGS__             \
+                                    .Attr<float>("eps")                  \
+                                    .Attr<bool>("relu")                  \
+                                    .Attr<int64_t>("threads"))
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    PfaBnTrainFwd, TrainFwdPlain,
-    ffi::Ffi::Bind().Arg<PFA_F32>().Arg<PFA_F32>().Arg<PFA_F32>()
-        .Ret<PFA_F32>().Ret<PFA_F32>().Ret<PFA_F32>() PFA_ATTRS);
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    PfaBnTrainFwdRes, TrainFwdRes,
-    ffi::Ffi::Bind().Arg<PFA_F32>().Arg<PFA_F32>().Arg<PFA_F32>()
-        .Arg<PFA_F32>().Ret<PFA_F32>().Ret<PFA_F32>().Ret<PFA_F32>()
-            PFA_ATTRS);
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    PfaBnTrainBwd, TrainBwdPlain,
-    ffi::Ffi::Bind().Arg<PFA_F32>().Arg<PFA_F32>().Arg<PFA_F32>()
-        .Arg<PFA_F32>().Arg<PFA_F32>().Arg<PFA_F32>().Ret<PFA_F32>()
-        .Ret<PFA_F32>().Ret<PFA_F32>() PFA_ATTRS);
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    PfaBnTrainBwdRes, TrainBwdRes,
-    ffi::Ffi::Bind().Arg<PFA_F32>().Arg<PFA_F32>().Arg<PFA_F32>()
-        .Arg<PFA_F32>().Arg<PFA_F32>().Arg<PFA_F32>().Ret<PFA_F32>()
-        .Ret<PFA_F32>().Ret<PFA_F32>().Ret<PFA_F32>() PFA_ATTRS);
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    PfaBnInfer, InferPlain,
-    ffi::Ffi::Bind().Arg<PFA_F32>().Arg<PFA_F32>().Arg<PFA_F32>()
-        .Arg<PFA_F32>().Arg<PFA_F32>().Ret<PFA_F32>() PFA_ATTRS);
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    PfaBnInferRes, InferRes,
-    ffi::Ffi::Bind().Arg<PFA_F32>().Arg<PFA_F32>().Arg<PFA_F32>()
-        .Arg<PFA_F32>().Arg<PFA_F32>().Arg<PFA_F32>().Ret<PFA_F32>()
-            PFA_ATTRS);
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    PfaBnInferMax, InferMax,
-    ffi::Ffi::Bind().Arg<PFA_F32>().Arg<PFA_F32>().Arg<PFA_F32>()
-        .Arg<PFA_F32>().Arg<PFA_F32>().Ret<PFA_F32>().Ret<PFA_F32>()
-            PFA_ATTRS);
+PFA_BN(PfaBnTrainFwd, TrainFwdPlain, I I I O O O);            // x s b
+PFA_BN(PfaBnTrainFwdRes, TrainFwdRes, I I I I O O O);         // x r s b
+PFA_BN(PfaBnTrainBwd, TrainBwdPlain, I I I I I I O O O);      // x y dy s m v
+PFA_BN(PfaBnTrainBwdRes, TrainBwdRes, I I I I I I O O O O);   // + dres out
+PFA_BN(PfaBnInfer, InferPlain, I I I I I O);                  // x s b m v
+PFA_BN(PfaBnInferRes, InferRes, I I I I I I O);               // x r s b m v
+PFA_BN(PfaBnInferMax, InferMax, I I I I I O O);               // -> y, max
