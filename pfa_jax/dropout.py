@@ -1,8 +1,9 @@
 """Inverted dropout as one native CPU pass, its mask a hash of (key, index).
 
-``jax.random.bernoulli`` over an activation map costs XLA:CPU 11-15 ns per
-element (threefry or RBG bits, then a compare: measured 90-120 ms for one
-[128, 32, 32, 64] VGG-16 map), about a fifth of VGG-16's training step.
+``jax.random.bernoulli`` over an activation map is slow on XLA:CPU
+(threefry bits, then a compare: 71 ms for one [128, 32, 32, 64] VGG-16 map
+against 15 ms here, ``benchmarks/native_levers.py``; VGG-16's training step
++11%).
 :func:`dropout` draws the mask inside one native loop
 (``pfa_jax/native/dropout.cc``: splitmix64 of the key's 64 bits and the
 element index) and multiplies in the same pass. The mask is a pure function

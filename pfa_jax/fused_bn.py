@@ -80,6 +80,28 @@ def reference_infer_with_max(x, scale, bias, mean, var, *, relu=True, eps=1e-5):
   return y, spatial_max(y)
 
 
+def check_shapes(x, residual=None, **per_channel) -> None:
+  """Raises ValueError naming the operand whose shape does not fit ``x``.
+
+  ``per_channel`` (``scale=...``, ``mean=...``) must be ``[C]`` for
+  ``x = [..., C]``; ``residual`` must be ``x``'s shape.
+  """
+  x_shape = tuple(jnp.shape(x))
+  if not x_shape:
+    raise ValueError('fused_bn: x must have a channel axis, got a scalar.')
+  for name, v in per_channel.items():
+    if tuple(jnp.shape(v)) != x_shape[-1:]:
+      raise ValueError(
+        f'fused_bn: {name} has shape {tuple(jnp.shape(v))}, expected '
+        f'({x_shape[-1]},) for x of shape {x_shape}.'
+      )
+  if residual is not None and tuple(jnp.shape(residual)) != x_shape:
+    raise ValueError(
+      f'fused_bn: residual has shape {tuple(jnp.shape(residual))}, '
+      f'expected x\'s {x_shape}.'
+    )
+
+
 def eligible(*operands) -> bool:
   """True when the native kernel can take these operands (None skipped)."""
   ops = [o for o in operands if o is not None]
@@ -142,8 +164,10 @@ def train(x, scale, bias, *, residual=None, relu=True, eps=1e-5):
   """``(y, batch mean, batch var)``: training BN + residual + ReLU, native.
 
   Same function as :func:`reference_train`; falls back to it when the
-  operands are not :func:`eligible`.
+  operands are not :func:`eligible`. Shapes are checked first
+  (:func:`check_shapes`).
   """
+  check_shapes(x, residual, scale=scale, bias=bias)
   if not eligible(x, residual, scale, bias):
     return reference_train(
       x, scale, bias, residual=residual, relu=relu, eps=eps
@@ -216,6 +240,7 @@ def infer_with_max(x, scale, bias, mean, var, *, relu=True, eps=1e-5):
   (the collection pass's overhead). Falls back to
   :func:`reference_infer_with_max` when not :func:`eligible`.
   """
+  check_shapes(x, scale=scale, bias=bias, mean=mean, var=var)
   if x.ndim < 3 or not eligible(x, scale, bias, mean, var):
     return reference_infer_with_max(
       x, scale, bias, mean, var, relu=relu, eps=eps
@@ -227,8 +252,9 @@ def infer(x, scale, bias, mean, var, *, residual=None, relu=True, eps=1e-5):
   """``y``: BN with running statistics + residual + ReLU, native.
 
   Same function as :func:`reference_infer`; falls back to it when the
-  operands are not :func:`eligible`.
+  operands are not :func:`eligible`. Shapes are checked first.
   """
+  check_shapes(x, residual, scale=scale, bias=bias, mean=mean, var=var)
   if not eligible(x, residual, scale, bias, mean, var):
     return reference_infer(
       x, scale, bias, mean, var, residual=residual, relu=relu, eps=eps

@@ -4,8 +4,8 @@ XLA:CPU allocates every execution's temporary and output buffers with
 ``malloc`` and frees them after. glibc serves large blocks, and every block
 on a non-main arena (XLA's worker threads each get one), from fresh
 ``mmap``s that go back to the kernel on ``free``, so each training step
-touches its whole working set as new pages: measured for ResNet-56 at batch
-128, 135k page faults (552 MB zeroed) per step, about a quarter of the step.
+touches its whole working set as new pages: for ResNet-56 at batch 128,
+134,732 page faults (552 MB zeroed) per step (``benchmarks/native_levers.py``).
 :func:`retain_freed_memory` sets glibc's ``mallopt`` so that freed memory
 stays in the process for reuse: one arena, no ``mmap`` chunks, no trimming.
 

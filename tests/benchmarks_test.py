@@ -10,6 +10,7 @@ import math
 from absl.testing import absltest
 
 from benchmarks import common
+from benchmarks import native_levers
 from benchmarks import stats_overhead
 
 
@@ -19,6 +20,13 @@ class BenchmarksTest(absltest.TestCase):
     self.assertEqual(r['layers'], 8)  # SimpleCNN's eight prunable convs
     self.assertGreater(r['forward_img_s'], 0)
     self.assertTrue(math.isfinite(r['overhead']))
+
+  def test_native_levers_ops_run(self):
+    rows = native_levers.ops(repeats=1)
+    self.assertEqual(len(rows), 4)  # BN (+residual), BN, pool, dropout
+    for r in rows:
+      self.assertGreater(r['native_ms'], 0)
+      self.assertTrue(math.isfinite(r['speedup']))
 
   def test_loaded_is_decided_by_the_load_before_the_run(self):
     saved = common.START_LOAD

@@ -5,6 +5,9 @@ gradient of that same function by JAX autodiff in float64 (backward), which
 the kernel's hand-derived backward must match.
 """
 
+import os
+from unittest import mock
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -206,6 +209,26 @@ class FusedBnTest(parameterized.TestCase):
     self.assertNotIn('pfa_jax_bn', hlo.as_text())
 
 
+class ShapeErrorTest(absltest.TestCase):
+  """Wrong shapes are named before any kernel or XLA sees them."""
+
+  def test_bad_operand_is_named(self):
+    x = jnp.ones((2, 3, 3, 4))
+    c4, c5 = jnp.ones(4), jnp.ones(5)
+    with self.assertRaisesRegex(
+      ValueError, r'bias has shape \(5,\), expected \(4,\)'
+    ):
+      fused_bn.train(x, c4, c5)
+    with self.assertRaisesRegex(
+      ValueError, r'residual has shape \(2, 3, 3, 5\)'
+    ):
+      fused_bn.train(x, c4, c4, residual=jnp.ones((2, 3, 3, 5)))
+    with self.assertRaisesRegex(ValueError, r'var has shape \(5,\)'):
+      fused_bn.infer(x, c4, c4, c4, c5)
+    with self.assertRaisesRegex(ValueError, r'mean has shape \(\)'):
+      fused_bn.infer_with_max(x, c4, c4, jnp.float32(0), c4)
+
+
 class _Block(nn.Module):
   native: bool
 
@@ -258,6 +281,21 @@ class BatchNormLayerTest(absltest.TestCase):
         outs[native] = m.apply(self.v, self.x, train, mutable=['batch_stats'])
       for a, b in zip(*(jax.tree.leaves(outs[n]) for n in (False, True))):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+
+  def test_unfused_residual_is_still_a_fusion_boundary(self):
+    # PFA_JAX_FUSED_BN=0 on the native path: flax's BN + add + ReLU, whose
+    # output is materialised (onednn.materialize) so XLA cannot re-fuse the
+    # residual chain into later blocks.
+    with mock.patch.dict(os.environ, {'PFA_JAX_FUSED_BN': '0'}):
+      hlo = (
+        jax.jit(
+          lambda v, x: _Block(True).apply(v, x, True, mutable=['batch_stats'])
+        )
+        .lower(self.v, self.x)
+        .as_text()
+      )
+    self.assertNotIn('pfa_jax_bn', hlo)
+    self.assertEqual(hlo.count('custom_call @pfa_jax_materialize('), 1)
 
   def test_recalibration_finds_the_layer(self):
     batches = [

@@ -1,6 +1,10 @@
 """Tests for pfa_jax.stats against float64 NumPy references."""
 
+import ctypes
 import functools
+import os
+import shutil
+import tempfile
 from unittest import mock
 
 import jax
@@ -85,6 +89,30 @@ class StatsTest(parameterized.TestCase):
     self.assertEqual(blas_threads(), before)
     with gram.blas_threads_for([64, gram.SERIAL_BLAS_BELOW]):
       self.assertEqual(blas_threads(), before)
+
+  def test_native_build_key_follows_sources_and_cpu(self):
+    # Several sources make one library; with -march=native the CPU is part
+    # of the cache key, so a home directory shared by two machines never
+    # loads a library built for the other one.
+    if not shutil.which(os.environ.get('CXX') or 'g++'):
+      self.skipTest('no C++ compiler')
+    tmp = tempfile.mkdtemp()
+    self.addCleanup(shutil.rmtree, tmp, True)
+    a, b = os.path.join(tmp, 'a.cc'), os.path.join(tmp, 'b.cc')
+    with open(a, 'w') as f:
+      f.write('extern "C" int pfa_a() { return 1; }\n')
+    with open(b, 'w') as f:
+      f.write('extern "C" int pfa_b() { return 2; }\n')
+    with mock.patch.dict(os.environ, {'PFA_JAX_NATIVE_DIR': tmp}):
+      both = native.build((a, b), 'libt')
+      lib = ctypes.CDLL(both)
+      self.assertEqual((lib.pfa_a(), lib.pfa_b()), (1, 2))
+      self.assertNotEqual(native.build(a, 'libt'), both)
+      with mock.patch.object(native, '_cpu_fingerprint', return_value=b'cpu1'):
+        one = native.build(a, 'libt', ('-march=native',))
+      with mock.patch.object(native, '_cpu_fingerprint', return_value=b'cpu2'):
+        two = native.build(a, 'libt', ('-march=native',))
+    self.assertNotEqual(one, two)
 
   def test_native_kernel_builds_here(self):
     # The machine has g++; the fallback is tested above. Skip only if the
