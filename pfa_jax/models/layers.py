@@ -112,10 +112,9 @@ class BatchNorm(nn.BatchNorm):
       and self.use_scale
       and self.use_bias
       and self.axis_name is None
-      and x.dtype == jnp.float32
       and self.dtype in (None, jnp.float32)
       and self.param_dtype == jnp.float32
-      and fused_bn.eligible(x, residual)
+      and fused_bn.eligible(x, residual)  # float32, unsharded, kernel built
     )
     if not fused:
       y = super().__call__(x, use_running_average, mask=mask)
@@ -135,20 +134,18 @@ class BatchNorm(nn.BatchNorm):
     ra_var = self.variable('batch_stats', 'var', jnp.ones, shape, jnp.float32)
     scale = self.param('scale', self.scale_init, shape, self.param_dtype)
     bias = self.param('bias', self.bias_init, shape, self.param_dtype)
-    kw = dict(residual=residual, relu=self.relu, eps=self.epsilon)
-    stats = (ra_mean.value, ra_var.value)
-    if with_max and use_ra and residual is None and x.ndim >= 3:
-      return fused_bn.infer_with_max(
-        x, scale, bias, *stats, relu=self.relu, eps=self.epsilon
-      )
+    kw = dict(relu=self.relu, eps=self.epsilon)
     if use_ra:
-      y = fused_bn.infer(x, scale, bias, *stats, **kw)
-      return (y, spatial_max(y)) if with_max else y
-    y, mean, var = fused_bn.train(x, scale, bias, **kw)
-    if not self.is_initializing():
-      m = self.momentum
-      ra_mean.value = m * ra_mean.value + (1 - m) * mean
-      ra_var.value = m * ra_var.value + (1 - m) * var
+      stats = (ra_mean.value, ra_var.value)
+      if with_max and residual is None and x.ndim >= 3:
+        return fused_bn.infer_with_max(x, scale, bias, *stats, **kw)
+      y = fused_bn.infer(x, scale, bias, *stats, residual=residual, **kw)
+    else:
+      y, mean, var = fused_bn.train(x, scale, bias, residual=residual, **kw)
+      if not self.is_initializing():
+        m = self.momentum
+        ra_mean.value = m * ra_mean.value + (1 - m) * mean
+        ra_var.value = m * ra_var.value + (1 - m) * var
     return (y, spatial_max(y)) if with_max else y
 
 
