@@ -42,7 +42,7 @@ _INSIDE = (
   'with np.load(sys.argv[1]) as d: r = {k: d[k] for k in d.files}\n'
   'e = [float(t) for t in sys.argv[2].split(",") if t]\n'
   't2 = time.perf_counter()\n'
-  'analysis.analyze(r, energies=e)\n'
+  'analysis.analyze(r, energies=e, overwrite_responses=True)\n'
   't3 = time.perf_counter()\n'
   'print(json.dumps({"import_s": t1 - t0, "load_s": t2 - t1, '
   '"analyze_s": t3 - t2, "jax_imported": "jax" in sys.modules}))\n'

@@ -17,9 +17,10 @@ Statistics and spectra are computed once per layer and the selection
 removal order once per layer, then reused by every recipe.
 
 Decision: the responses are already in host memory, so this path never
-touches JAX (``python -m pfa_jax.analyze`` does not even import it): each
-layer's covariance is one float32 BLAS SSYRK on the responses scaled and
-shifted exactly as :mod:`pfa_jax.stats` does (a power-of-two scale from the
+touches JAX or SciPy (``python -m pfa_jax.analyze`` imports NumPy and
+nothing heavier; :mod:`pfa_jax.openblas`): each layer's covariance is one
+float32 BLAS SSYRK on the responses shifted (and, outside a safe range,
+scaled) exactly as :mod:`pfa_jax.stats` does (a power-of-two scale from the
 largest ``|x|``, the float64 mean as shift), finished in float64. Each
 layer's float64 covariance is then handed to the selection and, last, to
 LAPACK with ``overwrite`` (no extra [C, C] copy).
@@ -37,8 +38,9 @@ import sys
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-import scipy.linalg.blas
 
+from pfa_jax import hostmem
+from pfa_jax import openblas
 from pfa_jax import recipes
 from pfa_jax import select
 from pfa_jax import spectra as spectra_lib
@@ -46,20 +48,15 @@ from pfa_jax import spectra as spectra_lib
 DEFAULT_ENERGIES = (0.8, 0.85, 0.93, 0.95, 0.96, 0.97, 0.98, 0.99)
 
 
-def pool_responses(x: np.typing.ArrayLike, *, name: str | None = None):
-  """Validates a response array and max-pools (M, H, W, C) to (M, C).
+# Within [2^-32, 2^32] scaling by the power of two p changes no float32
+# value's digits and no SSYRK product can overflow or underflow (M < 2^50), so
+# the scaling pass is skipped there: y = x - mean is then x / p - mean / p
+# times p, exactly.
+_SAFE_SCALE = (2.0**-32, 2.0**32)
 
-  Args:
-    x: (M, C) or (M, H, W, C) responses.
-    name: layer name for error messages.
 
-  Returns:
-    A float32 (M, C) NumPy array (float32 is the statistics accumulator
-    dtype; centring keeps it accurate).
-
-  Raises:
-    ValueError: on another rank, fewer than 2 samples, no units or NaN/Inf.
-  """
+def _validate(x: np.typing.ArrayLike, name: str | None):
+  """Checks and max-pools one layer's responses; returns (x, max |x|)."""
   where = f'layer {name!r}' if name is not None else 'layer'
   x = np.asarray(x)
   if x.dtype.kind not in 'fiub':
@@ -77,37 +74,79 @@ def pool_responses(x: np.typing.ArrayLike, *, name: str | None = None):
     raise ValueError(f'{where}: need at least 2 samples, got {x.shape[0]}.')
   if x.shape[1] < 1:
     raise ValueError(f'{where}: responses have no units (shape {x.shape}).')
-  x = x.astype(np.float32, copy=False)
-  if not np.all(np.isfinite(x)):
+  x = np.ascontiguousarray(x, np.float32)
+  # max/min propagate NaN and see Inf: two reads, no [M, C] temporary.
+  amax = max(float(x.max()), -float(x.min()))
+  if not np.isfinite(amax):
     raise ValueError(f'{where}: responses contain NaN or Inf.')
-  return x
+  return x, amax
 
 
-def covariance(x: np.ndarray) -> np.ndarray:
+def pool_responses(x: np.typing.ArrayLike, *, name: str | None = None):
+  """Validates a response array and max-pools (M, H, W, C) to (M, C).
+
+  Args:
+    x: (M, C) or (M, H, W, C) responses.
+    name: layer name for error messages.
+
+  Returns:
+    A C-order float32 (M, C) NumPy array (float32 is the statistics
+    accumulator dtype; centring keeps it accurate).
+
+  Raises:
+    ValueError: on another rank, fewer than 2 samples, no units or NaN/Inf.
+  """
+  return _validate(x, name)[0]
+
+
+def covariance(
+  x: np.ndarray, amax: float | None = None, *, overwrite: bool = False
+) -> np.ndarray:
   """Unbiased float64 covariance of float32 (M, C) responses, on the host.
 
   The arithmetic of :mod:`pfa_jax.stats` in one pass: ``y = x / p - s``
   with ``p`` the largest power of two <= max |x| (exact, so any scalar
   scaling of ``x`` float32 holds gives the scaled covariance) and ``s`` the
-  mean of ``x / p``; ``sum y y^T`` is one SSYRK.
+  mean of ``x / p``; ``sum y y^T`` is one SSYRK. ``amax`` (max |x|, when the
+  caller has it) saves two reads; ``overwrite`` lets ``x``'s memory serve
+  as scratch (``y``, then the result when M >= 2C): one [M, C] buffer
+  fewer, and ``x`` holds no responses afterwards.
   """
+  x = np.ascontiguousarray(x, np.float32)
   m, c = x.shape
-  amax = float(np.max(np.abs(x)))
+  if amax is None:
+    amax = max(float(x.max()), -float(x.min()))
   if amax == 0.0:
     return np.zeros((c, c))
   p = float(np.ldexp(1.0, np.frexp(amax)[1] - 1))
-  z = x / np.float32(p)
-  shift = z.mean(axis=0, dtype=np.float64).astype(np.float32)
-  z -= shift
-  g = scipy.linalg.blas.ssyrk(1.0, z.T, trans=0, lower=1)  # lower valid
-  s = z.sum(axis=0, dtype=np.float64)
-  cov = np.asarray(g, np.float64, order='C')
-  for i in range(0, c, 256):  # in place: upper = lower^T, block by block
-    b = cov[i : i + 256, i : i + 256]
-    b[...] = np.tril(b) + np.tril(b, -1).T
-    cov[i : i + 256, i + 256 :] = cov[i + 256 :, i : i + 256].T
-  cov -= np.outer(s, s / m)
-  cov *= p * p / (m - 1)
+  mean = x.mean(axis=0, dtype=np.float64)
+  y = x if overwrite else np.empty_like(x)
+  if _SAFE_SCALE[0] <= p <= _SAFE_SCALE[1]:
+    p = 1.0
+    np.subtract(x, mean.astype(np.float32), out=y)
+  else:
+    np.multiply(x, np.float32(1.0 / p), out=y)
+    y -= (mean / p).astype(np.float32)
+  g = openblas.syrk_upper(y)  # upper triangle valid
+  s = y.sum(axis=0, dtype=np.float64)
+  # y is dead now: when it is large enough (M >= 2C) the float64 result
+  # takes its memory, not another [C, C] of fresh pages (in a cold process
+  # their first touch costs ~0.3 s per 128 MB here).
+  flat = y.reshape(-1)
+  if flat.size >= 2 * c * c and flat.ctypes.data % 8 == 0:
+    cov = flat[: 2 * c * c].view(np.float64).reshape(c, c)
+  else:
+    cov = np.empty((c, c))
+  scale = p * p / (m - 1)
+  sm = s / m
+  for i in range(0, c, 256):  # block rows: convert and finish the upper
+    rows = cov[i : i + 256, i:]  # triangle, then mirror it into the lower
+    rows[...] = g[i : i + 256, i:]
+    rows -= np.outer(s[i : i + 256], sm[i:])
+    rows *= scale
+    blk = rows[:, :256]
+    blk[...] = np.triu(blk) + np.triu(blk, 1).T
+    cov[i + 256 :, i : i + 256] = rows[:, 256:].T
   return cov
 
 
@@ -116,6 +155,7 @@ def analyze(
   *,
   energies: Sequence[float] = DEFAULT_ENERGIES,
   kl: bool = True,
+  overwrite_responses: bool = False,
 ) -> dict:
   """Runs PFA (spectra, PFA-En for each tau, PFA-KL, selection) on responses.
 
@@ -124,6 +164,9 @@ def analyze(
     energies: PFA-En thresholds, each in (0, 1]. Keys are
       ``f'energy_{tau:g}'``.
     kl: whether to include the PFA-KL recipe (key ``'kl'``).
+    overwrite_responses: let the statistics use float32 (M, C) arrays as
+      scratch memory (they hold no responses afterwards; saves their size
+      in memory and the first touch of it; the CLI's arrays are its own).
 
   Returns:
     A JSON-serialisable dict with ``'spectra'`` and ``'recipes'`` (see the
@@ -140,10 +183,10 @@ def analyze(
     if not 0.0 < t <= 1.0:
       raise ValueError(f'Energy threshold tau must be in (0, 1], got {t!r}.')
   # Validate everything before any heavy work.
-  pooled = {k: pool_responses(x, name=k) for k, x in responses.items()}
+  pooled = {k: _validate(x, k) for k, x in responses.items()}
   spectra, orders = {}, {}
-  for name, x in pooled.items():
-    cov = covariance(x)
+  for name, (x, amax) in pooled.items():
+    cov = covariance(x, amax, overwrite=overwrite_responses)
     orders[name] = select.removal_order(cov, name=name)
     spectra[name] = spectra_lib.spectrum(cov, name=name, overwrite=True)
 
@@ -187,10 +230,16 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument('--no-kl', action='store_true', help='skip PFA-KL')
   parser.add_argument('--indent', type=int, default=None, help='JSON indent')
   args = parser.parse_args(argv)
+  hostmem.retain_freed_memory()  # a freed [C, C] buffer is reused, not unmapped
   with np.load(args.npz) as data:
     responses = {k: data[k] for k in data.files}
   try:
-    result = analyze(responses, energies=args.energies, kl=not args.no_kl)
+    result = analyze(
+      responses,
+      energies=args.energies,
+      kl=not args.no_kl,
+      overwrite_responses=True,
+    )
   except ValueError as e:
     parser.exit(2, f'error: {e}\n')
   sys.stdout.write(json.dumps(result, indent=args.indent) + '\n')

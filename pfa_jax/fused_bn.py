@@ -98,7 +98,7 @@ def check_shapes(x, residual=None, **per_channel) -> None:
   if residual is not None and tuple(jnp.shape(residual)) != x_shape:
     raise ValueError(
       f'fused_bn: residual has shape {tuple(jnp.shape(residual))}, '
-      f'expected x\'s {x_shape}.'
+      f"expected x's {x_shape}."
     )
 
 

@@ -79,8 +79,11 @@ def correlation(
   vmax = var.max()
   active = np.flatnonzero((var > 0) & (var > INACTIVE_RTOL * vmax))
   sd = np.sqrt(var[active])
-  r = c[np.ix_(active, active)]
-  r /= sd[:, None]
+  if active.size == c.shape[0]:  # the first division makes the copy
+    r = np.divide(c, sd[:, None])
+  else:
+    r = c[np.ix_(active, active)]
+    r /= sd[:, None]
   r /= sd[None, :]
   np.abs(r, out=r)
   np.minimum(r, 1.0, out=r)

@@ -10,78 +10,55 @@ Decisions:
     ``[1, 0, ..., 0]``: all the information fits in one unit, so every recipe
     keeps exactly one unit. A uniform spectrum would make PFA-KL keep every
     dead unit.
-  * Driver: for C >= :data:`TWO_STAGE_MIN_C`, LAPACK's two-stage
-    ``dsyevd_2stage`` (eigenvalues only) from the OpenBLAS that SciPy ships,
-    through its LAPACKE symbol; measured 15.7 s against 27-30 s for
-    ``scipy.linalg.eigh`` (evr/evd/ev) at C = 4096 on this loaded 2-core
-    machine, same eigenvalues to 2e-14. It is slower below ~1000 units, and
-    absent from other BLAS builds: then ``scipy.linalg.eigh(eigvals_only)``.
-    A symmetric C-order matrix is its own column-major transpose, so it is
-    passed without a layout copy.
-  * BLAS threads are pinned to one with ``threadpoolctl`` for every width
-    (:data:`SOLVER_THREADS`): the tridiagonalisation makes many small
-    synchronised BLAS calls. On the shared 2-core machine two threads were
-    20-40x slower at C = 512 and 4.8x slower at C = 4096 (95.6 s against
-    19.9 s wall for the two-stage driver at load 6-10); when idle they gain
-    little at C = 512. A quiet many-core machine may prefer more.
+  * Driver: LAPACK's eigenvalue-only ``dsyevd`` from the OpenBLAS NumPy
+    ships (:mod:`pfa_jax.openblas`; no SciPy, whose import is ~0.22 s of a
+    cold ``analyze``), two-stage ``dsyevd_2stage`` for C >=
+    :data:`TWO_STAGE_MIN_C`: measured 15.7 s against 27-30 s for
+    ``scipy.linalg.eigh`` (evr/evd/ev) at C = 4096 on a loaded 2-core
+    machine, 3.0 s against 5.2-5.5 s for one-stage ``evd`` on a quiet one;
+    same eigenvalues to 2e-14. It is slower below ~1000 units. A symmetric
+    C-order matrix is its own column-major transpose, so it is passed without
+    a layout copy. Where NumPy links another BLAS: ``numpy.linalg.eigvalsh``.
+  * BLAS threads (:func:`solver_threads`): one below
+    :data:`TWO_STAGE_MIN_C`; above, as many as there are idle cores right
+    now. The tridiagonalisation makes many small synchronised BLAS calls, and
+    OpenBLAS's spinning threads collapse when the cores are shared: on the
+    2-core machine at load 6-10, two threads were 20-40x slower at C = 512
+    and 4.8x slower at C = 4096 (95.6 s against 19.9 s). On the quiet
+    machine two threads take C = 4096 from 3.0-3.4 s to 2.0-2.1 s and gain
+    nothing at C = 512. :data:`SOLVER_THREADS` (an int) overrides the rule.
   * No JAX here: the ``python -m pfa_jax.analyze`` path never imports it.
 """
 
-import ctypes
-import functools
-import glob
-import os
 from collections.abc import Mapping
 
 import numpy as np
-import scipy
-import scipy.linalg
-import threadpoolctl
 
-SOLVER_THREADS = 1
+from pfa_jax import openblas
+
+SOLVER_THREADS: int | None = None  # None: solver_threads()'s rule
 TWO_STAGE_MIN_C = 1024
 
 
-@functools.cache
-def _dsyevd_2stage():
-  """LAPACKE_dsyevd_2stage of SciPy's bundled OpenBLAS, or None."""
-  libdir = os.path.join(
-    os.path.dirname(os.path.dirname(scipy.__file__)), 'scipy.libs'
-  )
-  for path in sorted(glob.glob(os.path.join(libdir, '*openblas*.so*'))):
-    try:
-      lib = ctypes.CDLL(path)
-    except OSError:
-      continue
-    for prefix in ('scipy_', ''):
-      fn = getattr(lib, f'{prefix}LAPACKE_dsyevd_2stage', None)
-      if fn is not None and 'openblas64' not in path:  # 32-bit ints only
-        fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.c_int, ctypes.c_char, ctypes.c_char]
-        fn.argtypes += [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
-        fn.argtypes += [ctypes.c_void_p]
-        return fn
-  return None
+def solver_threads(n: int) -> int:
+  """BLAS threads for an ``n x n`` eigenvalue problem (see the decisions)."""
+  if SOLVER_THREADS is not None:
+    return SOLVER_THREADS
+  return 1 if n < TWO_STAGE_MIN_C else openblas.free_cores()
 
 
 def eigvalsh(c: np.ndarray, *, overwrite: bool = False) -> np.ndarray:
-  """Ascending eigenvalues of a symmetric float64 matrix (see decisions)."""
+  """Ascending eigenvalues of a symmetric float64 matrix (see decisions).
+
+  With ``overwrite`` a C-order ``c`` is destroyed instead of copied.
+  """
   n = c.shape[0]
-  threads = threadpoolctl.threadpool_limits(SOLVER_THREADS, user_api='blas')
-  fn = _dsyevd_2stage() if n >= TWO_STAGE_MIN_C else None
-  with threads:
-    if fn is not None:
-      a = c if overwrite and c.flags.c_contiguous else np.array(c, order='C')
-      w = np.empty(n, np.float64)
-      # LAPACK_COL_MAJOR = 102; the lower triangle of a^T is a's upper.
-      info = fn(102, b'N', b'L', n, a.ctypes.data, n, w.ctypes.data)
-      if info == 0:
-        return w
-      if a is c:  # destroyed: nothing to retry on
-        raise np.linalg.LinAlgError(f'dsyevd_2stage failed (info={info}).')
-    return scipy.linalg.eigh(
-      c, eigvals_only=True, check_finite=False, overwrite_a=overwrite
-    )
+  a = c if overwrite and c.flags.c_contiguous else np.array(c, order='C')
+  with openblas.threads(solver_threads(n)):
+    w = openblas.eigvalsh_upper(a, two_stage=n >= TWO_STAGE_MIN_C)
+    if w is None:
+      w = np.linalg.eigvalsh(a)
+  return w
 
 
 def _name(name: str | None) -> str:

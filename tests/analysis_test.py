@@ -134,7 +134,7 @@ class AnalyzeTest(parameterized.TestCase):
       analysis.covariance(np.zeros((3, 2), np.float32)), np.zeros((2, 2))
     )
 
-  def test_cli_does_not_import_jax(self):
+  def test_cli_imports_neither_jax_nor_scipy(self):
     resp = _responses(m=16)
     with tempfile.TemporaryDirectory() as d:
       path = os.path.join(d, 'r.npz')
@@ -145,7 +145,7 @@ class AnalyzeTest(parameterized.TestCase):
         'contextlib.redirect_stdout(f).__enter__(); '
         f'analysis.main([{path!r}]); '
         'sys.stderr.write(str(sorted(m for m in sys.modules '
-        "if m.split('.')[0] in ('jax', 'flax', 'jaxlib'))))"
+        "if m.split('.')[0] in ('jax', 'flax', 'jaxlib', 'scipy'))))"
       )
       proc = subprocess.run(
         [sys.executable, '-c', code],

@@ -1,12 +1,12 @@
 """Tests for pfa_jax.spectra."""
 
-import contextlib
 from unittest import mock
 
 import numpy as np
 from absl.testing import absltest
 from absl.testing import parameterized
 
+from pfa_jax import openblas
 from pfa_jax import spectra
 
 
@@ -45,24 +45,42 @@ class SpectraTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, r"'fc'.*square"):
       spectra.spectrum(np.ones((2, 3)), name='fc')
 
-  @parameterized.parameters(True, False)
-  def test_wide_layer_drivers_match_numpy(self, two_stage):
-    c = spectra.TWO_STAGE_MIN_C + 3
+  @parameterized.product(
+    c=(7, spectra.TWO_STAGE_MIN_C + 3), openblas_path=(True, False)
+  )
+  def test_drivers_match_numpy(self, c, openblas_path):
     rng = np.random.default_rng(3)
     x = rng.standard_normal((c + 50, c)) * np.linspace(0.1, 3.0, c)
     cov = np.cov(x, rowvar=False)
     ref = np.linalg.eigvalsh(cov)[::-1]
     ref = ref / ref.sum()
     kept = cov.copy()
-    patch = mock.patch.object(spectra, '_dsyevd_2stage', return_value=None)
-    with contextlib.nullcontext() if two_stage else patch:
-      if two_stage and spectra._dsyevd_2stage() is None:
-        self.skipTest('this SciPy bundles no LAPACKE two-stage driver')
+    if openblas_path and not openblas.available():
+      self.skipTest("NumPy here does not bundle OpenBLAS's LAPACKE")
+    calls = []
+    real = openblas.eigvalsh_upper
+
+    def spy(a, *, two_stage):
+      calls.append(two_stage)
+      return real(a, two_stage=two_stage) if openblas_path else None
+
+    with mock.patch.object(openblas, 'eigvalsh_upper', spy):
       lam = spectra.spectrum(cov)
       np.testing.assert_array_equal(cov, kept)  # input untouched
       np.testing.assert_allclose(lam, ref, rtol=1e-9, atol=1e-14)
       lam2 = spectra.spectrum(cov, overwrite=True)
     np.testing.assert_allclose(lam2, ref, rtol=1e-9, atol=1e-14)
+    self.assertEqual(calls, [c >= spectra.TWO_STAGE_MIN_C] * 2)
+    if openblas_path:  # overwrite=True let LAPACK use the caller's matrix
+      self.assertFalse(np.array_equal(cov, kept))
+
+  def test_solver_threads_rule(self):
+    big = spectra.TWO_STAGE_MIN_C
+    self.assertEqual(spectra.solver_threads(big - 1), 1)
+    with mock.patch.object(openblas, 'free_cores', return_value=2):
+      self.assertEqual(spectra.solver_threads(big), 2)
+    with mock.patch.object(spectra, 'SOLVER_THREADS', 3):
+      self.assertEqual(spectra.solver_threads(big - 1), 3)
 
   def test_tree(self):
     out = spectra.spectra({'a': np.eye(2), 'b': np.diag([3.0, 1.0])})
