@@ -9,8 +9,9 @@ Pearson removal order; ``recipes``' PFA-En family is searched for the largest
 tau whose FLOPs are <= 1/2 and 1/4 of the full model (``costs.cost_fn``), the
 keep-sets come from ``select`` and the network is cut with
 ``slicing.prune``. Each pruned network is also built with its kept widths
-rounded up to a multiple of 8 (capped at the full width) *inside* the
-target search, so the FLOPs budget still holds. The jitted eval forward pass
+rounded up to a multiple of 8 and of 16 (capped at the full width; AVX-512
+holds 16 float32) *inside* the target search, so the FLOPs budget still
+holds (``--round-to``). The jitted eval forward pass
 is then timed, pruned against full, interleaved, at each batch size.
 Reported: FLOPs ratio, time ratio and their quotient (1.0 = ideal); target
 at batch 128: time speed-up >= 0.8x the FLOPs reduction. Writes
@@ -93,7 +94,7 @@ def _time(fn, v, x, repeats):
   return float(np.median(ts))
 
 
-def bench_case(name, mode, factors, batches, repeats):
+def bench_case(name, mode, factors, batches, repeats, multiples=(1, 8, 16)):
   model = models.get_model(name, num_classes=10)
   variables = models.init(model, jax.random.key(0), SHAPE)
   groups = [
@@ -114,7 +115,7 @@ def bench_case(name, mode, factors, batches, repeats):
   variants = {}
   unreachable = []
   for f in factors:
-    for mult in (1, 8):
+    for mult in multiples:
       try:
         w = widths_for_target(
           lam, cost, full_flops / f, {g: full_w[g] for g in groups}, mult
@@ -170,6 +171,12 @@ def main(argv=None):
   p.add_argument('--batches', default='1,128')
   p.add_argument('--factors', default='2,4')
   p.add_argument('--repeats', type=int, default=5)
+  p.add_argument(
+    '--round-to',
+    default='1,8,16',
+    help='kept-width multiples, one pruned variant each (16 = one '
+    'AVX-512 register of float32)',
+  )
   p.add_argument('--cases', default=','.join(f'{m}:{r}' for m, r in CASES))
   a = p.parse_args(argv)
   batches = [int(b) for b in a.batches.split(',')]
@@ -178,7 +185,14 @@ def main(argv=None):
   rows = []
   for case in a.cases.split(','):
     name, mode = case.split(':')
-    rows += bench_case(name, mode, factors, batches, a.repeats)
+    rows += bench_case(
+      name,
+      mode,
+      factors,
+      batches,
+      a.repeats,
+      tuple(int(m) for m in a.round_to.split(',')),
+    )
   load = os.getloadavg()
   common.print_table(
     [
