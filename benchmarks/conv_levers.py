@@ -15,8 +15,8 @@ two cores), single-threaded Eigen, no buffer donation, batch 64 / 256, and
 the weight-gradient chunk size of `pfa_jax.conv`.
 
 With ``--part layers`` it instead times single 3x3 conv layers (forward,
-input gradient, weight gradient) at batch 128 for lax, `pfa_jax.conv` and
-PyTorch (oneDNN, channels_last), interleaved, in GFLOP/s against a plain
+input gradient, weight gradient) at batch 128 for lax, `pfa_jax.conv`,
+`pfa_jax.onednn` and PyTorch (oneDNN, channels_last), interleaved, in GFLOP/s against a plain
 float32 matmul, and writes ``benchmarks/results/conv_layers.json``.
 
 Writes ``benchmarks/results/conv_levers.json``.
@@ -113,7 +113,7 @@ def _jax_layer_fns(x, w, g, s):
   from pfa_jax import conv  # noqa: PLC0415
 
   fns = {}
-  for impl in ('xla', 'fast'):
+  for impl in ('xla', 'fast', 'onednn'):
     f = conv.get_conv(impl)
 
     def fwd(x, w, f=f):
@@ -152,7 +152,7 @@ def _torch_layer_fns(torch, x, w, g, s):
 
 
 def layer_table(reps=3, batch=128):
-  """GFLOP/s of fwd / d_input / d_weight per layer, lax vs fast vs torch."""
+  """GFLOP/s of fwd / d_input / d_weight per layer, lax / fast / onednn / torch."""
   import jax  # noqa: PLC0415
   import numpy as np  # noqa: PLC0415
 

@@ -13,7 +13,8 @@ rounded up to a multiple of 8 and of 16 (capped at the full width; AVX-512
 holds 16 float32) *inside* the target search, so the FLOPs budget still
 holds (``--round-to``). The jitted eval forward pass
 is then timed, pruned against full, interleaved, at each batch size.
-Reported: FLOPs ratio, time ratio and their quotient (1.0 = ideal); target
+Reported: FLOPs ratio, time ratio and their quotient (1.0 = ideal), and
+the memory-traffic ratio (:func:`bytes_accessed`); target
 at batch 128: time speed-up >= 0.8x the FLOPs reduction. Writes
 ``benchmarks/results/pruned_speedup.json`` (``loaded`` when the machine was busy at the
 start, ``benchmarks.common.loaded``).
@@ -94,6 +95,22 @@ def _time(fn, v, x, repeats):
   return float(np.median(ts))
 
 
+def bytes_accessed(model, variables, batch):
+  """XLA's bytes-accessed count of the eval forward, on the pure-XLA path.
+
+  The sum over the compiled program's ops of the bytes each reads and
+  writes: a memory-traffic yardstick beside FLOPs (the native path's FFI
+  calls are opaque to XLA's cost analysis, so the count uses
+  ``conv_impl='xla'``; same architecture and widths).
+  """
+  m = model.clone(conv_impl='xla')
+  x = jax.ShapeDtypeStruct((batch, *SHAPE), np.float32)
+  lowered = jax.jit(lambda v, x: m.apply(v, x, train=False)).lower(variables, x)
+  cost = lowered.compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  return float(cost['bytes accessed'])
+
+
 def bench_case(name, mode, factors, batches, repeats, multiples=(1, 8, 16)):
   model = models.get_model(name, num_classes=10)
   variables = models.init(model, jax.random.key(0), SHAPE)
@@ -141,7 +158,8 @@ def bench_case(name, mode, factors, batches, repeats, multiples=(1, 8, 16)):
           _time(lambda v, x, pm=pm: fwd(pm, v, x), pv, x, repeats)
         )
     tf = float(np.median(t_full))
-    for k, (_, _, flops) in variants.items():
+    full_bytes = bytes_accessed(model, variables, b)
+    for k, (pm, pv, flops) in variants.items():
       tv = float(np.median(t_var[k]))
       fr = full_flops / flops
       rows.append(
@@ -153,6 +171,7 @@ def bench_case(name, mode, factors, batches, repeats, multiples=(1, 8, 16)):
           'flops_reduction': fr,
           'speedup': tf / tv,
           'efficiency': (tf / tv) / fr,
+          'bytes_reduction_xla_count': full_bytes / bytes_accessed(pm, pv, b),
           'full_s': tf,
           'pruned_s': tv,
           'widths': {
@@ -204,11 +223,21 @@ def main(argv=None):
         f'{r["flops_reduction"]:.2f}x',
         f'{r["speedup"]:.2f}x',
         f'{r["efficiency"]:.2f}',
+        f'{r["bytes_reduction_xla_count"]:.2f}x',
       )
       for r in rows
       if not r.get('unreachable')
     ],
-    ('model', 'mode', 'variant', 'batch', 'FLOPs red.', 'speed-up', 'eff.'),
+    (
+      'model',
+      'mode',
+      'variant',
+      'batch',
+      'FLOPs red.',
+      'speed-up',
+      'eff.',
+      'bytes red.',
+    ),
   )
   at128 = [r for r in rows if r.get('batch') == 128]
   path = common.write(

@@ -7,11 +7,14 @@ measured is well-formed, never how fast it was.
 
 import math
 
+import numpy as np
 from absl.testing import absltest
 
 from benchmarks import common
 from benchmarks import native_levers
+from benchmarks import pruned_speedup
 from benchmarks import stats_overhead
+from pfa_jax import models
 
 
 class BenchmarksTest(absltest.TestCase):
@@ -27,6 +30,40 @@ class BenchmarksTest(absltest.TestCase):
     for r in rows:
       self.assertGreater(r['native_ms'], 0)
       self.assertTrue(math.isfinite(r['speedup']))
+
+  def test_pruned_speedup_rounding_keeps_the_budget(self):
+    full = {'a': 64, 'b': 20}
+    self.assertEqual(
+      pruned_speedup.round_up({'a': 17, 'b': 19}, full, 16), {'a': 32, 'b': 20}
+    )
+    lam = {k: np.geomspace(1.0, 1e-3, c) for k, c in full.items()}
+    lam = {k: v / v.sum() for k, v in lam.items()}
+
+    def cost(w):  # hand-countable: a chain of two layers
+      return 3 * w['a'] + w['a'] * w['b']
+
+    budget = cost(full) / 4
+    for mult in (1, 8, 16):
+      w = pruned_speedup.widths_for_target(lam, cost, budget, full, mult)
+      self.assertLessEqual(cost(w), budget)
+      for k, v in w.items():
+        self.assertTrue(v == full[k] or v % mult == 0, (mult, w))
+
+  def test_pruned_speedup_bytes_count_shrinks_with_width(self):
+    import jax  # noqa: PLC0415
+
+    wide = models.get_model('simple_cnn', num_classes=10)
+    narrow = models.get_model(
+      'simple_cnn', num_classes=10, widths=(8,) * len(wide.widths)
+    )
+    b = [
+      pruned_speedup.bytes_accessed(
+        m, models.init(m, jax.random.key(0), pruned_speedup.SHAPE), 2
+      )
+      for m in (wide, narrow)
+    ]
+    self.assertGreater(b[0], b[1])
+    self.assertGreater(b[1], 2 * 32 * 32 * 3 * 4)  # at least reads its input
 
   def test_loaded_is_decided_by_the_load_before_the_run(self):
     saved = common.START_LOAD
