@@ -120,27 +120,34 @@ def _runner(name):
   return train_throughput.make_jax_runner(name, 'onednn', _BATCH, variables)
 
 
-def steps(repeats, num_steps):
+# (model, switch, value on, value off, mode)
+STEP_LEVERS = (
+  ('resnet56', 'PFA_JAX_FUSED_BN', '1', '0', 'train'),
+  ('vgg16_cifar', 'PFA_JAX_FAST_POOL', '1', '0', 'train'),
+  ('vgg16_cifar', 'PFA_JAX_FAST_DROPOUT', '1', '0', 'train'),
+  ('vgg16_cifar', 'PFA_JAX_ONEDNN_SMALL_MAP', '4', '0', 'train'),
+  ('vgg16_cifar', 'PFA_JAX_ONEDNN_SMALL_MAP', '4', '0', 'eval'),
+)
+
+
+def steps(repeats, num_steps, levers=STEP_LEVERS):
   out = []
-  for model, switch in (
-    ('resnet56', 'PFA_JAX_FUSED_BN'),
-    ('vgg16_cifar', 'PFA_JAX_FAST_POOL'),
-    ('vgg16_cifar', 'PFA_JAX_FAST_DROPOUT'),
-  ):
+  for model, switch, on_value, off_value, mode in levers:
     runs = {}
-    for value in ('1', '0'):
+    for value in (on_value, off_value):
       with _env(switch, value):  # read when the step is traced (first call)
-        runs[value] = _runner(model)['train']
+        runs[value] = _runner(model)[mode]
         runs[value](1)
     times = {v: [] for v in runs}
     for _ in range(repeats):
       for v, run in runs.items():
         times[v].append(_BATCH * num_steps / run(num_steps))
-    on, off = (sorted(times[v])[repeats // 2] for v in ('1', '0'))
+    on, off = (sorted(times[v])[repeats // 2] for v in (on_value, off_value))
     out.append(
       {
         'model': model,
-        'switch': switch,
+        'mode': mode,
+        'switch': f'{switch}={on_value} vs {off_value}',
         'on_img_s': on,
         'off_img_s': off,
         'gain': on / off - 1,
@@ -189,16 +196,55 @@ def memory(num_steps):
   return out
 
 
+def _update_steps(args):
+  """``--levers``: re-times those step levers; the rest of the JSON stays."""
+  names = set(args.levers.split(','))
+  rows = steps(
+    args.repeats, args.steps, [lv for lv in STEP_LEVERS if lv[1] in names]
+  )
+  path = os.path.join(common.RESULTS, 'native_levers.json')
+  with open(path) as f:
+    report = json.load(f)
+  keep = [r for r in report['steps'] if r['switch'].split('=')[0] not in names]
+  for r in rows:
+    r.update(
+      load_average_start=list(common.START_LOAD),
+      loaded=common.loaded(),
+      command='python -m benchmarks.native_levers ' + ' '.join(sys.argv[1:]),
+    )
+    print(
+      r['model'],
+      r['mode'],
+      r['switch'],
+      f'{r["on_img_s"]:.1f}',
+      f'{r["off_img_s"]:.1f}',
+      f'{100 * r["gain"]:+.1f}%',
+    )
+  report['steps'] = keep + rows
+  with open(path, 'w') as f:
+    json.dump(report, f, indent=1)
+  print('updated', path)
+  return report
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('--repeats', type=int, default=5)
   p.add_argument('--steps', type=int, default=3)
   p.add_argument('--child', action='store_true', help=argparse.SUPPRESS)
+  p.add_argument(
+    '--levers',
+    default='',
+    help='comma-separated switches: time only these step levers, nothing '
+    'else, and merge them into the JSON (default: every part)',
+  )
   args = p.parse_args(argv)
   if args.child:
     print(json.dumps(_child(args.steps)))
     return None
   hostmem.retain_freed_memory()  # before the first JAX computation
+  if args.levers:
+    return _update_steps(args)
   report = {'ops': ops(args.repeats)}
   common.print_table(
     [
@@ -218,6 +264,7 @@ def main(argv=None):
     [
       (
         r['model'],
+        r['mode'],
         r['switch'],
         f'{r["on_img_s"]:.1f}',
         f'{r["off_img_s"]:.1f}',
@@ -225,7 +272,7 @@ def main(argv=None):
       )
       for r in report['steps']
     ],
-    ('model', 'lever', 'on img/s', 'off img/s', 'gain'),
+    ('model', 'mode', 'lever', 'on img/s', 'off img/s', 'gain'),
   )
   report['memory'] = memory(args.steps)
   common.print_table(

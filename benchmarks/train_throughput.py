@@ -139,7 +139,9 @@ def make_jax_runner(
     functools.partial(steps.train_step, lr_fn=lr_fn),
     donate_argnums=0 if donate else (),
   )
-  p_eval = jax.jit(steps.eval_step)
+  # A fresh function per runner: runners traced under different switches
+  # (benchmarks.native_levers) must not share jit's trace cache.
+  p_eval = jax.jit(functools.partial(steps.eval_step))
   holder = [state]
 
   def run_train(num_steps):

@@ -22,6 +22,12 @@ Decisions:
     on the same cores, and libgomp, which keeps one spinning worker pool per
     thread that opens a parallel region, keeps one pool instead of one per
     XLA worker thread (`set_team_thread`).
+  * Small maps stay here. `pfa_jax.conv` is faster on VGG-16-CIFAR's 2x2
+    maps alone (forward 385 against 284 GFLOP/s, `benchmarks/conv_levers.py
+    --part layers`, `conv_layers.json`), but routing them there made the
+    whole VGG-16 step slower (train -3.2%, eval -4.2%,
+    `benchmarks/native_levers.py`, `native_levers.json`). The switch
+    `PFA_JAX_ONEDNN_SMALL_MAP=4` keeps that experiment runnable.
   * vmap: `vmap_method='broadcast_all'`; the kernel loops over the leading
     (vmapped) dimensions, one convolution each (`pfa_jax.batched`).
   * Sharding: with an operand explicitly sharded in its type (jit +
@@ -233,6 +239,15 @@ def materialize(x: jax.Array) -> jax.Array:
   return _materialize(x)
 
 
+def small_map() -> int:
+  """Output maps of at most this many pixels go to `pfa_jax.conv`.
+
+  Read when a convolution is traced (environment `PFA_JAX_ONEDNN_SMALL_MAP`,
+  default 0: every eligible call goes to oneDNN).
+  """
+  return int(os.environ.get('PFA_JAX_ONEDNN_SMALL_MAP', '0'))
+
+
 def _eligible(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers, **kw):
   return (
     lhs.ndim == 4
@@ -293,7 +308,12 @@ def conv_general_dilated(
       pads = padding
     pads = tuple((int(lo), int(hi)) for lo, hi in pads)
     ho, wo = conv._out_hw(lhs.shape, rhs.shape[:2], strides, pads)
-    if len(strides) == 2 and min(sum(pads, ())) >= 0 and min(ho, wo) > 0:
+    if (
+      len(strides) == 2
+      and min(sum(pads, ())) >= 0
+      and min(ho, wo) > 0
+      and ho * wo > small_map()
+    ):
       return _conv(lhs, rhs, strides, pads)
   return conv.conv_general_dilated(
     *args,

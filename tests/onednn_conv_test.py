@@ -1,6 +1,8 @@
 """Tests for pfa_jax.onednn: oneDNN convolutions == lax's (float64 checked)."""
 
 import functools
+import os
+from unittest import mock
 
 import flax.linen as nn
 import jax
@@ -170,6 +172,33 @@ class OnednnConvTest(parameterized.TestCase):
     for a, b in zip(got, want):
       self.assertEqual(a.shape, b.shape)
       self.assertLess(_rel_err(a, b), _TOL)
+
+  def test_small_maps_go_to_pfa_jax_conv(self):
+    x, k = _normal((3, 2, 2, 16), 0), _normal((3, 3, 16, 8), 1)
+
+    def fn(x, k):
+      return onednn.conv_general_dilated(
+        x, k, (1, 1), 'SAME', dimension_numbers=_DN
+      )
+
+    with mock.patch.dict(os.environ):
+      os.environ.pop('PFA_JAX_ONEDNN_SMALL_MAP', None)
+      self.assertEqual(onednn.small_map(), 0)  # the default: all on oneDNN
+    for env, native in (('4', False), ('0', True), ('3', True)):
+      with mock.patch.dict(os.environ, {'PFA_JAX_ONEDNN_SMALL_MAP': env}):
+        f = jax.jit(functools.partial(fn))  # read at trace: a fresh trace
+        text = f.lower(x, k).as_text()
+        got = f(x, k)
+      self.assertEqual('pfa_jax_dnnl_conv_fwd' in text, native, env)
+      want = lax.conv_general_dilated(
+        x, k, (1, 1), 'SAME', dimension_numbers=_DN, precision='highest'
+      )
+      self.assertLess(_rel_err(got, want), _TOL, env)
+    # A 3x3 map (9 pixels) stays on oneDNN under a threshold of 4.
+    x3 = _normal((3, 3, 3, 16), 2)
+    with mock.patch.dict(os.environ, {'PFA_JAX_ONEDNN_SMALL_MAP': '4'}):
+      f = jax.jit(functools.partial(fn))
+      self.assertIn('pfa_jax_dnnl_conv_fwd', f.lower(x3, k).as_text())
 
   def test_uses_ffi_and_caches_primitives(self):
     x, k = _normal((2, 6, 6, 4), 0), _normal((3, 3, 4, 4), 1)
