@@ -45,7 +45,9 @@ class StatsTest(parameterized.TestCase):
     np.testing.assert_allclose(stats.mean(state), x.mean(0), rtol=1e-5)
     self.assertEqual(stats.count(state), n)
 
-  @parameterized.product(shape=((1, 1), (7, 0), (300, 33)), fold=(0, 1))
+  @parameterized.product(
+    shape=((1, 1), (7, 0), (300, 33), (9, 64)), fold=(0, 1)
+  )
   def test_blas_and_xla_packed_gram_paths_match_numpy(self, shape, fold):
     c, n = shape
     rng = np.random.default_rng(c)
