@@ -19,6 +19,12 @@ input gradient, weight gradient) at batch 128 for lax, `pfa_jax.conv`,
 `pfa_jax.onednn` and PyTorch (oneDNN, channels_last), interleaved, in GFLOP/s against a plain
 float32 matmul, and writes ``benchmarks/results/conv_layers.json``.
 
+With ``--part narrow`` it times the forward 3x3 convolutions of a pruned
+ResNet-56 block (full-width stream in, narrow inner out, and back) against
+the full-width layer, `pfa_jax.onednn` and PyTorch, and writes
+``benchmarks/results/conv_narrow.json``: whether a layer with 1/4 of the
+FLOPs takes 1/4 of the time (issue 12 section 3).
+
 Writes ``benchmarks/results/conv_levers.json``.
 """
 
@@ -207,6 +213,76 @@ def layer_table(reps=3, batch=128):
     json.dump(report, f, indent=1)
 
 
+# (H=W, stream width, inner widths): ResNet-56's stages at batch 128.
+NARROW = ((32, 16, (4, 8, 16)), (16, 32, (8, 16, 32)), (8, 64, (16, 32, 64)))
+
+
+def narrow_table(reps=7, batch=128):
+  """Forward time of stream -> inner and inner -> stream convs, by width."""
+  import jax  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+
+  try:
+    import torch  # noqa: PLC0415
+
+    torch.set_num_threads(2)
+  except ImportError:
+    torch = None
+  rows = []
+  for hw, full, inners in NARROW:
+    for inner in inners:
+      pairs = ((full, inner), (inner, full)) if inner < full else ((full,) * 2,)
+      for cin, cout in pairs:
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((batch, hw, hw, cin), np.float32)
+        w = rng.standard_normal((3, 3, cin, cout), np.float32)
+        g = np.zeros((batch, hw, hw, cout), np.float32)
+        f, args = _jax_layer_fns(x, w, g, 1)[('onednn', 'fwd')]
+        calls = {'onednn': lambda f=f, a=args: jax.block_until_ready(f(*a))}
+        if torch is not None:
+          calls['torch'] = _torch_layer_fns(torch, x, w, g, 1)[('torch', 'fwd')]
+        for call in calls.values():
+          for _ in range(3):  # first calls: primitive creation, page faults
+            call()
+        times = {k: [] for k in calls}
+        for _ in range(reps):  # interleaved
+          for k, call in calls.items():
+            times[k].append(_median_time(call, 1))
+        gflop = 2 * batch * hw * hw * 9 * cin * cout / 1e9
+        row = {
+          'hw': hw,
+          'cin': cin,
+          'cout': cout,
+          'flops_of_full': inner / full,
+        }
+        for k, v in times.items():
+          ms = 1e3 * statistics.median(v)
+          row[f'{k}_ms'] = round(ms, 3)
+          row[f'{k}_gflops'] = round(gflop / ms * 1e3, 1)
+        rows.append(row)
+  for row in rows:  # time relative to the same stage's full-width layer
+    ref = next(
+      r for r in rows if r['hw'] == row['hw'] and r['cin'] == r['cout']
+    )
+    for k in ('onednn', 'torch'):
+      if f'{k}_ms' in row:
+        row[f'{k}_time_of_full'] = round(row[f'{k}_ms'] / ref[f'{k}_ms'], 3)
+  cols = [k for k in rows[0] if k != 'hw']
+  print(' '.join(f'{k:>16s}' for k in ['hw', *cols]))
+  for row in rows:
+    print(' '.join(f'{row.get(k, ""):>16}' for k in ['hw', *cols]))
+  report = {
+    'benchmark': 'conv_narrow',
+    'date': datetime.datetime.now().isoformat(timespec='seconds'),
+    'command': 'python -m benchmarks.conv_levers --part narrow',
+    'batch': batch,
+    'rows': rows,
+    'load_average_end': list(os.getloadavg()),
+  }
+  with open(os.path.join(_RESULTS, 'conv_narrow.json'), 'w') as f:
+    json.dump(report, f, indent=1)
+
+
 def main(argv=None):
   hostmem.retain_freed_memory()  # before the first JAX computation
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -215,10 +291,15 @@ def main(argv=None):
   p.add_argument('--repeats', type=int, default=2)
   p.add_argument('--levers', default=','.join(LEVERS))
   p.add_argument('--out', default=_OUT)
-  p.add_argument('--part', default='levers', choices=('levers', 'layers'))
+  p.add_argument(
+    '--part', default='levers', choices=('levers', 'layers', 'narrow')
+  )
   args = p.parse_args(argv)
   if args.part == 'layers':
     layer_table()
+    return
+  if args.part == 'narrow':
+    narrow_table()
     return
 
   baselines = [_run('', [], args)]

@@ -5,12 +5,17 @@ runs it; these smoke runs catch that in CI. They assert what the benchmark
 measured is well-formed, never how fast it was.
 """
 
+import json
 import math
+import os
+import tempfile
+from unittest import mock
 
 import numpy as np
 from absl.testing import absltest
 
 from benchmarks import common
+from benchmarks import conv_levers
 from benchmarks import native_levers
 from benchmarks import pruned_speedup
 from benchmarks import stats_overhead
@@ -75,5 +80,26 @@ class BenchmarksTest(absltest.TestCase):
       common.START_LOAD = saved
 
 
-if __name__ == '__main__':
-  absltest.main()
+class ConvNarrowTest(absltest.TestCase):
+  def test_narrow_table_rows_and_ratios(self):
+    d = tempfile.mkdtemp()
+    with (
+      mock.patch.object(conv_levers, '_RESULTS', d),
+      mock.patch.object(conv_levers, 'NARROW', ((4, 8, (2, 8)),)),
+    ):
+      conv_levers.narrow_table(reps=1, batch=2)
+    with open(os.path.join(d, 'conv_narrow.json')) as f:
+      rows = json.load(f)['rows']
+    # 8 -> 2, 2 -> 8 and the full 8 -> 8 layer, each timed once.
+    self.assertEqual(
+      [(r['cin'], r['cout']) for r in rows], [(8, 2), (2, 8), (8, 8)]
+    )
+    self.assertEqual([r['flops_of_full'] for r in rows], [0.25, 0.25, 1.0])
+    self.assertEqual(rows[-1]['onednn_time_of_full'], 1.0)
+    for r in rows:  # GFLOP/s is the hand count over the measured time
+      flop = 2 * 2 * 4 * 4 * 9 * r['cin'] * r['cout']
+      ms = r['onednn_ms']  # rounded to 1 us, GFLOP/s to 0.1
+      want = flop / ms / 1e6
+      self.assertLessEqual(
+        abs(r['onednn_gflops'] - want), 0.05 + want * 5e-4 / ms
+      )
