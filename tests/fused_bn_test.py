@@ -129,21 +129,26 @@ class FusedBnTest(parameterized.TestCase):
     for a, w in zip(got, _x64_grads(ref, [x, s, mean], g)):
       self.assertLess(_rel_err(a, w), 1e-5)
 
-  def test_infer_with_max_matches_float64(self):
-    x, _, s, b, g = _data((5, 4, 3, 20), seed=13)
-    mean = np.linspace(-1, 1, 20).astype(np.float32)
-    var = np.linspace(0.5, 3, 20).astype(np.float32)
-    y, m = jax.jit(lambda x: fused_bn.infer_with_max(x, s, b, mean, var))(x)
-    z = np.maximum(
-      (x.astype(np.float64) - mean) / np.sqrt(var + EPS) * s + b, 0
+  # The kernel walks blocks of 64, then 16 channels, then the rest: fewer
+  # than one block, exactly one, one and a remainder, and all three kinds.
+  @parameterized.product(channels=(5, 16, 20, 64, 101), relu=(True, False))
+  def test_infer_with_max_matches_float64(self, channels, relu):
+    x, _, s, b, g = _data((5, 4, 3, channels), seed=13)
+    mean = np.linspace(-1, 1, channels).astype(np.float32)
+    var = np.linspace(0.5, 3, channels).astype(np.float32)
+    kw = dict(relu=relu)
+    y, m = jax.jit(lambda x: fused_bn.infer_with_max(x, s, b, mean, var, **kw))(
+      x
     )
+    z = (x.astype(np.float64) - mean) / np.sqrt(var + EPS) * s + b
+    z = np.maximum(z, 0) if relu else z
     self.assertLess(_rel_err(y, z), 1e-6)
     self.assertLess(_rel_err(m, z.max(axis=(1, 2))), 1e-6)
-    got = jax.vjp(lambda x: fused_bn.infer_with_max(x, s, b, mean, var), x)[1](
-      (g, g[:, 0, 0])
-    )[0]
+    got = jax.vjp(
+      lambda x: fused_bn.infer_with_max(x, s, b, mean, var, **kw), x
+    )[1]((g, g[:, 0, 0]))[0]
     want = _x64_grads(
-      lambda x: fused_bn.reference_infer_with_max(x, s, b, mean, var),
+      lambda x: fused_bn.reference_infer_with_max(x, s, b, mean, var, **kw),
       [x],
       (g, g[:, 0, 0]),
     )[0]

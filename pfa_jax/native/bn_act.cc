@@ -147,29 +147,60 @@ void Normalize(const float* x, const float* res, const float* mean,
 
 // Normalize without residual, plus the per-sample spatial max of the output:
 // rows [n * P, (n + 1) * P) are sample n (P = M / N), rmax is [N, C].
+// Each sample is walked one block of W channels at a time (64, then 16, then
+// the rest), so the block's running max stays in registers: a max kept in
+// memory, loaded and stored every row, made this pass 2-5x slower than
+// Normalize. A sample's map is re-read once per block, from cache.
+template <int64_t W>
+void NormalizeMaxBlock(const float* xs, const float* mean, const float* a,
+                       const float* bias, bool relu, int64_t p, int64_t c,
+                       int64_t w, float* os, float* m) {
+  float mx[W], mu[W], sc[W], b[W];
+  for (int64_t k = 0; k < W; ++k) {
+    const bool in = k < w;
+    mx[k] = -INFINITY;
+    mu[k] = in ? mean[k] : 0.0f;
+    sc[k] = in ? a[k] : 0.0f;
+    b[k] = in ? bias[k] : 0.0f;
+  }
+  for (int64_t r = 0; r < p; ++r) {
+    const float* xr = xs + r * c;
+    float* o = os + r * c;
+    if (w == W) {
+#pragma omp simd
+      for (int64_t k = 0; k < W; ++k) {
+        const float z = (xr[k] - mu[k]) * sc[k] + b[k];
+        const float v = relu ? std::max(z, 0.0f) : z;
+        o[k] = v;
+        mx[k] = std::max(mx[k], v);
+      }
+    } else {
+      for (int64_t k = 0; k < w; ++k) {
+        const float z = (xr[k] - mu[k]) * sc[k] + b[k];
+        const float v = relu ? std::max(z, 0.0f) : z;
+        o[k] = v;
+        mx[k] = std::max(mx[k], v);
+      }
+    }
+  }
+  std::copy(mx, mx + w, m);
+}
+
 void NormalizeMax(const float* x, const float* mean, const float* a,
                   const float* bias, bool relu, int64_t n, int64_t p,
                   int64_t c, int team, float* out, float* rmax) {
-#pragma omp parallel num_threads(team)
-  {
-    std::vector<float> mx(c);
-#pragma omp for schedule(static)
-    for (int64_t i = 0; i < n; ++i) {
-      std::fill(mx.begin(), mx.end(), -INFINITY);
-      float* m = mx.data();
-      for (int64_t r = i * p; r < (i + 1) * p; ++r) {
-        const float* xr = x + r * c;
-        float* o = out + r * c;
-#pragma omp simd
-        for (int64_t k = 0; k < c; ++k) {
-          const float z = (xr[k] - mean[k]) * a[k] + bias[k];
-          const float v = relu ? std::max(z, 0.0f) : z;
-          o[k] = v;
-          m[k] = std::max(m[k], v);
-        }
-      }
-      std::copy(mx.begin(), mx.end(), rmax + i * c);
-    }
+#pragma omp parallel for num_threads(team) schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    const float* xs = x + i * p * c;
+    float* os = out + i * p * c;
+    int64_t k = 0;
+    for (; c - k >= 64; k += 64)
+      NormalizeMaxBlock<64>(xs + k, mean + k, a + k, bias + k, relu, p, c, 64,
+                            os + k, rmax + i * c + k);
+    for (; k < c; k += 16)
+      NormalizeMaxBlock<16>(xs + k, mean + k, a + k, bias + k, relu, p, c,
+                            std::min<int64_t>(16, c - k), os + k,
+                            rmax + i * c + k);
   }
 }
 
