@@ -74,9 +74,13 @@ def spatial_max(y):
   return jnp.max(y, axis=tuple(range(1, y.ndim - 1)))
 
 
-def reference_infer_with_max(x, scale, bias, mean, var, *, relu=True, eps=1e-5):
-  """``(y, spatial_max(y))`` of :func:`reference_infer` (no residual)."""
-  y = reference_infer(x, scale, bias, mean, var, relu=relu, eps=eps)
+def reference_infer_with_max(
+  x, scale, bias, mean, var, *, residual=None, relu=True, eps=1e-5
+):
+  """``(y, spatial_max(y))`` of :func:`reference_infer`."""
+  y = reference_infer(
+    x, scale, bias, mean, var, residual=residual, relu=relu, eps=eps
+  )
   return y, spatial_max(y)
 
 
@@ -202,29 +206,26 @@ def _infer_bwd(relu, eps, res, g):
 _infer.defvjp(_infer_fwd, _infer_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _infer_max(x, scale, bias, mean, var, relu, eps):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _infer_max(x, residual, scale, bias, mean, var, relu, eps):
   n, c = x.shape[0], x.shape[-1]
+  target = 'pfa_jax_bn_infer_max' + ('_res' if residual is not None else '')
+  args = (x,) + ((residual,) if residual is not None else ())
   return jax.ffi.ffi_call(
-    'pfa_jax_bn_infer_max',
-    (_f32(x.shape), _f32((n, c))),
-    vmap_method='broadcast_all',
-  )(x, scale, bias, mean, var, **_attrs(relu, eps))
+    target, (_f32(x.shape), _f32((n, c))), vmap_method='broadcast_all'
+  )(*args, scale, bias, mean, var, **_attrs(relu, eps))
 
 
-def _infer_max_fwd(x, scale, bias, mean, var, relu, eps):
-  return _infer_max(x, scale, bias, mean, var, relu, eps), (
-    x,
-    scale,
-    bias,
-    mean,
-    var,
-  )
+def _infer_max_fwd(x, residual, scale, bias, mean, var, relu, eps):
+  out = _infer_max(x, residual, scale, bias, mean, var, relu, eps)
+  return out, (x, residual, scale, bias, mean, var)
 
 
 def _infer_max_bwd(relu, eps, res, g):
-  def f(*args):
-    return reference_infer_with_max(*args, relu=relu, eps=eps)
+  def f(x, residual, scale, bias, mean, var):
+    return reference_infer_with_max(
+      x, scale, bias, mean, var, residual=residual, relu=relu, eps=eps
+    )
 
   return jax.vjp(f, *res)[1](g)
 
@@ -232,7 +233,9 @@ def _infer_max_bwd(relu, eps, res, g):
 _infer_max.defvjp(_infer_max_fwd, _infer_max_bwd)
 
 
-def infer_with_max(x, scale, bias, mean, var, *, relu=True, eps=1e-5):
+def infer_with_max(
+  x, scale, bias, mean, var, *, residual=None, relu=True, eps=1e-5
+):
   """``(y, spatial_max(y))``: :func:`infer` and its PFA response, one pass.
 
   ``x`` is ``[N, ..., C]`` with at least one spatial axis. The max is taken
@@ -240,12 +243,12 @@ def infer_with_max(x, scale, bias, mean, var, *, relu=True, eps=1e-5):
   (the collection pass's overhead). Falls back to
   :func:`reference_infer_with_max` when not :func:`eligible`.
   """
-  check_shapes(x, scale=scale, bias=bias, mean=mean, var=var)
-  if x.ndim < 3 or not eligible(x, scale, bias, mean, var):
+  check_shapes(x, residual, scale=scale, bias=bias, mean=mean, var=var)
+  if x.ndim < 3 or not eligible(x, residual, scale, bias, mean, var):
     return reference_infer_with_max(
-      x, scale, bias, mean, var, relu=relu, eps=eps
+      x, scale, bias, mean, var, residual=residual, relu=relu, eps=eps
     )
-  return _infer_max(x, scale, bias, mean, var, relu, float(eps))
+  return _infer_max(x, residual, scale, bias, mean, var, relu, float(eps))
 
 
 def infer(x, scale, bias, mean, var, *, residual=None, relu=True, eps=1e-5):

@@ -82,6 +82,7 @@ _SYMBOLS = {
   'pfa_jax_bn_infer': 'PfaBnInfer',
   'pfa_jax_bn_infer_res': 'PfaBnInferRes',
   'pfa_jax_bn_infer_max': 'PfaBnInferMax',
+  'pfa_jax_bn_infer_max_res': 'PfaBnInferMaxRes',
   'pfa_jax_dropout': 'PfaDropout',
   'pfa_jax_max_pool2_fwd': 'PfaMaxPool2Fwd',
   'pfa_jax_max_pool2_bwd': 'PfaMaxPool2Bwd',

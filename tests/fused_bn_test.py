@@ -130,29 +130,45 @@ class FusedBnTest(parameterized.TestCase):
       self.assertLess(_rel_err(a, w), 1e-5)
 
   # The kernel walks blocks of 64, then 16 channels, then the rest: fewer
-  # than one block, exactly one, one and a remainder, and all three kinds.
-  @parameterized.product(channels=(5, 16, 20, 64, 101), relu=(True, False))
-  def test_infer_with_max_matches_float64(self, channels, relu):
-    x, _, s, b, g = _data((5, 4, 3, channels), seed=13)
+  # than one block, exactly one, one and a remainder, and all three kinds;
+  # each with and without a residual add (a ResNet block's output).
+  @parameterized.product(
+    channels=(5, 16, 20, 64, 101), relu=(True, False), residual=(False, True)
+  )
+  def test_infer_with_max_matches_float64(self, channels, relu, residual):
+    x, r, s, b, g = _data((5, 4, 3, channels), seed=13)
+    r = r if residual else None
     mean = np.linspace(-1, 1, channels).astype(np.float32)
     var = np.linspace(0.5, 3, channels).astype(np.float32)
     kw = dict(relu=relu)
-    y, m = jax.jit(lambda x: fused_bn.infer_with_max(x, s, b, mean, var, **kw))(
-      x
-    )
+
+    def f(x, r):
+      return fused_bn.infer_with_max(x, s, b, mean, var, residual=r, **kw)
+
+    def ref(x, r):
+      return fused_bn.reference_infer_with_max(
+        x, s, b, mean, var, residual=r, **kw
+      )
+
+    if residual:
+      self.assertIn(
+        'pfa_jax_bn_infer_max_res', jax.jit(f).lower(x, r).as_text()
+      )
+    y, m = jax.jit(f)(x, r)
     z = (x.astype(np.float64) - mean) / np.sqrt(var + EPS) * s + b
+    z = z + r if residual else z
     z = np.maximum(z, 0) if relu else z
     self.assertLess(_rel_err(y, z), 1e-6)
     self.assertLess(_rel_err(m, z.max(axis=(1, 2))), 1e-6)
-    got = jax.vjp(
-      lambda x: fused_bn.infer_with_max(x, s, b, mean, var, **kw), x
-    )[1]((g, g[:, 0, 0]))[0]
-    want = _x64_grads(
-      lambda x: fused_bn.reference_infer_with_max(x, s, b, mean, var, **kw),
-      [x],
-      (g, g[:, 0, 0]),
-    )[0]
-    self.assertLess(_rel_err(got, want), 1e-5)
+    cot = (g, g[:, 0, 0])
+    if residual:
+      got = jax.vjp(f, x, r)[1](cot)
+      want = _x64_grads(ref, [x, r], cot)
+    else:
+      got = jax.vjp(lambda x: f(x, None), x)[1](cot)
+      want = _x64_grads(lambda x: ref(x, None), [x], cot)
+    for a, w in zip(got, want):
+      self.assertLess(_rel_err(a, w), 1e-5)
 
   @parameterized.parameters('simple_cnn', 'resnet8')
   def test_model_responses_match_the_xla_path(self, name):
@@ -168,7 +184,10 @@ class FusedBnTest(parameterized.TestCase):
     native = models.get_model(name, conv_impl='onednn', **kw)
     v = models.init(ref, jax.random.key(0), (hw, hw, 3))
     fn = jax.jit(lambda v, x: models.responses(native, v, x))
-    self.assertIn('pfa_jax_bn_infer_max', fn.lower(v, x).as_text())
+    hlo = fn.lower(v, x).as_text()
+    self.assertIn('pfa_jax_bn_infer_max', hlo)
+    if name == 'resnet8':  # every block's output response, from its BN pass
+      self.assertIn('pfa_jax_bn_infer_max_res', hlo)
     got, want = fn(v, x), models.responses(ref, v, x)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

@@ -99,7 +99,7 @@ class BatchNorm(nn.BatchNorm):
   ):
     """``act(bn(x) + residual)``; with ``with_max`` also its spatial max.
 
-    ``with_max`` (inference, no residual, ``x`` with spatial axes) returns
+    ``with_max`` (inference, ``x`` with spatial axes) returns
     ``(y, spatial_max(y))``, computed in the same pass on the native path.
     """
     use_ra = nn.merge_param(
@@ -137,8 +137,10 @@ class BatchNorm(nn.BatchNorm):
     kw = dict(relu=self.relu, eps=self.epsilon)
     if use_ra:
       stats = (ra_mean.value, ra_var.value)
-      if with_max and residual is None and x.ndim >= 3:
-        return fused_bn.infer_with_max(x, scale, bias, *stats, **kw)
+      if with_max and x.ndim >= 3:
+        return fused_bn.infer_with_max(
+          x, scale, bias, *stats, residual=residual, **kw
+        )
       y = fused_bn.infer(x, scale, bias, *stats, residual=residual, **kw)
     else:
       y, mean, var = fused_bn.train(x, scale, bias, residual=residual, **kw)
@@ -223,10 +225,9 @@ def _bn_act(module, y, train, *, residual=None, native=False):
     module.tap == 'post_act'
     and module.is_mutable_collection(RESPONSES)
     and not train
-    and residual is None
     and y.ndim >= 3
   ):  # the response from BN's own pass, while the map is in cache
-    y, response = bn(y, with_max=True)
+    y, response = bn(y, residual=residual, with_max=True)
     module.sow(RESPONSES, 'out', response)
     return y
   else:

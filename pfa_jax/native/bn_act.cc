@@ -152,9 +152,9 @@ void Normalize(const float* x, const float* res, const float* mean,
 // memory, loaded and stored every row, made this pass 2-5x slower than
 // Normalize. A sample's map is re-read once per block, from cache.
 template <int64_t W>
-void NormalizeMaxBlock(const float* xs, const float* mean, const float* a,
-                       const float* bias, bool relu, int64_t p, int64_t c,
-                       int64_t w, float* os, float* m) {
+void NormalizeMaxBlock(const float* xs, const float* rs, const float* mean,
+                       const float* a, const float* bias, bool relu,
+                       int64_t p, int64_t c, int64_t w, float* os, float* m) {
   float mx[W], mu[W], sc[W], b[W];
   for (int64_t k = 0; k < W; ++k) {
     const bool in = k < w;
@@ -166,7 +166,16 @@ void NormalizeMaxBlock(const float* xs, const float* mean, const float* a,
   for (int64_t r = 0; r < p; ++r) {
     const float* xr = xs + r * c;
     float* o = os + r * c;
-    if (w == W) {
+    if (rs && w == W) {
+      const float* rr = rs + r * c;
+#pragma omp simd
+      for (int64_t k = 0; k < W; ++k) {
+        const float z = (xr[k] - mu[k]) * sc[k] + b[k] + rr[k];
+        const float v = relu ? std::max(z, 0.0f) : z;
+        o[k] = v;
+        mx[k] = std::max(mx[k], v);
+      }
+    } else if (w == W) {
 #pragma omp simd
       for (int64_t k = 0; k < W; ++k) {
         const float z = (xr[k] - mu[k]) * sc[k] + b[k];
@@ -176,7 +185,8 @@ void NormalizeMaxBlock(const float* xs, const float* mean, const float* a,
       }
     } else {
       for (int64_t k = 0; k < w; ++k) {
-        const float z = (xr[k] - mu[k]) * sc[k] + b[k];
+        const float z =
+            (xr[k] - mu[k]) * sc[k] + b[k] + (rs ? rs[r * c + k] : 0.0f);
         const float v = relu ? std::max(z, 0.0f) : z;
         o[k] = v;
         mx[k] = std::max(mx[k], v);
@@ -186,21 +196,23 @@ void NormalizeMaxBlock(const float* xs, const float* mean, const float* a,
   std::copy(mx, mx + w, m);
 }
 
-void NormalizeMax(const float* x, const float* mean, const float* a,
-                  const float* bias, bool relu, int64_t n, int64_t p,
-                  int64_t c, int team, float* out, float* rmax) {
+void NormalizeMax(const float* x, const float* res, const float* mean,
+                  const float* a, const float* bias, bool relu, int64_t n,
+                  int64_t p, int64_t c, int team, float* out, float* rmax) {
 #pragma omp parallel for num_threads(team) schedule(static)
   for (int64_t i = 0; i < n; ++i) {
     const float* xs = x + i * p * c;
+    const float* rs = res ? res + i * p * c : nullptr;
     float* os = out + i * p * c;
     int64_t k = 0;
     for (; c - k >= 64; k += 64)
-      NormalizeMaxBlock<64>(xs + k, mean + k, a + k, bias + k, relu, p, c, 64,
-                            os + k, rmax + i * c + k);
-    for (; k < c; k += 16)
-      NormalizeMaxBlock<16>(xs + k, mean + k, a + k, bias + k, relu, p, c,
-                            std::min<int64_t>(16, c - k), os + k,
+      NormalizeMaxBlock<64>(xs + k, rs ? rs + k : nullptr, mean + k, a + k,
+                            bias + k, relu, p, c, 64, os + k,
                             rmax + i * c + k);
+    for (; k < c; k += 16)
+      NormalizeMaxBlock<16>(xs + k, rs ? rs + k : nullptr, mean + k, a + k,
+                            bias + k, relu, p, c, std::min<int64_t>(16, c - k),
+                            os + k, rmax + i * c + k);
   }
 }
 
@@ -398,11 +410,12 @@ ffi::Error InferRes(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> res,
                threads);
 }
 
-// Inference BN (+ ReLU) and the spatial max of its output per sample (the
-// PFA response of the layer, pfa_jax.models.layers), in one pass.
-ffi::Error InferMax(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
-                    ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> mean,
-                    ffi::Buffer<ffi::F32> var, ffi::ResultBuffer<ffi::F32> y,
+// Inference BN (+ residual, + ReLU) and the spatial max of its output per
+// sample (the PFA response of the layer, pfa_jax.models.layers), in one pass.
+ffi::Error InferMax(ffi::Buffer<ffi::F32> x, const float* res,
+                    ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bias,
+                    ffi::Buffer<ffi::F32> mean, ffi::Buffer<ffi::F32> var,
+                    ffi::ResultBuffer<ffi::F32> y,
                     ffi::ResultBuffer<ffi::F32> rmax, float eps, bool relu,
                     int64_t threads) {
   Dims d;
@@ -422,12 +435,35 @@ ffi::Error InferMax(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
       const float* va = var.typed_data() + g * d.c;
       for (int64_t k = 0; k < d.c; ++k) a[k] = sc[k] / std::sqrt(va[k] + eps);
       const int64_t off = g * d.m * d.c;
-      NormalizeMax(x.typed_data() + off, mean.typed_data() + g * d.c, a.data(),
+      NormalizeMax(x.typed_data() + off, res ? res + off : nullptr,
+                   mean.typed_data() + g * d.c, a.data(),
                    bias.typed_data() + g * d.c, relu, n, d.m / n, d.c, team,
                    y->typed_data() + off, rmax->typed_data() + g * n * d.c);
     }
     return ffi::Error::Success();
   });
+}
+
+ffi::Error InferMaxPlain(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
+                         ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> mean,
+                         ffi::Buffer<ffi::F32> var,
+                         ffi::ResultBuffer<ffi::F32> y,
+                         ffi::ResultBuffer<ffi::F32> rmax, float eps, bool relu,
+                         int64_t threads) {
+  return InferMax(x, nullptr, scale, bias, mean, var, y, rmax, eps, relu,
+                  threads);
+}
+
+ffi::Error InferMaxRes(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> res,
+                       ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bias,
+                       ffi::Buffer<ffi::F32> mean, ffi::Buffer<ffi::F32> var,
+                       ffi::ResultBuffer<ffi::F32> y,
+                       ffi::ResultBuffer<ffi::F32> rmax, float eps, bool relu,
+                       int64_t threads) {
+  if (res.element_count() != x.element_count())
+    return ffi::Error::InvalidArgument("fused_bn: residual shape differs");
+  return InferMax(x, res.typed_data(), scale, bias, mean, var, y, rmax, eps,
+                  relu, threads);
 }
 
 }  // namespace
@@ -448,4 +484,5 @@ PFA_BN(PfaBnTrainBwd, TrainBwdPlain, I I I I I I O O O);      // x y dy s m v
 PFA_BN(PfaBnTrainBwdRes, TrainBwdRes, I I I I I I O O O O);   // + dres out
 PFA_BN(PfaBnInfer, InferPlain, I I I I I O);                  // x s b m v
 PFA_BN(PfaBnInferRes, InferRes, I I I I I I O);               // x r s b m v
-PFA_BN(PfaBnInferMax, InferMax, I I I I I O O);               // -> y, max
+PFA_BN(PfaBnInferMax, InferMaxPlain, I I I I I O O);          // -> y, max
+PFA_BN(PfaBnInferMaxRes, InferMaxRes, I I I I I I O O);       // x r s b m v
