@@ -194,13 +194,18 @@ def _infer_fwd(x, residual, scale, bias, mean, var, relu, eps):
   return out, (x, residual, scale, bias, mean, var)
 
 
-def _infer_bwd(relu, eps, res, g):
+def _reference_vjp(reference, relu, eps, res, g):
+  """The VJP of ``reference`` (an inference function) at the saved operands."""
+
   def f(x, residual, scale, bias, mean, var):
-    return reference_infer(
+    return reference(
       x, scale, bias, mean, var, residual=residual, relu=relu, eps=eps
     )
 
   return jax.vjp(f, *res)[1](g)
+
+
+_infer_bwd = functools.partial(_reference_vjp, reference_infer)
 
 
 _infer.defvjp(_infer_fwd, _infer_bwd)
@@ -221,16 +226,9 @@ def _infer_max_fwd(x, residual, scale, bias, mean, var, relu, eps):
   return out, (x, residual, scale, bias, mean, var)
 
 
-def _infer_max_bwd(relu, eps, res, g):
-  def f(x, residual, scale, bias, mean, var):
-    return reference_infer_with_max(
-      x, scale, bias, mean, var, residual=residual, relu=relu, eps=eps
-    )
-
-  return jax.vjp(f, *res)[1](g)
-
-
-_infer_max.defvjp(_infer_max_fwd, _infer_max_bwd)
+_infer_max.defvjp(
+  _infer_max_fwd, functools.partial(_reference_vjp, reference_infer_with_max)
+)
 
 
 def infer_with_max(

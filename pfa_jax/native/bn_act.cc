@@ -145,7 +145,7 @@ void Normalize(const float* x, const float* res, const float* mean,
   }
 }
 
-// Normalize without residual, plus the per-sample spatial max of the output:
+// Normalize (residual optional), plus the per-sample spatial max of the output:
 // rows [n * P, (n + 1) * P) are sample n (P = M / N), rmax is [N, C].
 // Each sample is walked one block of W channels at a time (64, then 16, then
 // the rest), so the block's running max stays in registers: a max kept in
