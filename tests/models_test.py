@@ -5,9 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest
 from absl.testing import parameterized
+from flax import traverse_util
 from jax import lax
 
 from pfa_jax import models
+from pfa_jax.models import layers
 
 
 def _conv1_reference(variables, x, tap):
@@ -157,6 +159,37 @@ class ModelsTest(parameterized.TestCase):
     )
     out = inter['intermediates']['stage3_block0']['__call__'][0]
     np.testing.assert_allclose(resp['stream3'], out.max(axis=(1, 2)), rtol=1e-6)
+
+  @parameterized.product(
+    name=('simple_cnn', 'vgg16_cifar', 'resnet8', 'resnet_tiny_imagenet'),
+    tap=('pre_bn', 'post_act'),
+  )
+  def test_only_group_responses_are_computed(self, name, tap):
+    # Collecting statistics spends no pass on a layer that is no group's
+    # response point: every sown response is a group's (ResNet's stage-last
+    # conv2 sows the stream's response, which the stream tap reuses).
+    m = models.get_model(name, num_classes=10, conv_impl='xla', tap=tap)
+    size = 64 if name == 'resnet_tiny_imagenet' else 32
+    v = models.init(m, jax.random.key(0), (size, size, 3))
+    x = np.random.default_rng(0).standard_normal((2, size, size, 3))
+    _, state = m.apply(
+      models.model_variables(v),
+      x.astype(np.float32),
+      mutable=[layers.RESPONSES],
+    )
+    flat = traverse_util.flatten_dict(state[layers.RESPONSES], sep='/')
+    sown = {k.removesuffix('/out'): r[-1] for k, r in flat.items()}
+    _, resp = models.responses(m, v, x.astype(np.float32))
+    self.assertEqual(sorted(resp), sorted(m.structure().names))
+    for key, r in sown.items():
+      if key in resp:
+        continue
+      self.assertTrue(
+        tap == 'post_act' and key.endswith('/conv2'),
+        f'{name}: {key!r} sows a response no group reads',
+      )
+      stage = key.split('_')[0].removeprefix('stage')
+      np.testing.assert_array_equal(r, resp[f'stream{stage}'])
 
   def test_option_a_shortcut_is_an_exact_copy_and_its_gradient_a_scatter(self):
     from pfa_jax.models import resnet  # pylint: disable=g-import-not-at-top

@@ -156,7 +156,9 @@ class ConvBN(nn.Module):
 
   Params: ``conv/kernel`` [kh, kw, I, O] (``conv/bias`` without BN), and
   ``bn/scale``, ``bn/bias`` with ``batch_stats`` ``bn/mean``, ``bn/var``.
-  Every leaf has the output channels on its last axis.
+  Every leaf has the output channels on its last axis. ``respond=False``
+  (a layer that is no group's response point, e.g. a residual block's
+  conv2) sows nothing, so collecting statistics skips its spatial max.
   """
 
   features: int
@@ -167,6 +169,7 @@ class ConvBN(nn.Module):
   relu: bool = True
   tap: str = 'post_act'
   conv_impl: str = 'auto'
+  respond: bool = True
 
   @nn.compact
   def __call__(self, x, train: bool = False, residual=None):
@@ -185,12 +188,13 @@ class ConvBN(nn.Module):
 
 
 class DenseBN(nn.Module):
-  """Dense, optional BN, optional ReLU; sows its PFA response."""
+  """Dense, optional BN, optional ReLU; sows its PFA response (``respond``)."""
 
   features: int
   use_bn: bool = True
   relu: bool = True
   tap: str = 'post_act'
+  respond: bool = True
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -202,12 +206,23 @@ def _bn_act(module, y, train, *, residual=None, native=False):
   """BN, ``+ residual``, ReLU, with the module's tap; BN fused if ``native``."""
   if module.tap not in TAPS:
     raise ValueError(f'tap must be one of {TAPS}, got {module.tap!r}.')
+  collect = module.respond and module.is_mutable_collection(RESPONSES)
+
+  def sow(v):
+    if collect:
+      module.sow(RESPONSES, 'out', spatial_max(v))
+
   if module.tap == 'pre_bn':
-    sow_response(module, y)
+    sow(y)
   if not module.use_bn:
     y = y if residual is None else y + residual
-    return _act(module, y)
-  split = module.tap == 'post_bn' and module.is_mutable_collection(RESPONSES)
+    if module.tap == 'post_bn':
+      sow(y)
+    y = nn.relu(y) if module.relu else y
+    if module.tap == 'post_act':
+      sow(y)
+    return y
+  split = module.tap == 'post_bn' and collect
   bn = BatchNorm(
     use_running_average=not train,
     momentum=0.9,
@@ -218,39 +233,41 @@ def _bn_act(module, y, train, *, residual=None, native=False):
   )
   if split:  # the tap needs BN's output before the add and the activation
     y = bn(y)
-    sow_response(module, y)
+    sow(y)
     y = y if residual is None else y + residual
-    y = nn.relu(y) if module.relu else y
-  elif (
-    module.tap == 'post_act'
-    and module.is_mutable_collection(RESPONSES)
-    and not train
-    and y.ndim >= 3
-  ):  # the response from BN's own pass, while the map is in cache
+    return nn.relu(y) if module.relu else y
+  if module.tap == 'post_act' and collect and not train and y.ndim >= 3:
+    # The response from BN's own pass, while the map is in cache.
     y, response = bn(y, residual=residual, with_max=True)
     module.sow(RESPONSES, 'out', response)
     return y
-  else:
-    y = bn(y, residual=residual)
+  y = bn(y, residual=residual)
   if module.tap == 'post_act':
-    sow_response(module, y)
-  return y
-
-
-def _act(module, y):
-  if module.tap == 'post_bn':
-    sow_response(module, y)
-  if module.relu:
-    y = nn.relu(y)
-  if module.tap == 'post_act':
-    sow_response(module, y)
+    sow(y)
   return y
 
 
 class Tap(nn.Module):
-  """Parameter-free tap: sows the response of a tensor it passes through."""
+  """Parameter-free tap: sows the response of a tensor it passes through.
+
+  ``response``, when the caller already holds ``spatial_max(x)`` (a layer
+  that sowed the same tensor), is sown instead of reading ``x`` again.
+  """
 
   @nn.compact
-  def __call__(self, x):
-    sow_response(self, x)
+  def __call__(self, x, response=None):
+    if response is None:
+      sow_response(self, x)
+    elif self.is_mutable_collection(RESPONSES):
+      self.sow(RESPONSES, 'out', response)
     return x
+
+
+def sown_response(module: nn.Module, path: str) -> jax.Array | None:
+  """What the submodule ``path`` ('a/b') of ``module`` last sowed, or None."""
+  if not module.is_mutable_collection(RESPONSES):
+    return None
+  node = module.variables.get(RESPONSES, {})
+  for key in path.split('/'):
+    node = node.get(key, {})
+  return node['out'][-1] if 'out' in node else None

@@ -137,37 +137,47 @@ class ResNet(nn.Module):
     num_blocks = len(self._blocks())
     streams = w[num_blocks:]
     conv = dict(tap=self.tap, conv_impl=self.conv_impl)
+    # Only group response points sow (the stem and the stream writers are
+    # no group's): each stage's stream response is its output's, which the
+    # last block's conv2 computes anyway when the tap is 'post_act'.
+    reuse = self.tap == 'post_act'
     if self.variant == 'cifar':
-      x = layers.ConvBN(streams[0], name='stem', **conv)(x, train)
+      x = layers.ConvBN(streams[0], name='stem', respond=False, **conv)(
+        x, train
+      )
     else:
       x = layers.ConvBN(
-        streams[0], (7, 7), strides=(2, 2), name='stem', **conv
+        streams[0], (7, 7), strides=(2, 2), name='stem', respond=False, **conv
       )(x, train)
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding='SAME')
     i = 0
     for s, n in enumerate(self.stage_sizes):
       for b in range(n):
+        block = f'stage{s + 1}_block{b}'
         x = BasicBlock(
           inner=w[i],
           out=streams[s],
           stride=2 if (s > 0 and b == 0) else 1,
           shortcut='option_a' if self.variant == 'cifar' else 'proj',
-          name=f'stage{s + 1}_block{b}',
+          respond_out=reuse and b == n - 1,
+          name=block,
           **conv,
         )(x, train)
         i += 1
-      x = layers.Tap(name=f'stream{s + 1}')(x)
+      response = layers.sown_response(self, f'{block}/conv2') if reuse else None
+      x = layers.Tap(name=f'stream{s + 1}')(x, response)
     x = jnp.mean(x, axis=(1, 2))
     return nn.Dense(self.num_classes, name='fc')(x)
 
 
 class BasicBlock(nn.Module):
-  """conv1-BN-ReLU, conv2-BN, + shortcut, ReLU (conv2 sows the block output)."""
+  """conv1-BN-ReLU, conv2-BN, + shortcut, ReLU; conv1 sows its response."""
 
   inner: int
   out: int
   stride: int = 1
   shortcut: str = 'option_a'  # or 'proj' (used only when stride > 1)
+  respond_out: bool = False  # conv2 sows the block output's response
   tap: str = 'post_act'
   conv_impl: str = 'auto'
 
@@ -190,13 +200,19 @@ class BasicBlock(nn.Module):
       shortcut = _option_a(x, channel_map)
     else:
       shortcut = layers.ConvBN(
-        self.out, (1, 1), strides=strides, relu=False, name='proj', **conv
+        self.out,
+        (1, 1),
+        strides=strides,
+        relu=False,
+        name='proj',
+        respond=False,
+        **conv,
       )(x, train)
     # conv2's BN, the residual add and the ReLU are one layer: one fused
     # kernel on the oneDNN path (layers.BatchNorm).
-    return layers.ConvBN(self.out, name='conv2', **conv)(
-      h, train, residual=shortcut
-    )
+    return layers.ConvBN(
+      self.out, name='conv2', respond=self.respond_out, **conv
+    )(h, train, residual=shortcut)
 
 
 def _option_a(x, channel_map):

@@ -67,6 +67,7 @@ class SimpleCNN(nn.Module):
       use_bn=False,
       relu=False,
       conv_impl=self.conv_impl,
+      respond=False,  # the logits: no group's response
       name='conv9',
     )(x, train)
     return jnp.mean(x, axis=(1, 2))
