@@ -2,11 +2,12 @@
 
   python -m benchmarks.stats_overhead [--batch 256] [--repeats 15]
 
-For each model, times (a) the jitted eval forward pass and (b) the jitted
-``pfa_jax.methods.pfa.stats_step`` (the same forward pass, sowing every prunable
-layer's response and updating its streaming covariance), interleaved on the
-same batches, the states carried from call to call as in
-``pfa.collect_states``. ``overhead`` is the ratio of the two medians over
+For each model, times (a) the jitted eval forward pass and (b) the
+library's statistics step ``pfa_jax.methods.pfa.collect_step`` (the same
+forward pass, sowing every prunable layer's response, then the update of its
+streaming covariance), interleaved on the same batches, the states carried
+from call to call as in ``pfa.collect_states``; and, for the decision in
+``collect_step``, (c) the same step as one jitted program. ``overhead`` is the ratio of the two medians over
 the rounds, ``overhead_paired`` the median of the per-round ratios (each
 round times both back to back, so machine drift cancels). Target:
 (b) / (a) <= 1.05. Writes
@@ -41,42 +42,50 @@ def bench(name: str, batch: int, repeats: int) -> dict:
     'mask': jnp.ones((batch,), bool),
   }
   fwd = jax.jit(lambda v, b: model.apply(v, b['image'], train=False))
-  # As the library's statistics loop runs it (pfa.collect_states): the
-  # states are donated and carried, so every timed call is a steady-state
-  # batch (the first batch also fixes each layer's shift and scale).
-  step = jax.jit(
-    functools.partial(pfa.stats_step, model=model, names=tuple(names)),
-    donate_argnums=0,
-  )
-  states = jax.tree.map(
-    jnp.array, stats.init_tree({n: widths[n] for n in names})
-  )
-  jax.block_until_ready(fwd(variables, x))
-  states = jax.block_until_ready(step(states, variables, x))
+  # The library's statistics loop (pfa.collect_states) and, beside it, the
+  # same step as one program. The states are donated and carried, so every
+  # timed call is a steady-state batch (the first also fixes the shifts).
+  steps = {
+    'stats': pfa.collect_step(model, names),
+    'one_program': jax.jit(
+      functools.partial(pfa.stats_step, model=model, names=tuple(names)),
+      donate_argnums=0,
+    ),
+  }
+  states = {
+    k: jax.tree.map(jnp.array, stats.init_tree({n: widths[n] for n in names}))
+    for k in steps
+  }
 
-  def run_stats():
-    nonlocal states
-    states = jax.block_until_ready(step(states, variables, x))
+  def run(k):
+    states[k] = jax.block_until_ready(steps[k](states[k], variables, x))
 
-  t_fwd, t_stats = [], []
+  runs = {'forward': lambda: jax.block_until_ready(fwd(variables, x))}
+  runs.update({k: functools.partial(run, k) for k in steps})
+  times = {k: [] for k in runs}
   with gram.blas_threads_for(widths[n] for n in names):
-    for _ in range(repeats):  # Interleaved: drift hits both equally.
-      t_fwd.append(
-        common.median_time(lambda: jax.block_until_ready(fwd(variables, x)), 3)
-      )
-      t_stats.append(common.median_time(run_stats, 3))
-  f, s = statistics.median(t_fwd), statistics.median(t_stats)
-  paired = statistics.median(b / a for a, b in zip(t_fwd, t_stats))
+    for fn in runs.values():
+      fn()
+    for _ in range(repeats):  # Interleaved: drift hits all equally.
+      for k, fn in runs.items():
+        times[k].append(common.median_time(fn, 3))
+  med = {k: statistics.median(t) for k, t in times.items()}
+
+  def paired(k):  # median over rounds of time / forward time
+    return statistics.median(b / a for a, b in zip(times['forward'], times[k]))
+
   return {
     'model': name,
     'batch': batch,
     'layers': len(names),
     'rounds': repeats,
-    'forward_img_s': batch / f,
-    'stats_img_s': batch / s,
-    'overhead': s / f - 1,
-    'overhead_paired': paired - 1,  # median over rounds of stats / forward
-    'samples_per_call': {'forward': batch, 'stats': batch},
+    'forward_img_s': batch / med['forward'],
+    'stats_img_s': batch / med['stats'],
+    'overhead': med['stats'] / med['forward'] - 1,
+    'overhead_paired': paired('stats') - 1,
+    'one_program_overhead': med['one_program'] / med['forward'] - 1,
+    'one_program_overhead_paired': paired('one_program') - 1,
+    'samples_per_call': {k: batch for k in runs},
   }
 
 
@@ -97,6 +106,7 @@ def main(argv=None) -> list[dict]:
         f'{r["stats_img_s"]:.0f}',
         f'{100 * r["overhead"]:+.1f}%',
         f'{100 * r["overhead_paired"]:+.1f}%',
+        f'{100 * r["one_program_overhead"]:+.1f}%',
       )
       for r in out
     ],
@@ -107,6 +117,7 @@ def main(argv=None) -> list[dict]:
       'fwd+stats img/s',
       'overhead',
       'paired',
+      'one program',
     ),
   )
   path = common.write(

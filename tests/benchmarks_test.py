@@ -28,6 +28,8 @@ class BenchmarksTest(absltest.TestCase):
     self.assertEqual(r['layers'], 8)  # SimpleCNN's eight prunable convs
     self.assertGreater(r['forward_img_s'], 0)
     self.assertTrue(math.isfinite(r['overhead']))
+    self.assertTrue(math.isfinite(r['one_program_overhead']))
+    self.assertEqual(set(r['samples_per_call'].values()), {4})
 
   def test_native_levers_ops_run(self):
     rows = native_levers.ops(repeats=1)

@@ -1,5 +1,6 @@
 """Method registry and baselines against independent numpy references."""
 
+import functools
 import json
 
 import jax
@@ -252,6 +253,40 @@ def _numpy_spectra(model, variables, batches):
     )[::-1]
     out[n] = lam / lam.sum() if lam.sum() > 0 else np.eye(len(lam))[0]
   return out
+
+
+class CollectStepTest(absltest.TestCase):
+  def test_two_programs_match_numpy_and_the_one_program_step(self):
+    # pfa.collect_states runs the responses and the update as two programs;
+    # its covariance must be numpy's float64 one over the unmasked rows, and
+    # its states the one-program jit(stats_step)'s.
+    from pfa_jax import stats  # pylint: disable=g-import-not-at-top
+    from pfa_jax.methods import pfa  # pylint: disable=g-import-not-at-top
+
+    model, variables = _net('resnet8')
+    batches = _batches(3)
+    batches[1]['mask'][5:] = False
+    batches[1]['image'][5:] = np.nan  # padded rows: ignored, even NaN
+    names = tuple(base.select_groups(model, 'inner+stream'))
+    got = pfa.collect_states(model, variables, batches, names, np.float32)
+    step = jax.jit(functools.partial(pfa.stats_step, model=model, names=names))
+    widths = models.widths_of(model)
+    one = stats.init_tree({n: widths[n] for n in names})
+    for b in batches:
+      one = step(one, variables, b)
+    resp = {n: [] for n in names}
+    for b in batches:
+      _, r = models.responses(model, variables, b['image'])
+      for n in names:
+        resp[n].append(np.asarray(r[n], np.float64)[b['mask']])
+    for n in names:
+      want = np.cov(np.concatenate(resp[n]), rowvar=False)
+      cov = stats.covariance(got[n], name=n)
+      np.testing.assert_allclose(cov, want, rtol=1e-5, atol=1e-6 * want.max())
+      np.testing.assert_allclose(
+        cov, stats.covariance(one[n], name=n), rtol=1e-6, atol=1e-12
+      )
+      self.assertEqual(stats.count(got[n]), 24 + 5 + 24)
 
 
 class ConstsAreDataTest(absltest.TestCase):

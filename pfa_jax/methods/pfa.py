@@ -24,11 +24,22 @@ from pfa_jax.methods import base
 STATS_DTYPES = ('float32', 'float64')
 
 
+def response_step(variables, images, *, model, names):
+  """The forward pass's PFA responses ``{name: [N, C]}`` of ``names`` (pure)."""
+  _, resp = models.responses(model, variables, images)
+  return {n: resp[n] for n in names}
+
+
+def update_step(states, resp, mask):
+  """Folds one batch of responses into the states (pure)."""
+  resp = {n: r.astype(states[n].mean.dtype) for n, r in resp.items()}
+  return stats.update_tree(states, resp, mask=mask)
+
+
 def stats_step(states, variables, batch, *, model, names):
   """One forward pass + covariance update for the ``names`` groups (pure)."""
-  _, resp = models.responses(model, variables, batch['image'])
-  resp = {n: resp[n].astype(states[n].mean.dtype) for n in names}
-  return stats.update_tree(states, resp, mask=batch['mask'])
+  resp = response_step(variables, batch['image'], model=model, names=names)
+  return update_step(states, resp, batch['mask'])
 
 
 def check_stats_dtype(name: str):
@@ -44,16 +55,35 @@ def check_stats_dtype(name: str):
   return jnp.float64 if name == 'float64' else jnp.float32
 
 
+def collect_step(model, names):
+  """The statistics loop's step: ``states = step(states, variables, batch)``.
+
+  Decision: two jitted programs, the responses and then the update (the
+  states donated), not one ``jit(stats_step)``. In one program XLA:CPU
+  runs the small per-layer update thunks beside the forward pass's
+  convolutions, and the 2-thread oneDNN kernels lose more than the update
+  costs: ResNet-56 at batch 256 was 3-9 ms slower per batch than the two
+  programs (``benchmarks/stats_overhead.py`` times both). Same arithmetic,
+  so the same states.
+  """
+  respond = jax.jit(
+    functools.partial(response_step, model=model, names=tuple(names))
+  )
+  update = jax.jit(update_step, donate_argnums=0)
+
+  def step(states, variables, batch):
+    return update(states, respond(variables, batch['image']), batch['mask'])
+
+  return step
+
+
 def collect_states(model, variables, batches, groups, dtype, progress=None):
   """Streams the responses of ``groups``; returns host ``CovState``s."""
   widths = models.widths_of(model)
   states = stats.init_tree({n: widths[n] for n in groups}, dtype=dtype)
   # Donated below, so no two leaves may share a buffer.
   states = jax.tree.map(jnp.array, states)
-  step = jax.jit(
-    functools.partial(stats_step, model=model, names=tuple(groups)),
-    donate_argnums=0,
-  )
+  step = collect_step(model, groups)
   with gram.blas_threads_for(widths[n] for n in groups):
     for i, batch in enumerate(batches, 1):
       states = step(states, variables, batch)
