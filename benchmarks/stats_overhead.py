@@ -22,9 +22,11 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import common
+from pfa_jax import fused_bn
 from pfa_jax import gram
 from pfa_jax import hostmem
 from pfa_jax import models
+from pfa_jax import onednn
 from pfa_jax import stats
 from pfa_jax.methods import base
 from pfa_jax.methods import pfa
@@ -89,6 +91,53 @@ def bench(name: str, batch: int, repeats: int) -> dict:
   }
 
 
+def kernels(batch: int, repeats: int) -> list[dict]:
+  """Inference BN + ReLU with and without the fused spatial max, per map.
+
+  ResNet-56's three stage shapes, with and without the residual add: what
+  the response pass pays per layer over the plain forward pass (native
+  kernels only; empty where they are not built).
+  """
+  rows = []
+  if not onednn.available():
+    return rows
+
+  def plain(x, r, *bn):
+    return fused_bn.infer(x, *bn, residual=r, relu=True, eps=1e-5)
+
+  def with_max(x, r, *bn):
+    return fused_bn.infer_with_max(x, *bn, residual=r, relu=True, eps=1e-5)
+
+  fns = {'plain': jax.jit(plain), 'with_max': jax.jit(with_max)}
+  for hw, c in ((32, 16), (16, 32), (8, 64)):
+    shape = (batch, hw, hw, c)
+    x = jax.random.normal(jax.random.key(2), shape)
+    bn = (jnp.ones(c), jnp.zeros(c), jnp.zeros(c), jnp.ones(c))
+    for residual in (False, True):
+      args = (x, x if residual else None, *bn)
+      calls = {
+        k: functools.partial(lambda f, a: jax.block_until_ready(f(*a)), f, args)
+        for k, f in fns.items()
+      }
+      times = {k: [] for k in calls}
+      for call in calls.values():
+        call()
+      for _ in range(repeats):
+        for k, call in calls.items():
+          times[k].append(common.median_time(call, 5))
+      med = {k: statistics.median(t) for k, t in times.items()}
+      rows.append(
+        {
+          'shape': list(shape),
+          'residual': residual,
+          'plain_ms': 1e3 * med['plain'],
+          'with_max_ms': 1e3 * med['with_max'],
+          'ratio': med['with_max'] / med['plain'],
+        }
+      )
+  return rows
+
+
 def main(argv=None) -> list[dict]:
   hostmem.retain_freed_memory()  # before the first JAX computation
   p = argparse.ArgumentParser()
@@ -97,6 +146,7 @@ def main(argv=None) -> list[dict]:
   p.add_argument('--models', default=','.join(MODELS))
   a = p.parse_args(argv)
   out = [bench(m, a.batch, a.repeats) for m in a.models.split(',')]
+  kern = kernels(a.batch, a.repeats)
   common.print_table(
     [
       (
@@ -120,6 +170,19 @@ def main(argv=None) -> list[dict]:
       'one program',
     ),
   )
+  common.print_table(
+    [
+      (
+        'x'.join(map(str, k['shape'])),
+        k['residual'],
+        f'{k["plain_ms"]:.3f}',
+        f'{k["with_max_ms"]:.3f}',
+        f'{k["ratio"]:.2f}',
+      )
+      for k in kern
+    ],
+    ('map', 'residual', 'BN ms', 'BN + max ms', 'ratio'),
+  )
   path = common.write(
     'stats_overhead',
     {
@@ -127,6 +190,7 @@ def main(argv=None) -> list[dict]:
       'load_average_start': list(common.START_LOAD),
       'loaded': common.loaded(),
       'results': out,
+      'kernels': kern,
       'pass': all(r['overhead'] <= 0.05 for r in out),
     },
   )

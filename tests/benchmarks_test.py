@@ -30,6 +30,9 @@ class BenchmarksTest(absltest.TestCase):
     self.assertTrue(math.isfinite(r['overhead']))
     self.assertTrue(math.isfinite(r['one_program_overhead']))
     self.assertEqual(set(r['samples_per_call'].values()), {4})
+    for k in stats_overhead.kernels(batch=2, repeats=1):
+      self.assertGreater(k['plain_ms'], 0)
+      self.assertTrue(math.isfinite(k['ratio']))
 
   def test_native_levers_ops_run(self):
     rows = native_levers.ops(repeats=1)

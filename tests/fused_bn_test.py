@@ -129,11 +129,14 @@ class FusedBnTest(parameterized.TestCase):
     for a, w in zip(got, _x64_grads(ref, [x, s, mean], g)):
       self.assertLess(_rel_err(a, w), 1e-5)
 
-  # The kernel walks blocks of 64, then 16 channels, then the rest: fewer
-  # than one block, exactly one, one and a remainder, and all three kinds;
+  # The kernel walks blocks of up to 64 channels, 1-4 vectors of 16 with the
+  # last one partial or full: 5 (1, partial), 16 (1, full), 20 (2, partial),
+  # 48 (3, full), 64 (4, full), 101 (64 + 3 partial), 124 (64 + 4 partial);
   # each with and without a residual add (a ResNet block's output).
   @parameterized.product(
-    channels=(5, 16, 20, 64, 101), relu=(True, False), residual=(False, True)
+    channels=(5, 16, 20, 48, 64, 101, 124),
+    relu=(True, False),
+    residual=(False, True),
   )
   def test_infer_with_max_matches_float64(self, channels, relu, residual):
     x, r, s, b, g = _data((5, 4, 3, channels), seed=13)
