@@ -106,24 +106,28 @@ class FusedBnTest(parameterized.TestCase):
     self.assertLess(_rel_err(mean, want_mean), 1e-6)
     self.assertLess(_rel_err(var, want_var), 1e-5)
 
-  @parameterized.parameters(False, True)
-  def test_infer_matches_float64(self, residual):
-    x, r, s, b, g = _data((3, 4, 4, 24), seed=5)
+  # Channel blocks as in test_infer_with_max_matches_float64; 3 * 5 * 9 =
+  # 135 rows is two full 64-row tiles and a partial one.
+  @parameterized.product(
+    channels=(5, 24, 48, 64, 130), relu=(True, False), residual=(False, True)
+  )
+  def test_infer_matches_float64(self, channels, relu, residual):
+    x, r, s, b, g = _data((3, 5, 9, channels), seed=5)
     res = r if residual else None
-    mean = np.linspace(-1, 1, 24).astype(np.float32)
-    var = np.linspace(0.5, 3, 24).astype(np.float32)
-    y = jax.jit(lambda x, r: fused_bn.infer(x, s, b, mean, var, residual=r))(
-      x, res
-    )
+    mean = np.linspace(-1, 1, channels).astype(np.float32)
+    var = np.linspace(0.5, 3, channels).astype(np.float32)
+    y = jax.jit(
+      lambda x, r: fused_bn.infer(x, s, b, mean, var, residual=r, relu=relu)
+    )(x, res)
     z = (x.astype(np.float64) - mean) / np.sqrt(var + EPS) * s + b
     z = z + (res if residual else 0)
-    self.assertLess(_rel_err(y, np.maximum(z, 0)), 1e-6)
+    self.assertLess(_rel_err(y, np.maximum(z, 0) if relu else z), 1e-6)
 
     def f(x, s, m):
-      return fused_bn.infer(x, s, b, m, var, residual=res)
+      return fused_bn.infer(x, s, b, m, var, residual=res, relu=relu)
 
     def ref(x, s, m):
-      return fused_bn.reference_infer(x, s, b, m, var, residual=res)
+      return fused_bn.reference_infer(x, s, b, m, var, residual=res, relu=relu)
 
     got = jax.vjp(f, x, s, mean)[1](g)
     for a, w in zip(got, _x64_grads(ref, [x, s, mean], g)):
