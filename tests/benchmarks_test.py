@@ -28,7 +28,7 @@ class BenchmarksTest(absltest.TestCase):
     self.assertEqual(r['layers'], 8)  # SimpleCNN's eight prunable convs
     self.assertGreater(r['forward_img_s'], 0)
     self.assertTrue(math.isfinite(r['overhead']))
-    self.assertTrue(math.isfinite(r['one_program_overhead']))
+    self.assertTrue(math.isfinite(r['two_programs_overhead']))
     self.assertEqual(set(r['samples_per_call'].values()), {4})
     for k in stats_overhead.kernels(batch=2, repeats=1):
       self.assertGreater(k['plain_ms'], 0)

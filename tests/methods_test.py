@@ -1,6 +1,5 @@
 """Method registry and baselines against independent numpy references."""
 
-import functools
 import json
 
 import jax
@@ -256,10 +255,9 @@ def _numpy_spectra(model, variables, batches):
 
 
 class CollectStepTest(absltest.TestCase):
-  def test_two_programs_match_numpy_and_the_one_program_step(self):
-    # pfa.collect_states runs the responses and the update as two programs;
-    # its covariance must be numpy's float64 one over the unmasked rows, and
-    # its states the one-program jit(stats_step)'s.
+  def test_collect_states_and_two_programs_match_numpy(self):
+    # pfa.collect_states (one program) must give numpy's float64 covariance
+    # over the unmasked rows, and the two-program step the same states.
     from pfa_jax import stats  # pylint: disable=g-import-not-at-top
     from pfa_jax.methods import pfa  # pylint: disable=g-import-not-at-top
 
@@ -269,9 +267,11 @@ class CollectStepTest(absltest.TestCase):
     batches[1]['image'][5:] = np.nan  # padded rows: ignored, even NaN
     names = tuple(base.select_groups(model, 'inner+stream'))
     got = pfa.collect_states(model, variables, batches, names, np.float32)
-    step = jax.jit(functools.partial(pfa.stats_step, model=model, names=names))
+    step = pfa.two_program_step(model, names)
     widths = models.widths_of(model)
-    one = stats.init_tree({n: widths[n] for n in names})
+    one = jax.tree.map(
+      jax.numpy.array, stats.init_tree({n: widths[n] for n in names})
+    )
     for b in batches:
       one = step(one, variables, b)
     resp = {n: [] for n in names}

@@ -58,14 +58,20 @@ def check_stats_dtype(name: str):
 def collect_step(model, names):
   """The statistics loop's step: ``states = step(states, variables, batch)``.
 
-  Decision: two jitted programs, the responses and then the update (the
-  states donated), not one ``jit(stats_step)``. In one program XLA:CPU
-  runs the small per-layer update thunks beside the forward pass's
-  convolutions, and the 2-thread oneDNN kernels lose more than the update
-  costs: ResNet-56 at batch 256 was 3-9 ms slower per batch than the two
-  programs (``benchmarks/stats_overhead.py`` times both). Same arithmetic,
-  so the same states.
+  One jitted program, the states donated. Decision: the responses and the
+  update as two programs were tried (XLA:CPU may run the small update thunks
+  beside the oneDNN convolutions in one); ``benchmarks/stats_overhead.py``
+  times both, and over five session-10 runs neither was faster beyond the
+  VM's noise (ResNet-56 +/- 4%), so the step stays one program.
   """
+  return jax.jit(
+    functools.partial(stats_step, model=model, names=tuple(names)),
+    donate_argnums=0,
+  )
+
+
+def two_program_step(model, names):
+  """``collect_step`` as two programs, responses then update (for timing)."""
   respond = jax.jit(
     functools.partial(response_step, model=model, names=tuple(names))
   )
