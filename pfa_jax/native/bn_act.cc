@@ -192,7 +192,7 @@ using BlockFn = void (*)(const float*, const float*, const float*,
 
 template <int B, bool kMax>
 BlockFn PickBlock(bool res, bool relu, bool full) {
-  const BlockFn fns[8] = {
+  static constexpr BlockFn fns[8] = {
       NormalizeBlock<B, false, false, false, kMax>,
       NormalizeBlock<B, false, false, true, kMax>,
       NormalizeBlock<B, false, true, false, kMax>,
@@ -401,28 +401,48 @@ ffi::Error TrainBwdRes(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> y,
                   dbias, eps, relu, threads);
 }
 
+// Inference BN (+ residual, + ReLU); with `rmax` also the spatial max of its
+// output per sample (the PFA response of the layer, pfa_jax.models.layers),
+// in the same pass.
 ffi::Error Infer(ffi::Buffer<ffi::F32> x, const float* res,
                  ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bias,
                  ffi::Buffer<ffi::F32> mean, ffi::Buffer<ffi::F32> var,
-                 ffi::ResultBuffer<ffi::F32> y, float eps, bool relu,
+                 ffi::ResultBuffer<ffi::F32> y,
+                 ffi::ResultBuffer<ffi::F32>* rmax, float eps, bool relu,
                  int64_t threads) {
   Dims d;
   if (auto e = GetDims(x.dimensions(), scale.dimensions(), &d); e.failure())
     return e;
-  return PfaOnTeamThread([&]() -> ffi::Error {
-  const int team = Team(threads);
-  std::vector<float> a(d.c);
-  for (int64_t g = 0; g < d.g; ++g) {
-    const float* sc = scale.typed_data() + g * d.c;
-    const float* va = var.typed_data() + g * d.c;
-    for (int64_t k = 0; k < d.c; ++k) a[k] = sc[k] / std::sqrt(va[k] + eps);
-    const int64_t off = g * d.m * d.c;
-    Normalize(x.typed_data() + off, res ? res + off : nullptr,
-              mean.typed_data() + g * d.c, a.data(),
-              bias.typed_data() + g * d.c, relu, d.m, d.c, team,
-              y->typed_data() + off);
+  int64_t n = 0;  // samples, with rmax
+  if (rmax) {
+    const auto rd = (*rmax)->dimensions();
+    if (rd.size() < 2 || rd[rd.size() - 1] != d.c)
+      return ffi::Error::InvalidArgument("fused_bn: bad max shape");
+    n = rd[rd.size() - 2];
+    if (n <= 0 || d.m % n != 0)
+      return ffi::Error::InvalidArgument("fused_bn: rows not a multiple of N");
   }
-  return ffi::Error::Success();
+  return PfaOnTeamThread([&]() -> ffi::Error {
+    const int team = Team(threads);
+    std::vector<float> a(d.c);
+    for (int64_t g = 0; g < d.g; ++g) {
+      const float* sc = scale.typed_data() + g * d.c;
+      const float* va = var.typed_data() + g * d.c;
+      for (int64_t k = 0; k < d.c; ++k) a[k] = sc[k] / std::sqrt(va[k] + eps);
+      const int64_t off = g * d.m * d.c;
+      const float* r = res ? res + off : nullptr;
+      const float* mu = mean.typed_data() + g * d.c;
+      const float* b = bias.typed_data() + g * d.c;
+      float* out = y->typed_data() + off;
+      if (rmax)
+        NormalizeMax(x.typed_data() + off, r, mu, a.data(), b, relu, n,
+                     d.m / n, d.c, team, out,
+                     (*rmax)->typed_data() + g * n * d.c);
+      else
+        Normalize(x.typed_data() + off, r, mu, a.data(), b, relu, d.m, d.c,
+                  team, out);
+    }
+    return ffi::Error::Success();
   });
 }
 
@@ -430,7 +450,8 @@ ffi::Error InferPlain(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
                       ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> mean,
                       ffi::Buffer<ffi::F32> var, ffi::ResultBuffer<ffi::F32> y,
                       float eps, bool relu, int64_t threads) {
-  return Infer(x, nullptr, scale, bias, mean, var, y, eps, relu, threads);
+  return Infer(x, nullptr, scale, bias, mean, var, y, nullptr, eps, relu,
+               threads);
 }
 
 ffi::Error InferRes(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> res,
@@ -440,42 +461,8 @@ ffi::Error InferRes(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> res,
                     int64_t threads) {
   if (res.element_count() != x.element_count())
     return ffi::Error::InvalidArgument("fused_bn: residual shape differs");
-  return Infer(x, res.typed_data(), scale, bias, mean, var, y, eps, relu,
-               threads);
-}
-
-// Inference BN (+ residual, + ReLU) and the spatial max of its output per
-// sample (the PFA response of the layer, pfa_jax.models.layers), in one pass.
-ffi::Error InferMax(ffi::Buffer<ffi::F32> x, const float* res,
-                    ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bias,
-                    ffi::Buffer<ffi::F32> mean, ffi::Buffer<ffi::F32> var,
-                    ffi::ResultBuffer<ffi::F32> y,
-                    ffi::ResultBuffer<ffi::F32> rmax, float eps, bool relu,
-                    int64_t threads) {
-  Dims d;
-  if (auto e = GetDims(x.dimensions(), scale.dimensions(), &d); e.failure())
-    return e;
-  const auto rd = rmax->dimensions();
-  if (rd.size() < 2 || rd[rd.size() - 1] != d.c)
-    return ffi::Error::InvalidArgument("fused_bn: bad max shape");
-  const int64_t n = rd[rd.size() - 2];
-  if (n <= 0 || d.m % n != 0)
-    return ffi::Error::InvalidArgument("fused_bn: rows not a multiple of N");
-  return PfaOnTeamThread([&]() -> ffi::Error {
-    const int team = Team(threads);
-    std::vector<float> a(d.c);
-    for (int64_t g = 0; g < d.g; ++g) {
-      const float* sc = scale.typed_data() + g * d.c;
-      const float* va = var.typed_data() + g * d.c;
-      for (int64_t k = 0; k < d.c; ++k) a[k] = sc[k] / std::sqrt(va[k] + eps);
-      const int64_t off = g * d.m * d.c;
-      NormalizeMax(x.typed_data() + off, res ? res + off : nullptr,
-                   mean.typed_data() + g * d.c, a.data(),
-                   bias.typed_data() + g * d.c, relu, n, d.m / n, d.c, team,
-                   y->typed_data() + off, rmax->typed_data() + g * n * d.c);
-    }
-    return ffi::Error::Success();
-  });
+  return Infer(x, res.typed_data(), scale, bias, mean, var, y, nullptr, eps,
+               relu, threads);
 }
 
 ffi::Error InferMaxPlain(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
@@ -484,8 +471,8 @@ ffi::Error InferMaxPlain(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
                          ffi::ResultBuffer<ffi::F32> y,
                          ffi::ResultBuffer<ffi::F32> rmax, float eps, bool relu,
                          int64_t threads) {
-  return InferMax(x, nullptr, scale, bias, mean, var, y, rmax, eps, relu,
-                  threads);
+  return Infer(x, nullptr, scale, bias, mean, var, y, &rmax, eps, relu,
+               threads);
 }
 
 ffi::Error InferMaxRes(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> res,
@@ -496,8 +483,8 @@ ffi::Error InferMaxRes(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> res,
                        int64_t threads) {
   if (res.element_count() != x.element_count())
     return ffi::Error::InvalidArgument("fused_bn: residual shape differs");
-  return InferMax(x, res.typed_data(), scale, bias, mean, var, y, rmax, eps,
-                  relu, threads);
+  return Infer(x, res.typed_data(), scale, bias, mean, var, y, &rmax, eps,
+               relu, threads);
 }
 
 }  // namespace
