@@ -32,6 +32,7 @@ class _Lib:
   """The bound symbols of one ILP64 OpenBLAS."""
 
   def __init__(self, lib: ctypes.CDLL):
+    self.cdll = lib  # every other symbol (benchmarks/eig_levers.py)
     self.ssyrk = lib.scipy_cblas_ssyrk64_
     self.ssyrk.restype = None
     self.ssyrk.argtypes = [ctypes.c_int] * 3 + [_I64, _I64, ctypes.c_float]

@@ -16,6 +16,7 @@ from absl.testing import absltest
 
 from benchmarks import common
 from benchmarks import conv_levers
+from benchmarks import eig_levers
 from benchmarks import native_levers
 from benchmarks import pruned_speedup
 from benchmarks import stats_overhead
@@ -33,6 +34,14 @@ class BenchmarksTest(absltest.TestCase):
     for k in stats_overhead.kernels(batch=2, repeats=1):
       self.assertGreater(k['plain_ms'], 0)
       self.assertTrue(math.isfinite(k['ratio']))
+
+  def test_eig_levers_two_stages_match_eigvalsh(self):
+    # run() itself raises if the directly called LAPACK stages disagree with
+    # spectra.eigvalsh; float32's error is measured, not assumed.
+    r = eig_levers.run(m=200, c=48, repeats=1, kds=(8, 16))
+    self.assertEqual(set(r['ratio_to_eigvalsh']), {'kd8', 'kd16', 'float32'})
+    self.assertGreater(r['float32_max_rel_error'], 0)
+    self.assertLess(r['float32_max_rel_error'], 1e-4)
 
   def test_native_levers_ops_run(self):
     rows = native_levers.ops(repeats=1)
