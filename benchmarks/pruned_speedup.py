@@ -111,7 +111,13 @@ def bytes_accessed(model, variables, batch):
   return float(cost['bytes accessed'])
 
 
-def bench_case(name, mode, factors, batches, repeats, multiples=(1, 8, 16)):
+def pruned_variants(name, mode, factors, multiples=(1, 8, 16)):
+  """The full network and its PFA-pruned variants, ~1/f of its FLOPs each.
+
+  Returns (model, variables, groups, full_flops, variants, unreachable):
+  ``variants['{f}x_round{m}'] = (pruned model, variables, flops)``, and
+  ``unreachable`` the targets no width assignment meets.
+  """
   model = models.get_model(name, num_classes=10)
   variables = models.init(model, jax.random.key(0), SHAPE)
   groups = [
@@ -128,7 +134,6 @@ def bench_case(name, mode, factors, batches, repeats, multiples=(1, 8, 16)):
   def cost(w):
     return cost_of({**fixed, **w})
 
-  fwd = jax.jit(lambda m, v, x: m.apply(v, x, train=False), static_argnums=0)
   variants = {}
   unreachable = []
   for f in factors:
@@ -143,6 +148,14 @@ def bench_case(name, mode, factors, batches, repeats, multiples=(1, 8, 16)):
       keep = select.keep_sets({g: orders[g] for g in groups}, w)
       pm, pv = slicing.prune(model, variables, keep)
       variants[f'{f}x_round{mult}'] = (pm, pv, cost(w))
+  return model, variables, groups, full_flops, variants, unreachable
+
+
+def bench_case(name, mode, factors, batches, repeats, multiples=(1, 8, 16)):
+  model, variables, groups, full_flops, variants, unreachable = pruned_variants(
+    name, mode, factors, multiples
+  )
+  fwd = jax.jit(lambda m, v, x: m.apply(v, x, train=False), static_argnums=0)
   rows = [
     {'model': name, 'mode': mode, 'unreachable': True, **u} for u in unreachable
   ]

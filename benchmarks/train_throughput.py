@@ -111,6 +111,21 @@ def make_jax_runner(
   momentum); evaluation is `steps.eval_step`.
   """
   model = models.get_model(name, num_classes=num_classes, conv_impl=impl)
+  return make_model_runner(
+    model, variables, batch, num_classes, seed, donate, data_parallel
+  )
+
+
+def make_model_runner(
+  model,
+  variables,
+  batch,
+  num_classes=10,
+  seed=0,
+  donate=True,
+  data_parallel=False,
+):
+  """`make_jax_runner` for any (model, variables), e.g. a pruned network."""
   variables = jax.tree.map(jnp.copy, variables)  # train_step donates its state
   lr_fn = optim.learning_rate_schedule(
     base_lr=_LR, schedule='constant', num_steps=1

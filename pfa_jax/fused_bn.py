@@ -27,6 +27,12 @@ Decisions:
   * :func:`infer`'s gradient is that of :func:`reference_infer` (it is an
     affine map and a ReLU; XLA fuses it well): the native kernel is only
     its forward.
+  * Narrow widths: a row of C channels that is not whole vectors (C < 16,
+    or not a multiple of 16) is walked as rows of q C channels, q = 16 /
+    gcd(C, 16), with the per-channel operands tiled q times: at 4-12
+    channels a pass cost 3-4x the 16-channel one on fewer bytes
+    (``benchmarks/bn_widths.py``). ``set_periodic(False)`` turns it off, for
+    that benchmark's A/B.
   * Not eligible (``eligible``): other dtypes, sharded operands (a custom
     call cannot be partitioned), no kernel, or ``PFA_JAX_FUSED_BN=0`` (to
     measure the lever); callers then use the reference.
@@ -117,6 +123,12 @@ def eligible(*operands) -> bool:
     and os.environ.get('PFA_JAX_FUSED_BN', '1') != '0'
     and onednn.available()
   )
+
+
+def set_periodic(on: bool) -> None:
+  """Walks narrow rows as whole-vector periods (True, the default) or not."""
+  if onednn.available():
+    onednn._load().PfaSetBnPeriodic(int(bool(on)))
 
 
 def _attrs(relu, eps):

@@ -14,6 +14,7 @@ from unittest import mock
 import numpy as np
 from absl.testing import absltest
 
+from benchmarks import bn_widths
 from benchmarks import common
 from benchmarks import conv_levers
 from benchmarks import eig_levers
@@ -21,6 +22,7 @@ from benchmarks import native_levers
 from benchmarks import pruned_speedup
 from benchmarks import stats_overhead
 from pfa_jax import models
+from pfa_jax import onednn
 
 
 class BenchmarksTest(absltest.TestCase):
@@ -34,6 +36,16 @@ class BenchmarksTest(absltest.TestCase):
     for k in stats_overhead.kernels(batch=2, repeats=1):
       self.assertGreater(k['plain_ms'], 0)
       self.assertTrue(math.isfinite(k['ratio']))
+
+  def test_bn_widths_runs_both_walks(self):
+    if not onednn.available():
+      self.skipTest(f'native kernel not built: {onednn.status()["reason"]}')
+    rows = bn_widths.run_kernels((8, 16), rounds=1, reps=1, n=2, hw=4)
+    self.assertEqual(len(rows), 8)  # 2 widths x 4 passes
+    for r in rows:
+      self.assertGreater(r['on_s'], 0)
+      self.assertGreater(r['off_s'], 0)
+      self.assertTrue(math.isfinite(r['per_byte_vs_16']))
 
   def test_eig_levers_two_stages_match_eigvalsh(self):
     # run() itself raises if the directly called LAPACK stages disagree with

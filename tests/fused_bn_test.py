@@ -65,8 +65,12 @@ class FusedBnTest(parameterized.TestCase):
     if not onednn.available():
       pytest.skip(f'native kernel not built: {onednn.status()["reason"]}')
 
+  # Narrow and non-multiple-of-16 widths run as rows of q C channels (q =
+  # 16 / gcd(C, 16)) plus the M % q rows left over: C = 12 (q 4, 105 rows =
+  # 26 periods + 1), C = 5 (q 16, 162 rows = 10 + 2); (7, 3) has fewer rows
+  # than a period, 130 channels a period too wide (8 x 130 > 1024).
   @parameterized.product(
-    shape=[(4, 5, 6, 16), (7, 3), (2, 3, 3, 130)],
+    shape=[(4, 5, 6, 16), (7, 3), (2, 3, 3, 130), (3, 5, 7, 12), (2, 9, 9, 5)],
     residual=[False, True],
     relu=[False, True],
   )
@@ -107,9 +111,12 @@ class FusedBnTest(parameterized.TestCase):
     self.assertLess(_rel_err(var, want_var), 1e-5)
 
   # Channel blocks as in test_infer_with_max_matches_float64; 3 * 5 * 9 =
-  # 135 rows is two full 64-row tiles and a partial one.
+  # 135 rows is two full 64-row tiles and a partial one, and with 5, 8 or
+  # 24 channels (q = 16, 2, 2 rows a period) leaves a partial period.
   @parameterized.product(
-    channels=(5, 24, 48, 64, 130), relu=(True, False), residual=(False, True)
+    channels=(5, 8, 24, 48, 64, 130),
+    relu=(True, False),
+    residual=(False, True),
   )
   def test_infer_matches_float64(self, channels, relu, residual):
     x, r, s, b, g = _data((3, 5, 9, channels), seed=5)
@@ -136,14 +143,18 @@ class FusedBnTest(parameterized.TestCase):
   # The kernel walks blocks of up to 64 channels, 1-4 vectors of 16 with the
   # last one partial or full: 5 (1, partial), 16 (1, full), 20 (2, partial),
   # 48 (3, full), 64 (4, full), 101 (64 + 3 partial), 124 (64 + 4 partial);
-  # each with and without a residual add (a ResNet block's output).
+  # each with and without a residual add (a ResNet block's output). With
+  # 4 x 4 maps a sample is whole periods of q = 16 / gcd(C, 16) rows (the
+  # max folded back from q C lanes) except at 101 channels (16 x 101 > 1024);
+  # with 4 x 3 only for q | 12 (20, 124 channels).
   @parameterized.product(
-    channels=(5, 16, 20, 48, 64, 101, 124),
+    channels=(5, 12, 16, 20, 48, 64, 101, 124),
+    hw=((4, 3), (4, 4)),
     relu=(True, False),
     residual=(False, True),
   )
-  def test_infer_with_max_matches_float64(self, channels, relu, residual):
-    x, r, s, b, g = _data((5, 4, 3, channels), seed=13)
+  def test_infer_with_max_matches_float64(self, channels, hw, relu, residual):
+    x, r, s, b, g = _data((5, *hw, channels), seed=13)
     r = r if residual else None
     mean = np.linspace(-1, 1, channels).astype(np.float32)
     var = np.linspace(0.5, 3, channels).astype(np.float32)
@@ -176,6 +187,40 @@ class FusedBnTest(parameterized.TestCase):
       want = _x64_grads(lambda x: ref(x, None), [x], cot)
     for a, w in zip(got, want):
       self.assertLess(_rel_err(a, w), 1e-5)
+
+  def test_periodic_and_row_walks_agree(self):
+    # 12 channels (q = 4) over 5 * 3 * 7 = 105 rows (26 periods + 1), and
+    # 3 x 4 maps (12 rows: whole periods per sample) for the max: the elementwise
+    # passes compute the same float32 ops either way, so agree bit for bit;
+    # the sums only change order.
+    x, r, s, b, g = _data((5, 3, 7, 12), seed=21)
+    x4, r4 = x[:, :, :4], r[:, :, :4]
+    mean = np.linspace(-1, 1, 12).astype(np.float32)
+    var = np.linspace(0.5, 3, 12).astype(np.float32)
+    infer = jax.jit(lambda x, r: fused_bn.infer(x, s, b, mean, var, residual=r))
+    with_max = jax.jit(
+      lambda x, r: fused_bn.infer_with_max(x, s, b, mean, var, residual=r)
+    )
+    train = jax.jit(
+      lambda x, r: jax.vjp(
+        lambda x, s: fused_bn.train(x, s, b, residual=r)[0], x, s
+      )[1](g)
+    )
+    got = {}
+    try:
+      for on in (True, False):
+        fused_bn.set_periodic(on)
+        got[on] = jax.device_get(
+          (infer(x, r), with_max(x4, r4), train(x, r), fused_bn.train(x, s, b))
+        )
+    finally:
+      fused_bn.set_periodic(True)
+    (y1, m1, t1, f1), (y0, m0, t0, f0) = got[True], got[False]
+    np.testing.assert_array_equal(y1, y0)
+    np.testing.assert_array_equal(m1[0], m0[0])
+    np.testing.assert_array_equal(m1[1], m0[1])
+    for a, w in zip(jax.tree.leaves((t1, f1)), jax.tree.leaves((t0, f0))):
+      self.assertLess(_rel_err(a, w), 1e-6)
 
   @parameterized.parameters('simple_cnn', 'resnet8')
   def test_model_responses_match_the_xla_path(self, name):

@@ -25,10 +25,12 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <numeric>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -68,6 +70,28 @@ int Team(int64_t threads) {
   return threads > 0 ? static_cast<int>(threads) : omp_get_max_threads();
 }
 
+// A layer narrower than 16 channels, or not a multiple of 16, leaves part of
+// a vector idle on every row: at 4-12 channels a pass cost 3-4x the 16-channel
+// one on 8x fewer bytes (pruned networks are full of such widths). An [M, C]
+// matrix is also an [M / q, q C] one, and with q = 16 / gcd(C, 16) its rows
+// are whole vectors; per-channel operands are tiled q times, per-channel
+// results folded back. Period(c) is that q, or 1 when q C would exceed
+// kMaxPeriod floats (wide layers, where the partial vector costs little).
+// PfaSetBnPeriodic(0) walks plain [M, C] rows again: the benchmarks' A/B.
+constexpr int64_t kMaxPeriod = 1024;
+std::atomic<bool> g_periodic{true};
+
+int64_t Period(int64_t c) {
+  const int64_t q = 16 / std::gcd<int64_t>(c, 16);
+  return g_periodic.load() && q * c <= kMaxPeriod ? q : 1;
+}
+
+std::vector<float> Tile(const float* v, int64_t c, int64_t q) {
+  std::vector<float> t(q * c);
+  for (int64_t j = 0; j < q; ++j) std::copy(v, v + c, t.begin() + j * c);
+  return t;
+}
+
 // Per-channel sums over the rows of one [M, C] group, split across the team:
 // s1 = sum(a * w), s2 = sum(a * a * w) or sum(a * b * w) where w masks rows
 // by `keep` (ReLU's y > 0), each centred on `shift` (b - shift).
@@ -75,9 +99,9 @@ int Team(int64_t threads) {
 // Mode kGrad:  s1 = sum(dz), s2 = sum(dz * (x - shift)), dz = dy [* (y > 0)].
 enum Mode { kStats, kGrad };
 
-void Sums(Mode mode, const float* x, const float* y, const float* dy,
-          const float* shift, bool relu, int64_t m, int64_t c, int team,
-          double* s1, double* s2) {
+void SumsRows(Mode mode, const float* x, const float* y, const float* dy,
+              const float* shift, bool relu, int64_t m, int64_t c, int team,
+              double* s1, double* s2) {
   std::vector<double> part(2 * c * team, 0.0);
 #pragma omp parallel num_threads(team)
   {
@@ -117,6 +141,33 @@ void Sums(Mode mode, const float* x, const float* y, const float* dy,
   for (int64_t k = 0; k < c; ++k) {
     double a = 0.0, b = 0.0;
     for (int t = 0; t < team; ++t) a += part[2 * c * t + k], b += part[2 * c * t + c + k];
+    s1[k] = a, s2[k] = b;
+  }
+}
+
+// SumsRows over whole-vector rows of q C channels (Period), folded to C,
+// plus the m % q rows left over.
+void Sums(Mode mode, const float* x, const float* y, const float* dy,
+          const float* shift, bool relu, int64_t m, int64_t c, int team,
+          double* s1, double* s2) {
+  const int64_t q = Period(c), body = m / q * q;
+  if (q == 1 || body == 0) {
+    SumsRows(mode, x, y, dy, shift, relu, m, c, team, s1, s2);
+    return;
+  }
+  const std::vector<float> st = Tile(shift, c, q);
+  std::vector<double> t1(q * c), t2(q * c);
+  SumsRows(mode, x, y, dy, st.data(), relu, m / q, q * c, team, t1.data(),
+           t2.data());
+  std::vector<double> r1(c, 0.0), r2(c, 0.0);
+  if (body < m) {
+    const int64_t o = body * c;
+    SumsRows(mode, x + o, y ? y + o : nullptr, dy ? dy + o : nullptr, shift,
+             relu, m - body, c, team, r1.data(), r2.data());
+  }
+  for (int64_t k = 0; k < c; ++k) {
+    double a = r1[k], b = r2[k];
+    for (int64_t j = 0; j < q; ++j) a += t1[j * c + k], b += t2[j * c + k];
     s1[k] = a, s2[k] = b;
   }
 }
@@ -224,9 +275,9 @@ void NormalizeTile(const float* x, const float* res, const float* mean,
 
 // out = act((x - mean) * a + bias [+ res]) across the team, in tiles of
 // kTileRows rows: a tile is re-read once per 64-channel block, from cache.
-void Normalize(const float* x, const float* res, const float* mean,
-               const float* a, const float* bias, bool relu, int64_t m,
-               int64_t c, int team, float* out) {
+void NormalizeRows(const float* x, const float* res, const float* mean,
+                   const float* a, const float* bias, bool relu, int64_t m,
+                   int64_t c, int team, float* out) {
   constexpr int64_t kTileRows = 64;
   const int64_t tiles = (m + kTileRows - 1) / kTileRows;
 #pragma omp parallel for num_threads(team) schedule(static)
@@ -238,16 +289,102 @@ void Normalize(const float* x, const float* res, const float* mean,
   }
 }
 
+// NormalizeRows over whole-vector rows of q C channels (Period), then the
+// m % q rows left over.
+void Normalize(const float* x, const float* res, const float* mean,
+               const float* a, const float* bias, bool relu, int64_t m,
+               int64_t c, int team, float* out) {
+  const int64_t q = Period(c), body = m / q * q;
+  if (q == 1 || body == 0) {
+    NormalizeRows(x, res, mean, a, bias, relu, m, c, team, out);
+    return;
+  }
+  const std::vector<float> mt = Tile(mean, c, q), at = Tile(a, c, q),
+                           bt = Tile(bias, c, q);
+  NormalizeRows(x, res, mt.data(), at.data(), bt.data(), relu, m / q, q * c,
+                team, out);
+  if (body < m) {
+    const int64_t o = body * c;
+    NormalizeRows(x + o, res ? res + o : nullptr, mean, a, bias, relu,
+                  m - body, c, team, out + o);
+  }
+}
+
 // Normalize (residual optional), plus the per-sample spatial max of the output:
 // rows [n * P, (n + 1) * P) are sample n (P = M / N), rmax is [N, C]. One
 // sample is one tile: its map is re-read once per block, from cache.
+// When a sample's P rows are whole periods (Period), it is walked as P / q
+// rows of q C channels and its max folded back to C.
 void NormalizeMax(const float* x, const float* res, const float* mean,
                   const float* a, const float* bias, bool relu, int64_t n,
                   int64_t p, int64_t c, int team, float* out, float* rmax) {
+  const int64_t q = p % Period(c) == 0 ? Period(c) : 1;
+  const std::vector<float> mt = Tile(mean, c, q), at = Tile(a, c, q),
+                           bt = Tile(bias, c, q);
 #pragma omp parallel for num_threads(team) schedule(static)
-  for (int64_t i = 0; i < n; ++i)
-    NormalizeTile<true>(x + i * p * c, res ? res + i * p * c : nullptr, mean,
-                        a, bias, relu, p, c, out + i * p * c, rmax + i * c);
+  for (int64_t i = 0; i < n; ++i) {
+    float m[kMaxPeriod];  // q > 1: q c <= kMaxPeriod
+    const int64_t o = i * p * c;
+    float* ri = rmax + i * c;
+    NormalizeTile<true>(x + o, res ? res + o : nullptr, mt.data(), at.data(),
+                        bt.data(), relu, p / q, q * c, out + o,
+                        q > 1 ? m : ri);
+    if (q > 1) std::copy(m, m + c, ri);
+    for (int64_t j = 1; j < q; ++j)
+      for (int64_t k = 0; k < c; ++k) ri[k] = std::max(ri[k], m[j * c + k]);
+  }
+}
+
+// dz = dy [* (y > 0)], dres = dz (when dres is non-null) and
+// dx = A dz + B (x - mean) + D, row by row across the team.
+void BackwardRowsOf(const float* x, const float* y, const float* dy,
+                    const float* mu, const float* A, const float* B,
+                    const float* D, bool relu, int64_t m, int64_t c, int team,
+                    float* dx, float* dres) {
+#pragma omp parallel for num_threads(team) schedule(static)
+  for (int64_t r = 0; r < m; ++r) {
+    const float* xr = x + r * c;
+    const float* yr = y + r * c;
+    const float* gr = dy + r * c;
+    float* o = dx + r * c;
+    if (dres) {
+      float* q = dres + r * c;
+#pragma omp simd
+      for (int64_t k = 0; k < c; ++k) {
+        const float dz = (!relu || yr[k] > 0.0f) ? gr[k] : 0.0f;
+        q[k] = dz;
+        o[k] = A[k] * dz + B[k] * (xr[k] - mu[k]) + D[k];
+      }
+    } else {
+#pragma omp simd
+      for (int64_t k = 0; k < c; ++k) {
+        const float dz = (!relu || yr[k] > 0.0f) ? gr[k] : 0.0f;
+        o[k] = A[k] * dz + B[k] * (xr[k] - mu[k]) + D[k];
+      }
+    }
+  }
+}
+
+// BackwardRowsOf over whole-vector rows of q C channels (Period), then the
+// m % q rows left over.
+void BackwardRows(const float* x, const float* y, const float* dy,
+                  const float* mu, const float* A, const float* B,
+                  const float* D, bool relu, int64_t m, int64_t c, int team,
+                  float* dx, float* dres) {
+  const int64_t q = Period(c), body = m / q * q;
+  if (q == 1 || body == 0) {
+    BackwardRowsOf(x, y, dy, mu, A, B, D, relu, m, c, team, dx, dres);
+    return;
+  }
+  const std::vector<float> mt = Tile(mu, c, q), at = Tile(A, c, q),
+                           bt = Tile(B, c, q), dt = Tile(D, c, q);
+  BackwardRowsOf(x, y, dy, mt.data(), at.data(), bt.data(), dt.data(), relu,
+                 m / q, q * c, team, dx, dres);
+  if (body < m) {
+    const int64_t o = body * c;
+    BackwardRowsOf(x + o, y + o, dy + o, mu, A, B, D, relu, m - body, c, team,
+                   dx + o, dres ? dres + o : nullptr);
+  }
 }
 
 ffi::Error TrainFwd(ffi::Buffer<ffi::F32> x, const float* res,
@@ -349,30 +486,8 @@ ffi::Error TrainBwd(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> y,
       kd[k] = static_cast<float>(-a * s1[k] * inv_m);
     }
     float* dxg = dx->typed_data() + off;
-    float* drg = dres ? dres + off : nullptr;
-    const float *A = ka.data(), *B = kb.data(), *D = kd.data();
-#pragma omp parallel for num_threads(team) schedule(static)
-    for (int64_t r = 0; r < d.m; ++r) {
-      const float* xr = xg + r * d.c;
-      const float* yr = yg + r * d.c;
-      const float* gr = gg + r * d.c;
-      float* o = dxg + r * d.c;
-      if (drg) {
-        float* q = drg + r * d.c;
-#pragma omp simd
-        for (int64_t k = 0; k < d.c; ++k) {
-          const float dz = (!relu || yr[k] > 0.0f) ? gr[k] : 0.0f;
-          q[k] = dz;
-          o[k] = A[k] * dz + B[k] * (xr[k] - mu[k]) + D[k];
-        }
-      } else {
-#pragma omp simd
-        for (int64_t k = 0; k < d.c; ++k) {
-          const float dz = (!relu || yr[k] > 0.0f) ? gr[k] : 0.0f;
-          o[k] = A[k] * dz + B[k] * (xr[k] - mu[k]) + D[k];
-        }
-      }
-    }
+    BackwardRows(xg, yg, gg, mu, ka.data(), kb.data(), kd.data(), relu, d.m,
+                 d.c, team, dxg, dres ? dres + off : nullptr);
   }
   return ffi::Error::Success();
   });
@@ -488,6 +603,8 @@ ffi::Error InferMaxRes(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> res,
 }
 
 }  // namespace
+
+extern "C" void PfaSetBnPeriodic(int on) { g_periodic.store(on != 0); }
 
 // Bindings: I = one float32 operand, O = one float32 result.
 #define I .Arg<ffi::Buffer<ffi::F32>>()
