@@ -30,7 +30,7 @@ Decisions:
   * Narrow widths: a row of C channels that is not whole vectors (C < 16,
     or not a multiple of 16) is walked as rows of q C channels, q = 16 /
     gcd(C, 16), with the per-channel operands tiled q times: at 4-12
-    channels a pass cost 3-4x the 16-channel one on fewer bytes
+    channels an inference pass took 4.5-5.7x the 16-channel one on fewer bytes
     (``benchmarks/bn_widths.py``). ``set_periodic(False)`` turns it off, for
     that benchmark's A/B.
   * Not eligible (``eligible``): other dtypes, sharded operands (a custom
