@@ -355,7 +355,7 @@ def parse_args(argv=None):
     '--gap',
     type=float,
     default=3.0,
-    help='idle seconds before each cell, so that the other process\'s '
+    help="idle seconds before each cell, so that the other process's "
     'spinning thread pools are asleep (session 11: with 1 s, 2 of 6 JAX '
     'ResNet-56 training repetitions ran at ~100 instead of ~330 img/s; '
     'results/train_throughput_session11.log)',
