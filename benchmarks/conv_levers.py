@@ -23,7 +23,9 @@ With ``--part narrow`` it times the forward 3x3 convolutions of a pruned
 ResNet-56 block (full-width stream in, narrow inner out, and back) against
 the full-width layer, `pfa_jax.onednn` and PyTorch, and writes
 ``benchmarks/results/conv_narrow.json``: whether a layer with 1/4 of the
-FLOPs takes 1/4 of the time (issue 12 section 3).
+FLOPs takes 1/4 of the time (issue 12 section 3). With ``--part pack`` it
+times 1-8-channel outputs with and without `pfa_jax.onednn.pack_factor`'s
+packed forward, and writes ``benchmarks/results/conv_pack.json``.
 
 Writes ``benchmarks/results/conv_levers.json``.
 """
@@ -283,6 +285,84 @@ def narrow_table(reps=7, batch=128):
     json.dump(report, f, indent=1)
 
 
+# (H=W, input width): ResNet-56's stages; outputs of 1-8 channels.
+PACK = ((32, 16), (16, 32), (8, 64))
+
+
+def pack_table(reps=7, batch=128, couts=(1, 2, 3, 4, 5, 6, 8)):
+  """Narrow-output forward, packed (``onednn.pack_factor``) against not.
+
+  Both programs are traced once, with ``PFA_JAX_ONEDNN_PACK_MAX`` 8 and 0,
+  and timed interleaved; also the forward + both gradients (the packed
+  layer's gradients are the plain layer's primitives).
+  """
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+
+  from benchmarks import common  # noqa: PLC0415
+  from pfa_jax import onednn  # noqa: PLC0415
+
+  def conv(x, w):
+    return onednn.conv_general_dilated(
+      x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')
+    )
+
+  def grads(x, w):
+    return jax.grad(lambda x, w: jnp.sum(conv(x, w) ** 2), (0, 1))(x, w)
+
+  rows = []
+  for hw, cin in PACK:
+    for cout in couts:
+      rng = np.random.default_rng(0)
+      x = jnp.asarray(rng.standard_normal((batch, hw, hw, cin), np.float32))
+      w = jnp.asarray(rng.standard_normal((3, 3, cin, cout), np.float32))
+      calls = {}
+      for tag, env in (('packed', '8'), ('plain', '0')):
+        os.environ['PFA_JAX_ONEDNN_PACK_MAX'] = env
+        for part, fn in (('fwd', conv), ('fwd_bwd', grads)):
+          # A fresh function: jit's trace cache would hand back the program
+          # traced under the other setting.
+          c = jax.jit(lambda x, w, fn=fn: fn(x, w)).lower(x, w).compile()
+          calls[(tag, part)] = lambda c=c: jax.block_until_ready(c(x, w))
+      os.environ.pop('PFA_JAX_ONEDNN_PACK_MAX')
+      for call in calls.values():
+        for _ in range(3):
+          call()
+      times = {k: [] for k in calls}
+      for _ in range(reps):
+        for k, call in calls.items():
+          times[k].append(_median_time(call, 3))
+      ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+      p = onednn.pack_factor(x.shape, w.shape, (1, 1), ((1, 1), (1, 1)))
+      rows.append(
+        {
+          'hw': hw,
+          'cin': cin,
+          'cout': cout,
+          'pack_factor_at_max8': p,
+          **{f'{t}_{part}_ms': round(v, 3) for (t, part), v in ms.items()},
+          'fwd_speedup': round(ms[('plain', 'fwd')] / ms[('packed', 'fwd')], 3),
+          'fwd_bwd_speedup': round(
+            ms[('plain', 'fwd_bwd')] / ms[('packed', 'fwd_bwd')], 3
+          ),
+        }
+      )
+      print(rows[-1])
+  report = {
+    'benchmark': 'conv_pack',
+    'date': datetime.datetime.now().isoformat(timespec='seconds'),
+    'command': 'python -m benchmarks.conv_levers --part pack',
+    'batch': batch,
+    'load_average_start': list(common.START_LOAD),
+    'loaded': common.loaded(),
+    'rows': rows,
+    'load_average_end': list(os.getloadavg()),
+  }
+  with open(os.path.join(_RESULTS, 'conv_pack.json'), 'w') as f:
+    json.dump(report, f, indent=1)
+
+
 def main(argv=None):
   hostmem.retain_freed_memory()  # before the first JAX computation
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -292,7 +372,9 @@ def main(argv=None):
   p.add_argument('--levers', default=','.join(LEVERS))
   p.add_argument('--out', default=_OUT)
   p.add_argument(
-    '--part', default='levers', choices=('levers', 'layers', 'narrow')
+    '--part',
+    default='levers',
+    choices=('levers', 'layers', 'narrow', 'pack'),
   )
   args = p.parse_args(argv)
   if args.part == 'layers':
@@ -300,6 +382,9 @@ def main(argv=None):
     return
   if args.part == 'narrow':
     narrow_table()
+    return
+  if args.part == 'pack':
+    pack_table()
     return
 
   baselines = [_run('', [], args)]

@@ -132,6 +132,51 @@ class OnednnConvTest(parameterized.TestCase):
   def test_matches_lax(self, x_shape, k_shape, strides, padding):
     self.assert_matches_lax(x_shape, k_shape, strides, padding)
 
+  # Narrow outputs (C <= onednn.PACK_MAX, stride 1 across the width) run
+  # as a packed forward: P output columns of C channels are one column of
+  # P * C lanes, P * C <= 16, with at least 8 packed columns: P = 8 (C = 1,
+  # W_out 64), 4 (C = 2-4, W_out 32), 2 (W_out 24: 6 columns at P = 4;
+  # C = 8), none (odd W_out, or W_out 8); with a 5-wide kernel, row stride
+  # 2, asymmetric pads and VALID.
+  @parameterized.named_parameters(
+    ('c1_p8', (1, 3, 64, 8), (3, 3, 8, 1), (1, 1), 'SAME', 8),
+    ('c2_p4', (2, 3, 32, 16), (3, 3, 16, 2), (1, 1), 'SAME', 4),
+    ('c3_p4', (2, 4, 32, 5), (3, 3, 5, 3), (1, 1), 'SAME', 4),
+    ('c4_p4_kw5', (1, 4, 32, 4), (3, 5, 4, 4), (1, 1), 'SAME', 4),
+    ('c4_p2', (2, 3, 24, 8), (3, 3, 8, 4), (1, 1), 'SAME', 2),
+    ('c8_p2', (2, 3, 16, 8), (3, 3, 8, 8), (1, 1), 'SAME', 2),
+    ('c4_odd', (2, 3, 15, 8), (3, 3, 8, 4), (1, 1), 'SAME', 1),
+    ('c4_few_columns', (2, 4, 8, 8), (3, 3, 8, 4), (1, 1), 'SAME', 1),
+    ('c2_rows_stride2', (2, 9, 32, 8), (3, 3, 8, 2), (2, 1), 'SAME', 4),
+    ('c3_pads', (2, 4, 33, 4), (3, 3, 4, 3), (1, 1), ((1, 0), (2, 1)), 2),
+    ('c4_valid', (2, 4, 34, 8), (3, 3, 8, 4), (1, 1), 'VALID', 4),
+  )
+  def test_narrow_output_is_packed(self, x_shape, k_shape, strides, padding, p):
+    pads = (
+      lax.padtype_to_pads(x_shape[1:3], k_shape[:2], strides, padding)
+      if isinstance(padding, str)
+      else padding
+    )
+    self.assertEqual(onednn.pack_factor(x_shape, k_shape, strides, pads), p)
+    self.assert_matches_lax(x_shape, k_shape, strides, padding)
+    x = jax.ShapeDtypeStruct(x_shape, jnp.float32)
+    k = jax.ShapeDtypeStruct(k_shape, jnp.float32)
+    hlo = (
+      jax.jit(
+        lambda x, k: onednn.conv_general_dilated(
+          x, k, strides, padding, dimension_numbers=_DN
+        )
+      )
+      .lower(x, k)
+      .as_text()
+    )
+    if p > 1:  # the oneDNN call's result has W_out / p columns of p * C
+      n, ho, wo, c = _out_shape(x_shape, k_shape, strides, padding)
+      self.assertIn(f'tensor<{n}x{ho}x{wo // p}x{p * c}xf32>', hlo)
+    with mock.patch.dict(os.environ, {'PFA_JAX_ONEDNN_PACK_MAX': '0'}):
+      self.assertEqual(onednn.pack_factor(x_shape, k_shape, strides, pads), 1)
+      self.assert_matches_lax(x_shape, k_shape, strides, padding)
+
   def test_random_shapes(self):
     rng = np.random.default_rng(7)
     for i in range(6):
