@@ -324,7 +324,9 @@ def pack_table(reps=7, batch=128, couts=(1, 2, 3, 4, 5, 6, 8)):
           # A fresh function: jit's trace cache would hand back the program
           # traced under the other setting.
           c = jax.jit(lambda x, w, fn=fn: fn(x, w)).lower(x, w).compile()
-          calls[(tag, part)] = lambda c=c: jax.block_until_ready(c(x, w))
+          calls[(tag, part)] = lambda c=c, a=(x, w): jax.block_until_ready(
+            c(*a)
+          )
       os.environ.pop('PFA_JAX_ONEDNN_PACK_MAX')
       for call in calls.values():
         for _ in range(3):
