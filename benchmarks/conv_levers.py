@@ -289,7 +289,9 @@ def narrow_table(reps=7, batch=128):
 PACK = ((32, 16), (16, 32), (8, 64))
 
 
-def pack_table(reps=7, batch=128, couts=(1, 2, 3, 4, 5, 6, 8)):
+def pack_table(
+  reps=7, batch=128, couts=(1, 2, 3, 4, 5, 6, 8), stages=PACK, path=None
+):
   """Narrow-output forward, packed (``onednn.pack_factor``) against not.
 
   Both programs are traced once, with ``PFA_JAX_ONEDNN_PACK_MAX`` 8 and 0,
@@ -312,7 +314,7 @@ def pack_table(reps=7, batch=128, couts=(1, 2, 3, 4, 5, 6, 8)):
     return jax.grad(lambda x, w: jnp.sum(conv(x, w) ** 2), (0, 1))(x, w)
 
   rows = []
-  for hw, cin in PACK:
+  for hw, cin in stages:
     for cout in couts:
       rng = np.random.default_rng(0)
       x = jnp.asarray(rng.standard_normal((batch, hw, hw, cin), np.float32))
@@ -361,8 +363,9 @@ def pack_table(reps=7, batch=128, couts=(1, 2, 3, 4, 5, 6, 8)):
     'rows': rows,
     'load_average_end': list(os.getloadavg()),
   }
-  with open(os.path.join(_RESULTS, 'conv_pack.json'), 'w') as f:
+  with open(path or os.path.join(_RESULTS, 'conv_pack.json'), 'w') as f:
     json.dump(report, f, indent=1)
+  return rows
 
 
 def main(argv=None):

@@ -47,6 +47,22 @@ class BenchmarksTest(absltest.TestCase):
       self.assertGreater(r['off_s'], 0)
       self.assertTrue(math.isfinite(r['per_byte_vs_16']))
 
+  def test_conv_pack_table_runs(self):
+    if not onednn.available():
+      self.skipTest(f'native kernel not built: {onednn.status()["reason"]}')
+    with tempfile.TemporaryDirectory() as d:
+      path = os.path.join(d, 'conv_pack.json')
+      rows = conv_levers.pack_table(
+        reps=1, batch=2, couts=(2, 16), stages=((16, 8),), path=path
+      )
+      with open(path) as f:
+        self.assertEqual(json.load(f)['rows'], rows)
+    # 2 channels on 16 columns: P = 2 (8 packed columns); 16: not packed.
+    self.assertEqual([r['pack_factor_at_max8'] for r in rows], [2, 1])
+    for r in rows:
+      self.assertGreater(r['packed_fwd_ms'], 0)
+      self.assertTrue(math.isfinite(r['fwd_bwd_speedup']))
+
   def test_eig_levers_two_stages_match_eigvalsh(self):
     # run() itself raises if the directly called LAPACK stages disagree with
     # spectra.eigvalsh; float32's error is measured, not assumed.
