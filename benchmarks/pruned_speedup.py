@@ -151,7 +151,9 @@ def pruned_variants(name, mode, factors, multiples=(1, 8, 16)):
   return model, variables, groups, full_flops, variants, unreachable
 
 
-def bench_case(name, mode, factors, batches, repeats, multiples=(1, 8, 16)):
+def bench_case(
+  name, mode, factors, batches, repeats, multiples=(1, 8, 16), rounds=7
+):
   model, variables, groups, full_flops, variants, unreachable = pruned_variants(
     name, mode, factors, multiples
   )
@@ -164,7 +166,7 @@ def bench_case(name, mode, factors, batches, repeats, multiples=(1, 8, 16)):
     x = rng.standard_normal((b, *SHAPE)).astype(np.float32)
     t_full = []
     t_var = {k: [] for k in variants}
-    for _ in range(3):  # interleave full and pruned
+    for _ in range(rounds):  # interleave full and pruned
       t_full.append(_time(lambda v, x: fwd(model, v, x), variables, x, repeats))
       for k, (pm, pv, _) in variants.items():
         t_var[k].append(
@@ -204,6 +206,13 @@ def main(argv=None):
   p.add_argument('--factors', default='2,4')
   p.add_argument('--repeats', type=int, default=5)
   p.add_argument(
+    '--rounds',
+    type=int,
+    default=7,
+    help='interleaved rounds of full and pruned (3 before session 11: runs '
+    'a few minutes apart then differed by up to 0.2 in efficiency)',
+  )
+  p.add_argument(
     '--round-to',
     default='1,8,16',
     help='kept-width multiples, one pruned variant each (16 = one '
@@ -224,6 +233,7 @@ def main(argv=None):
       batches,
       a.repeats,
       tuple(int(m) for m in a.round_to.split(',')),
+      a.rounds,
     )
   load = os.getloadavg()
   common.print_table(
@@ -260,6 +270,8 @@ def main(argv=None):
       'load_avg': [load0, load],
       'loaded': common.loaded(),
       'conv_impl': 'default (auto)',
+      'rounds': a.rounds,
+      'repeats': a.repeats,
       'dtype': 'float32',
       'results': rows,
       'pass': bool(at128) and all(r['efficiency'] >= 0.8 for r in at128),
