@@ -28,6 +28,9 @@ Decisions:
     whole VGG-16 step slower (train -3.2%, eval -4.2%,
     `benchmarks/native_levers.py`, `native_levers.json`). The switch
     `PFA_JAX_ONEDNN_SMALL_MAP=4` keeps that experiment runnable.
+  * Narrow outputs (1-8 channels, a pruned network's) run a packed forward
+    (`pack_factor`): oneDNN fills 16 lanes with output channels, so P
+    adjacent output columns become one column of P*C channels.
   * vmap: `vmap_method='broadcast_all'`; the kernel loops over the leading
     (vmapped) dimensions, one convolution each (`pfa_jax.batched`).
   * Sharding: with an operand explicitly sharded in its type (jit +
