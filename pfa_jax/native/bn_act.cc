@@ -25,6 +25,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -92,6 +93,26 @@ std::vector<float> Tile(const float* v, int64_t c, int64_t q) {
   return t;
 }
 
+// Runs walk(row0, rows, width, operands) over an [m, c] map: once over its
+// whole-vector periods (m / q rows of q c channels, the K per-channel
+// operands tiled q times), then over the m % q rows left over (c channels,
+// the operands as given). Without a period, once over all m rows.
+template <size_t K, typename Walk>
+void ForPeriods(int64_t m, int64_t c,
+                const std::array<const float*, K>& per_channel, Walk&& walk) {
+  const int64_t q = Period(c), body = q > 1 ? m / q * q : 0;
+  if (body > 0) {
+    std::array<std::vector<float>, K> tiled;
+    std::array<const float*, K> ptrs;
+    for (size_t k = 0; k < K; ++k) {
+      tiled[k] = Tile(per_channel[k], c, q);
+      ptrs[k] = tiled[k].data();
+    }
+    walk(int64_t{0}, m / q, q * c, ptrs);
+  }
+  if (body < m) walk(body, m - body, c, per_channel);
+}
+
 // Per-channel sums over the rows of one [M, C] group, split across the team:
 // s1 = sum(a * w), s2 = sum(a * a * w) or sum(a * b * w) where w masks rows
 // by `keep` (ReLU's y > 0), each centred on `shift` (b - shift).
@@ -145,31 +166,21 @@ void SumsRows(Mode mode, const float* x, const float* y, const float* dy,
   }
 }
 
-// SumsRows over whole-vector rows of q C channels (Period), folded to C,
-// plus the m % q rows left over.
+// SumsRows over the map's periods and leftover rows (ForPeriods), folded
+// to C channels.
 void Sums(Mode mode, const float* x, const float* y, const float* dy,
           const float* shift, bool relu, int64_t m, int64_t c, int team,
           double* s1, double* s2) {
-  const int64_t q = Period(c), body = m / q * q;
-  if (q == 1 || body == 0) {
-    SumsRows(mode, x, y, dy, shift, relu, m, c, team, s1, s2);
-    return;
-  }
-  const std::vector<float> st = Tile(shift, c, q);
-  std::vector<double> t1(q * c), t2(q * c);
-  SumsRows(mode, x, y, dy, st.data(), relu, m / q, q * c, team, t1.data(),
-           t2.data());
-  std::vector<double> r1(c, 0.0), r2(c, 0.0);
-  if (body < m) {
-    const int64_t o = body * c;
-    SumsRows(mode, x + o, y ? y + o : nullptr, dy ? dy + o : nullptr, shift,
-             relu, m - body, c, team, r1.data(), r2.data());
-  }
-  for (int64_t k = 0; k < c; ++k) {
-    double a = r1[k], b = r2[k];
-    for (int64_t j = 0; j < q; ++j) a += t1[j * c + k], b += t2[j * c + k];
-    s1[k] = a, s2[k] = b;
-  }
+  std::fill(s1, s1 + c, 0.0);
+  std::fill(s2, s2 + c, 0.0);
+  ForPeriods<1>(m, c, {shift}, [&](int64_t r0, int64_t rows, int64_t w,
+                                   const std::array<const float*, 1>& p) {
+    const int64_t o = r0 * c;
+    std::vector<double> u1(w), u2(w);
+    SumsRows(mode, x + o, y ? y + o : nullptr, dy ? dy + o : nullptr, p[0],
+             relu, rows, w, team, u1.data(), u2.data());
+    for (int64_t k = 0; k < w; ++k) s1[k % c] += u1[k], s2[k % c] += u2[k];
+  });
 }
 
 // The elementwise pass, out = act((x - mean) * a + bias [+ res]), walks
@@ -289,25 +300,17 @@ void NormalizeRows(const float* x, const float* res, const float* mean,
   }
 }
 
-// NormalizeRows over whole-vector rows of q C channels (Period), then the
-// m % q rows left over.
+// NormalizeRows over the map's periods and leftover rows (ForPeriods).
 void Normalize(const float* x, const float* res, const float* mean,
                const float* a, const float* bias, bool relu, int64_t m,
                int64_t c, int team, float* out) {
-  const int64_t q = Period(c), body = m / q * q;
-  if (q == 1 || body == 0) {
-    NormalizeRows(x, res, mean, a, bias, relu, m, c, team, out);
-    return;
-  }
-  const std::vector<float> mt = Tile(mean, c, q), at = Tile(a, c, q),
-                           bt = Tile(bias, c, q);
-  NormalizeRows(x, res, mt.data(), at.data(), bt.data(), relu, m / q, q * c,
-                team, out);
-  if (body < m) {
-    const int64_t o = body * c;
-    NormalizeRows(x + o, res ? res + o : nullptr, mean, a, bias, relu,
-                  m - body, c, team, out + o);
-  }
+  ForPeriods<3>(m, c, {mean, a, bias}, [&](int64_t r0, int64_t rows,
+                                           int64_t w,
+                                           const std::array<const float*, 3>& p) {
+    const int64_t o = r0 * c;
+    NormalizeRows(x + o, res ? res + o : nullptr, p[0], p[1], p[2], relu, rows,
+                  w, team, out + o);
+  });
 }
 
 // Normalize (residual optional), plus the per-sample spatial max of the output:
@@ -365,26 +368,17 @@ void BackwardRowsOf(const float* x, const float* y, const float* dy,
   }
 }
 
-// BackwardRowsOf over whole-vector rows of q C channels (Period), then the
-// m % q rows left over.
+// BackwardRowsOf over the map's periods and leftover rows (ForPeriods).
 void BackwardRows(const float* x, const float* y, const float* dy,
                   const float* mu, const float* A, const float* B,
                   const float* D, bool relu, int64_t m, int64_t c, int team,
                   float* dx, float* dres) {
-  const int64_t q = Period(c), body = m / q * q;
-  if (q == 1 || body == 0) {
-    BackwardRowsOf(x, y, dy, mu, A, B, D, relu, m, c, team, dx, dres);
-    return;
-  }
-  const std::vector<float> mt = Tile(mu, c, q), at = Tile(A, c, q),
-                           bt = Tile(B, c, q), dt = Tile(D, c, q);
-  BackwardRowsOf(x, y, dy, mt.data(), at.data(), bt.data(), dt.data(), relu,
-                 m / q, q * c, team, dx, dres);
-  if (body < m) {
-    const int64_t o = body * c;
-    BackwardRowsOf(x + o, y + o, dy + o, mu, A, B, D, relu, m - body, c, team,
-                   dx + o, dres ? dres + o : nullptr);
-  }
+  ForPeriods<4>(m, c, {mu, A, B, D}, [&](int64_t r0, int64_t rows, int64_t w,
+                                         const std::array<const float*, 4>& p) {
+    const int64_t o = r0 * c;
+    BackwardRowsOf(x + o, y + o, dy + o, p[0], p[1], p[2], p[3], relu, rows, w,
+                   team, dx + o, dres ? dres + o : nullptr);
+  });
 }
 
 ffi::Error TrainFwd(ffi::Buffer<ffi::F32> x, const float* res,
