@@ -26,7 +26,6 @@ was busy at the start).
 import argparse
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -48,16 +47,6 @@ MODELS = (
 )
 
 
-def _best(fn, reps):
-  """Median of ``reps`` timed calls of ``fn`` (which blocks)."""
-  ts = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    fn()
-    ts.append(time.perf_counter() - t0)
-  return float(np.median(ts))
-
-
 def _ab(fns, rounds, reps):
   """{name: (on_s, off_s)}: medians over interleaved rounds of both walks."""
   for f in fns.values():  # compile and warm both walks
@@ -70,7 +59,7 @@ def _ab(fns, rounds, reps):
       for on in (True, False):
         fused_bn.set_periodic(on)
         for k, f in fns.items():
-          t[k][on].append(_best(f, reps))
+          t[k][on].append(common.median_time(f, reps))
   finally:
     fused_bn.set_periodic(True)
   return {

@@ -90,7 +90,19 @@ _SYMBOLS = {
   'pfa_jax_max_pool2_fwd': 'PfaMaxPool2Fwd',
   'pfa_jax_max_pool2_bwd': 'PfaMaxPool2Bwd',
 }
-THREADS = int(os.environ.get('PFA_JAX_ONEDNN_THREADS', '0'))
+
+
+def _env_int(name: str, default: int) -> int:
+  """The integer in environment variable ``name`` (``default`` if unset)."""
+  value = os.environ.get(name, str(default))
+  try:
+    return int(value)
+  except ValueError:
+    raise ValueError(f'{name} must be an integer, got {value!r}.') from None
+
+
+THREADS = _env_int('PFA_JAX_ONEDNN_THREADS', 0)
+PACK_MAX = 8  # widest output `pack_factor` packs (PFA_JAX_ONEDNN_PACK_MAX)
 TEAM_THREAD = os.environ.get('PFA_JAX_ONEDNN_TEAM_THREAD', '1') != '0'
 _status = {'built': False, 'reason': 'not tried'}
 
@@ -214,10 +226,7 @@ def pack_factor(x_shape, w_shape, strides, pads) -> int:
 
 def pack_max() -> int:
   """Widest output packed by `pack_factor` (read when a conv is traced)."""
-  return int(os.environ.get('PFA_JAX_ONEDNN_PACK_MAX', str(PACK_MAX)))
-
-
-PACK_MAX = 8
+  return _env_int('PFA_JAX_ONEDNN_PACK_MAX', PACK_MAX)
 
 
 def pack_kernel(w: jax.Array, p: int) -> jax.Array:
@@ -310,7 +319,7 @@ def small_map() -> int:
   Read when a convolution is traced (environment `PFA_JAX_ONEDNN_SMALL_MAP`,
   default 0: every eligible call goes to oneDNN).
   """
-  return int(os.environ.get('PFA_JAX_ONEDNN_SMALL_MAP', '0'))
+  return _env_int('PFA_JAX_ONEDNN_SMALL_MAP', 0)
 
 
 def _eligible(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers, **kw):

@@ -177,6 +177,13 @@ class OnednnConvTest(parameterized.TestCase):
       self.assertEqual(onednn.pack_factor(x_shape, k_shape, strides, pads), 1)
       self.assert_matches_lax(x_shape, k_shape, strides, padding)
 
+  def test_bad_pack_setting_is_named(self):
+    with mock.patch.dict(os.environ, {'PFA_JAX_ONEDNN_PACK_MAX': 'eight'}):
+      with self.assertRaisesRegex(
+        ValueError, r"PFA_JAX_ONEDNN_PACK_MAX must be an integer, got 'eight'"
+      ):
+        onednn.pack_factor((1, 4, 32, 8), (3, 3, 8, 2), (1, 1), ((1, 1),) * 2)
+
   def test_random_shapes(self):
     rng = np.random.default_rng(7)
     for i in range(6):
