@@ -25,13 +25,18 @@ the full-width layer, `pfa_jax.onednn` and PyTorch, and writes
 ``benchmarks/results/conv_narrow.json``: whether a layer with 1/4 of the
 FLOPs takes 1/4 of the time (issue 12 section 3). With ``--part pack`` it
 times 1-8-channel outputs with and without `pfa_jax.onednn.pack_factor`'s
-packed forward, and writes ``benchmarks/results/conv_pack.json``.
+packed forward, and writes ``benchmarks/results/conv_pack.json``. With
+``--part narrow_kernel`` it times the three forwards of a narrow-output layer
+(oneDNN plain, packed, `native/narrow_conv.cc`) against each other and
+records `pfa_jax.onednn.forward_algo`'s choice, in
+``benchmarks/results/conv_narrow_kernel.json``.
 
 Writes ``benchmarks/results/conv_levers.json``.
 """
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import statistics
@@ -320,6 +325,8 @@ def pack_table(
       x = jnp.asarray(rng.standard_normal((batch, hw, hw, cin), np.float32))
       w = jnp.asarray(rng.standard_normal((3, 3, cin, cout), np.float32))
       calls = {}
+      # Packing against oneDNN's plain forward: the narrow kernel off.
+      os.environ['PFA_JAX_ONEDNN_NARROW_MAX'] = '0'
       for tag, env in (('packed', '8'), ('plain', '0')):
         os.environ['PFA_JAX_ONEDNN_PACK_MAX'] = env
         for part, fn in (('fwd', conv), ('fwd_bwd', grads)):
@@ -330,6 +337,7 @@ def pack_table(
             c(*a)
           )
       os.environ.pop('PFA_JAX_ONEDNN_PACK_MAX')
+      os.environ.pop('PFA_JAX_ONEDNN_NARROW_MAX')
       for call in calls.values():
         for _ in range(3):
           call()
@@ -368,6 +376,107 @@ def pack_table(
   return rows
 
 
+# (H=W, Cin, Cout, stride): pruned ResNet-56 / VGG-16 layers with <= 8 outputs.
+NARROW_KERNEL = (
+  (32, 16, 1, 1),
+  (32, 16, 2, 1),
+  (32, 16, 3, 1),
+  (32, 16, 4, 1),
+  (32, 16, 6, 1),
+  (32, 16, 8, 1),
+  (32, 12, 4, 1),
+  (16, 32, 4, 1),
+  (16, 32, 8, 1),
+  (8, 64, 4, 1),
+  (8, 64, 8, 1),
+  (32, 16, 8, 2),
+  (16, 32, 8, 2),
+  (32, 64, 8, 1),
+)
+
+
+def _run_compiled(jax, compiled, *args):
+  return jax.block_until_ready(compiled(*args))
+
+
+def narrow_kernel_table(reps=7, batch=128, layers=NARROW_KERNEL, path=None):
+  """Narrow-output forwards: oneDNN plain, packed and the narrow kernel.
+
+  Each algorithm is `onednn._conv` with its static choice (1 = plain, P =
+  `pack_factor`, 0 = narrow), timed interleaved; ``chosen`` is
+  `onednn.forward_algo`'s pick and ``chosen_vs_best_other`` its time
+  against the fastest of the others.
+  """
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+
+  from benchmarks import common  # noqa: PLC0415
+  from pfa_jax import onednn  # noqa: PLC0415
+
+  if not onednn.narrow_available():
+    raise SystemExit(f'narrow kernel not built: {onednn.status()}')
+  rows = []
+  for hw, cin, cout, s in layers:
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((batch, hw, hw, cin), np.float32))
+    w = jnp.asarray(rng.standard_normal((3, 3, cin, cout), np.float32))
+    pads = ((1, 1), (1, 1))
+    p = onednn.pack_factor(x.shape, w.shape, (s, s), pads)
+    algos = {'plain': 1, 'narrow': 0, **({f'pack{p}': p} if p > 1 else {})}
+    st = (s, s)
+    calls = {}
+    for name, algo in algos.items():
+      c = (
+        jax.jit(
+          lambda x, w, st=st, p=pads, a=algo: onednn._conv(x, w, st, p, a)
+        )
+        .lower(x, w)
+        .compile()
+      )
+      calls[name] = functools.partial(_run_compiled, jax, c, x, w)
+    for call in calls.values():
+      call()
+    times = {k: [] for k in calls}
+    for _ in range(reps):
+      for k, call in calls.items():
+        times[k].append(_median_time(call, 5))
+    ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+    chosen = onednn.forward_algo(x.shape, w.shape, (s, s), pads)
+    chosen = {0: 'narrow', 1: 'plain'}.get(chosen, f'pack{chosen}')
+    flops = 2 * batch * (hw // s) ** 2 * 9 * cin * cout
+    rows.append(
+      {
+        'hw': hw,
+        'cin': cin,
+        'cout': cout,
+        'stride': s,
+        **{f'{k}_ms': round(v, 3) for k, v in ms.items()},
+        'narrow_gflops': round(flops / ms['narrow'] / 1e6, 1),
+        'chosen': chosen,
+        'chosen_vs_best_other': round(
+          min(v for k, v in ms.items() if k != chosen) / ms[chosen], 3
+        ),
+      }
+    )
+    print(rows[-1], flush=True)
+  report = {
+    'benchmark': 'conv_narrow_kernel',
+    'date': datetime.datetime.now().isoformat(timespec='seconds'),
+    'command': 'python -m benchmarks.conv_levers --part narrow_kernel',
+    'batch': batch,
+    'load_average_start': list(common.START_LOAD),
+    'loaded': common.loaded(),
+    'rows': rows,
+    'load_average_end': list(os.getloadavg()),
+  }
+  with open(
+    path or os.path.join(_RESULTS, 'conv_narrow_kernel.json'), 'w'
+  ) as f:
+    json.dump(report, f, indent=1)
+  return rows
+
+
 def main(argv=None):
   hostmem.retain_freed_memory()  # before the first JAX computation
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -379,7 +488,7 @@ def main(argv=None):
   p.add_argument(
     '--part',
     default='levers',
-    choices=('levers', 'layers', 'narrow', 'pack'),
+    choices=('levers', 'layers', 'narrow', 'pack', 'narrow_kernel'),
   )
   args = p.parse_args(argv)
   if args.part == 'layers':
@@ -390,6 +499,9 @@ def main(argv=None):
     return
   if args.part == 'pack':
     pack_table()
+    return
+  if args.part == 'narrow_kernel':
+    narrow_kernel_table()
     return
 
   baselines = [_run('', [], args)]

@@ -62,7 +62,13 @@ from pfa_jax import native
 
 _SRCS = tuple(
   os.path.join(os.path.dirname(native.__file__), f)
-  for f in ('onednn_conv.cc', 'bn_act.cc', 'dropout.cc', 'pool.cc')
+  for f in (
+    'onednn_conv.cc',
+    'bn_act.cc',
+    'dropout.cc',
+    'pool.cc',
+    'narrow_conv.cc',
+  )
 )
 _DISTS = ('onednn-devel-cpu-gomp', 'onednn-cpu-gomp')
 _FWD, _BWD_DATA, _BWD_WEIGHTS = (
@@ -71,11 +77,13 @@ _FWD, _BWD_DATA, _BWD_WEIGHTS = (
   'pfa_jax_dnnl_conv_bwd_weights',
 )
 _MATERIALIZE = 'pfa_jax_materialize'
+_NARROW = 'pfa_jax_narrow_conv_fwd'
 _SYMBOLS = {
   _FWD: 'PfaDnnlConvFwd',
   _BWD_DATA: 'PfaDnnlConvBwdData',
   _BWD_WEIGHTS: 'PfaDnnlConvBwdWeights',
   _MATERIALIZE: 'PfaMaterialize',
+  _NARROW: 'PfaNarrowConvFwd',
   # Batch norm + residual + ReLU (pfa_jax.fused_bn), in the same library so
   # that it shares the convolutions' one-team-at-a-time lock.
   'pfa_jax_bn_train_fwd': 'PfaBnTrainFwd',
@@ -103,6 +111,9 @@ def _env_int(name: str, default: int) -> int:
 
 THREADS = _env_int('PFA_JAX_ONEDNN_THREADS', 0)
 PACK_MAX = 8  # widest output `pack_factor` packs (PFA_JAX_ONEDNN_PACK_MAX)
+NARROW_MAX = (
+  8  # widest output `narrow_conv_fwd` runs (PFA_JAX_ONEDNN_NARROW_MAX)
+)
 TEAM_THREAD = os.environ.get('PFA_JAX_ONEDNN_TEAM_THREAD', '1') != '0'
 _status = {'built': False, 'reason': 'not tried'}
 
@@ -152,6 +163,7 @@ def _load() -> ctypes.CDLL:
       name, jax.ffi.pycapsule(getattr(lib, sym)), platform='cpu'
     )
   lib.PfaDnnlCacheSize.restype = ctypes.c_int64
+  lib.PfaNarrowConvAvailable.restype = ctypes.c_int
   lib.PfaSetTeamThread(int(TEAM_THREAD))
   return lib
 
@@ -242,12 +254,56 @@ def pack_kernel(w: jax.Array, p: int) -> jax.Array:
   return jnp.stack(shifted, axis=3).reshape(kh, kw + p - 1, ci, p * co)
 
 
+def narrow_max() -> int:
+  """Widest output `forward_algo` gives the narrow kernel (read at trace time)."""
+  return min(_env_int('PFA_JAX_ONEDNN_NARROW_MAX', NARROW_MAX), 8)
+
+
+def narrow_available() -> bool:
+  """True when the narrow-output kernel was built (it needs AVX-512)."""
+  return available() and bool(_load().PfaNarrowConvAvailable())
+
+
+def forward_algo(x_shape, w_shape, strides, pads) -> int:
+  """How `conv_general_dilated`'s forward runs: 0 = narrow kernel, else P.
+
+  P = `pack_factor` (1: oneDNN's plain forward), or 0: the narrow-output
+  kernel (`native/narrow_conv.cc`), which vectorises over the input
+  channels instead of oneDNN's 16 output lanes, for outputs of at most
+  `narrow_max` channels (environment `PFA_JAX_ONEDNN_NARROW_MAX`, default 8;
+  0 turns it off) from at least 8 input channels, where it beat the packed
+  forward (`benchmarks/conv_levers.py --part narrow`, `conv_narrow_kernel.json`,
+  batch 128): always when packing does not apply (8x8 maps, strides > 1),
+  from 32 input channels, and for up to 4 outputs from a multiple of 16
+  input channels. The gradients are always oneDNN's.
+  """
+  p = pack_factor(x_shape, w_shape, strides, pads)
+  c, o = w_shape[2], w_shape[3]
+  if (
+    o <= narrow_max()
+    and c >= 8
+    and (p == 1 or c >= 32 or (o <= 4 and c % 16 == 0))
+    and narrow_available()
+  ):
+    return 0
+  return p
+
+
+def _narrow(x, w, strides, pads):
+  n, _, _, _ = x.shape
+  ho, wo = conv._out_hw(x.shape, w.shape[:2], strides, pads)
+  return _call(_NARROW, (n, ho, wo, w.shape[3]), x, w, strides, pads)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _conv(x, w, strides, pads, pack):
-  """oneDNN's forward; ``pack`` > 1 runs it packed (`pack_factor`)."""
+  """oneDNN's forward; ``pack`` > 1 runs it packed (`pack_factor`), 0 runs
+  the narrow kernel (`forward_algo`)."""
   n, _, _, _ = x.shape
   ho, wo = conv._out_hw(x.shape, w.shape[:2], strides, pads)
   co = w.shape[3]
+  if pack == 0:
+    return _narrow(x, w, strides, pads)
   if pack > 1:
     y = _call(
       _FWD,
@@ -388,8 +444,8 @@ def conv_general_dilated(
       and min(ho, wo) > 0
       and ho * wo > small_map()
     ):
-      pack = pack_factor(lhs.shape, rhs.shape, strides, pads)
-      return _conv(lhs, rhs, strides, pads, pack)
+      algo = forward_algo(lhs.shape, rhs.shape, strides, pads)
+      return _conv(lhs, rhs, strides, pads, algo)
   return conv.conv_general_dilated(
     *args,
     dimension_numbers=dimension_numbers,

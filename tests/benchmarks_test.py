@@ -63,6 +63,25 @@ class BenchmarksTest(absltest.TestCase):
       self.assertGreater(r['packed_fwd_ms'], 0)
       self.assertTrue(math.isfinite(r['fwd_bwd_speedup']))
 
+  def test_conv_narrow_kernel_table_runs(self):
+    if not onednn.narrow_available():
+      self.skipTest(f'narrow kernel not built: {onednn.status()["reason"]}')
+    with tempfile.TemporaryDirectory() as d:
+      path = os.path.join(d, 'conv_narrow_kernel.json')
+      rows = conv_levers.narrow_kernel_table(
+        reps=1, batch=2, layers=((16, 16, 2, 1), (8, 64, 4, 1)), path=path
+      )
+      with open(path) as f:
+        self.assertEqual(json.load(f)['rows'], rows)
+    # 16 columns of 2 channels pack (P = 2); an 8x8 map does not.
+    self.assertEqual(
+      [set(r) & {'pack2_ms'} for r in rows], [{'pack2_ms'}, set()]
+    )
+    self.assertEqual([r['chosen'] for r in rows], ['narrow', 'narrow'])
+    for r in rows:
+      self.assertGreater(r['narrow_ms'], 0)
+      self.assertGreater(r['plain_ms'], 0)
+
   def test_eig_levers_two_stages_match_eigvalsh(self):
     # run() itself raises if the directly called LAPACK stages disagree with
     # spectra.eigvalsh; float32's error is measured, not assumed.

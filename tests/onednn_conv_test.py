@@ -151,6 +151,7 @@ class OnednnConvTest(parameterized.TestCase):
     ('c3_pads', (2, 4, 33, 4), (3, 3, 4, 3), (1, 1), ((1, 0), (2, 1)), 2),
     ('c4_valid', (2, 4, 34, 8), (3, 3, 8, 4), (1, 1), 'VALID', 4),
   )
+  @mock.patch.dict(os.environ, {'PFA_JAX_ONEDNN_NARROW_MAX': '0'})
   def test_narrow_output_is_packed(self, x_shape, k_shape, strides, padding, p):
     pads = (
       lax.padtype_to_pads(x_shape[1:3], k_shape[:2], strides, padding)
@@ -176,6 +177,92 @@ class OnednnConvTest(parameterized.TestCase):
     with mock.patch.dict(os.environ, {'PFA_JAX_ONEDNN_PACK_MAX': '0'}):
       self.assertEqual(onednn.pack_factor(x_shape, k_shape, strides, pads), 1)
       self.assert_matches_lax(x_shape, k_shape, strides, padding)
+
+  # Outputs of <= 8 channels from >= 8 input channels run the narrow kernel
+  # (native/narrow_conv.cc) where `forward_algo` prefers it: no packing (8x8
+  # maps, strides > 1), >= 32 input channels, or <= 4 outputs from a
+  # multiple of 16. Covers every output width 1-8 (each its own template),
+  # input channels not a multiple of 16 (masked loads), 1x1 / 5x5 / 3x5
+  # kernels, asymmetric pads, row and column strides, and a right edge that
+  # ends mid-group (W_out not a multiple of 16 / O pixels).
+  @parameterized.named_parameters(
+    ('o1_s2', (2, 9, 11, 16), (3, 3, 16, 1), (2, 2), 'SAME'),
+    ('o2_c16', (2, 5, 32, 16), (3, 3, 16, 2), (1, 1), 'SAME'),
+    ('o3_c40_odd_w', (1, 6, 13, 40), (3, 3, 40, 3), (1, 1), 'SAME'),
+    ('o4_c32', (2, 4, 16, 32), (3, 3, 32, 4), (1, 1), 'SAME'),
+    ('o5_map8', (2, 8, 8, 64), (3, 3, 64, 5), (1, 1), 'SAME'),
+    ('o6_c20_s2', (1, 10, 10, 20), (5, 5, 20, 6), (2, 2), 'SAME'),
+    ('o7_1x1_valid', (1, 6, 9, 33), (1, 1, 33, 7), (1, 1), 'VALID'),
+    ('o8_pads', (1, 12, 17, 48), (3, 5, 48, 8), (2, 1), ((2, 0), (1, 3))),
+    ('o8_c8_cols_s2', (2, 7, 9, 8), (3, 3, 8, 8), (1, 2), 'VALID'),
+  )
+  def test_narrow_kernel_matches_lax(self, x_shape, k_shape, strides, padding):
+    if not onednn.narrow_available():
+      pytest.skip('narrow kernel not built (no AVX-512)')
+    pads = (
+      lax.padtype_to_pads(x_shape[1:3], k_shape[:2], strides, padding)
+      if isinstance(padding, str)
+      else padding
+    )
+    self.assertEqual(onednn.forward_algo(x_shape, k_shape, strides, pads), 0)
+    self.assert_matches_lax(x_shape, k_shape, strides, padding)
+
+    def hlo():
+      return (
+        jax.jit(
+          lambda x, k: onednn.conv_general_dilated(
+            x, k, strides, padding, dimension_numbers=_DN
+          )
+        )
+        .lower(
+          jax.ShapeDtypeStruct(x_shape, jnp.float32),
+          jax.ShapeDtypeStruct(k_shape, jnp.float32),
+        )
+        .as_text()
+      )
+
+    self.assertIn('pfa_jax_narrow_conv_fwd', hlo())
+    with mock.patch.dict(os.environ, {'PFA_JAX_ONEDNN_NARROW_MAX': '0'}):
+      self.assertNotEqual(
+        onednn.forward_algo(x_shape, k_shape, strides, pads), 0
+      )
+      self.assertNotIn('pfa_jax_narrow_conv_fwd', hlo())
+
+  @parameterized.named_parameters(
+    # 16 -> 8 at 32 columns packs better (P = 2); 12 -> 4 loads 12 of 16
+    # lanes; 4 -> 2 has too few input channels; 16 outputs is oneDNN's width.
+    ('c16_o8_packs', (1, 4, 32, 16), (3, 3, 16, 8), 2),
+    ('c12_o4_packs', (1, 4, 32, 12), (3, 3, 12, 4), 4),
+    ('c4_o2_packs', (1, 4, 32, 4), (3, 3, 4, 2), 4),
+    ('o16_plain', (1, 8, 8, 64), (3, 3, 64, 16), 1),
+  )
+  def test_forward_algo_keeps_onednn_elsewhere(self, x_shape, k_shape, want):
+    pads = ((1, 1), (1, 1))
+    self.assertEqual(onednn.forward_algo(x_shape, k_shape, (1, 1), pads), want)
+
+  def test_narrow_kernel_under_vmap(self):
+    if not onednn.narrow_available():
+      pytest.skip('narrow kernel not built (no AVX-512)')
+    # K stacked variants, each its own kernel: one narrow call per variant.
+    x = _normal((3, 2, 8, 8, 16), 0)
+    k = _normal((3, 3, 3, 16, 4), 1) / 12
+
+    def fn(conv_fn):
+      return lambda x, k: conv_fn(x, k, (1, 1), 'SAME', dimension_numbers=_DN)
+
+    got = jax.jit(jax.vmap(fn(onednn.conv_general_dilated)))(x, k)
+    with jax.enable_x64():
+      want = jax.vmap(fn(lax.conv_general_dilated))(
+        jnp.asarray(x, jnp.float64), jnp.asarray(k, jnp.float64)
+      )
+    self.assertLess(_rel_err(got, want), _TOL)
+
+  def test_bad_narrow_setting_is_named(self):
+    with mock.patch.dict(os.environ, {'PFA_JAX_ONEDNN_NARROW_MAX': '-'}):
+      with self.assertRaisesRegex(
+        ValueError, r"PFA_JAX_ONEDNN_NARROW_MAX must be an integer, got '-'"
+      ):
+        onednn.forward_algo((1, 4, 8, 16), (3, 3, 16, 2), (1, 1), ((1, 1),) * 2)
 
   def test_bad_pack_setting_is_named(self):
     with mock.patch.dict(os.environ, {'PFA_JAX_ONEDNN_PACK_MAX': 'eight'}):
@@ -226,7 +313,8 @@ class OnednnConvTest(parameterized.TestCase):
       self.assertLess(_rel_err(a, b), _TOL)
 
   def test_small_maps_go_to_pfa_jax_conv(self):
-    x, k = _normal((3, 2, 2, 16), 0), _normal((3, 3, 16, 8), 1)
+    # 16 outputs: oneDNN's forward, not the narrow kernel's.
+    x, k = _normal((3, 2, 2, 16), 0), _normal((3, 3, 16, 16), 1)
 
     def fn(x, k):
       return onednn.conv_general_dilated(

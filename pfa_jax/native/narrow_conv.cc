@@ -1,0 +1,262 @@
+// XLA FFI handler: the forward convolution of a layer with few output
+// channels (1-8, a pruned network's), float32, x NHWC, w HWIO, any kernel
+// size, strides and (non-negative) padding, no dilation (pfa_jax.onednn).
+//
+// oneDNN vectorises a convolution over 16 output channels, so a 4-channel
+// layer costs what a 16-channel one does. This kernel vectorises over the
+// *input* channels instead: for PX adjacent output pixels of one row it keeps
+// PX * O accumulators of 16 input-channel lanes, adds x[tap] * w[tap] for
+// every tap, then reduces the PX * O accumulators to PX * O sums with one
+// shuffle tree (Reduce16) and stores them as one (masked) vector: in NHWC the
+// O channels of PX adjacent pixels are contiguous. Input channels that are
+// not a multiple of 16 are loaded masked against zero-padded weights.
+//
+// Operands are [G..., N, H, W, C], [G..., kh, kw, C, O] and
+// [G..., N, Ho, Wo, O]: the leading G dims are vmap's (vmap_method=
+// 'broadcast_all'), one convolution each. Threads: an OpenMP team of
+// `threads` over the output rows, on the oneDNN calls' team thread.
+// PfaNarrowConvAvailable() is 0 where the compiler had no AVX-512.
+#include <omp.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <functional>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+ffi::Error PfaOnTeamThread(const std::function<ffi::Error()>& task);
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+
+namespace {
+
+constexpr int kMaxOut = 8;
+
+struct Shape {
+  int64_t n, h, w, c, kh, kw, o, ho, wo, sh, sw, pt, pl;
+  int64_t icv;  // 16-lane blocks of input channels
+};
+
+// Sums each of a[0..15] across its 16 lanes: four levels of pairwise
+// shuffles and adds leave one vector of the 16 sums in a fixed lane order,
+// which Order() permutes back to 0..15.
+inline __m512 ReduceTree(const __m512* a) {
+  __m512 b[8], c[4], d[2];
+  for (int k = 0; k < 8; ++k)  // 256-bit halves: 8 partials of two each
+    b[k] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * k], a[2 * k + 1], 0x44),
+                         _mm512_shuffle_f32x4(a[2 * k], a[2 * k + 1], 0xEE));
+  for (int k = 0; k < 4; ++k)  // 128-bit quarters: 4 partials of four each
+    c[k] = _mm512_add_ps(
+        _mm512_shuffle_f32x4(b[2 * k], b[2 * k + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+        _mm512_shuffle_f32x4(b[2 * k], b[2 * k + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  for (int k = 0; k < 2; ++k)  // pairs within quarters
+    d[k] = _mm512_add_ps(
+        _mm512_shuffle_ps(c[2 * k], c[2 * k + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+        _mm512_shuffle_ps(c[2 * k], c[2 * k + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  return _mm512_add_ps(_mm512_shuffle_ps(d[0], d[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_ps(d[0], d[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// The permutation taking ReduceTree's lane order to 0..15, found once by
+// reducing a[i] = i / 16 (exact in float: lane l then holds the index i).
+__m512i Order() {
+  __m512 a[16];
+  for (int i = 0; i < 16; ++i) a[i] = _mm512_set1_ps(i / 16.0f);
+  alignas(64) float lanes[16];
+  _mm512_store_ps(lanes, ReduceTree(a));
+  alignas(64) int32_t perm[16];
+  for (int l = 0; l < 16; ++l) perm[static_cast<int>(lanes[l])] = l;
+  return _mm512_load_si512(perm);
+}
+
+inline __m512 Reduce16(const __m512* a, __m512i order) {
+  return _mm512_permutexvar_ps(order, ReduceTree(a));
+}
+
+// Pixels per group for O output channels: PX * O <= 16 accumulators, and at
+// most 8 input vectors live beside them.
+constexpr int Px(int o) { return o == 1 ? 8 : (16 / o > 8 ? 8 : 16 / o); }
+
+// The I-th of eight vectors, I known at compile time.
+template <int I>
+inline __m512 Sel(__m512 v0, __m512 v1, __m512 v2, __m512 v3, __m512 v4,
+                  __m512 v5, __m512 v6, __m512 v7) {
+  if constexpr (I == 0) return v0;
+  if constexpr (I == 1) return v1;
+  if constexpr (I == 2) return v2;
+  if constexpr (I == 3) return v3;
+  if constexpr (I == 4) return v4;
+  if constexpr (I == 5) return v5;
+  if constexpr (I == 6) return v6;
+  if constexpr (I == 7) return v7;
+}
+
+#define PFA_REP8(M) M(0) M(1) M(2) M(3) M(4) M(5) M(6) M(7)
+#define PFA_REP16(M) \
+  PFA_REP8(M) M(8) M(9) M(10) M(11) M(12) M(13) M(14) M(15)
+
+// PX output pixels (columns wo0.., `valid` of them real) of output row ho of
+// one image, all O channels. kChecked: some taps fall outside the row. The
+// accumulators, inputs and weights are named variables, not arrays: GCC
+// kept an array of accumulators on the stack across the tap loop (one store
+// and one load per FMA).
+template <int O, bool kChecked>
+inline void Group(const Shape& s, const float* img, const float* wp,
+                  __mmask16 tail, int64_t ho, int64_t wo0, int valid,
+                  __m512i order, float* out) {
+  constexpr int PX = Px(O);
+  const __m512 zero = _mm512_setzero_ps();
+#define PFA_DECL(k) __m512 a##k = zero;
+  PFA_REP16(PFA_DECL)
+#undef PFA_DECL
+  const int64_t ci = s.c;
+  for (int64_t i = 0; i < s.kh; ++i) {
+    const int64_t hi = ho * s.sh - s.pt + i;
+    if (hi < 0 || hi >= s.h) continue;
+    const float* row = img + hi * s.w * ci;
+    for (int64_t j = 0; j < s.kw; ++j) {
+      const float* wt = wp + (i * s.kw + j) * s.icv * O * 16;
+      for (int64_t v = 0; v < s.icv; ++v) {
+        const __mmask16 m = v + 1 == s.icv ? tail : __mmask16(0xFFFF);
+        auto load_x = [&](int p) {
+          const int64_t wi = (wo0 + p) * s.sw - s.pl + j;
+          if (p >= PX || (kChecked && (p >= valid || wi < 0 || wi >= s.w)))
+            return zero;
+          return _mm512_maskz_loadu_ps(m, row + wi * ci + v * 16);
+        };
+        auto load_w = [&](int o) {
+          return o < O ? _mm512_load_ps(wt + (v * O + o) * 16) : zero;
+        };
+#define PFA_LOAD(k) \
+  const __m512 x##k = load_x(k), w##k = load_w(k);
+        PFA_REP8(PFA_LOAD)
+#undef PFA_LOAD
+#define PFA_FMA(k)                                                       \
+  if constexpr ((k) < PX * O)                                            \
+    a##k = _mm512_fmadd_ps(                                              \
+        Sel<(k) / O>(x0, x1, x2, x3, x4, x5, x6, x7),                    \
+        Sel<(k) % O>(w0, w1, w2, w3, w4, w5, w6, w7), a##k);
+        PFA_REP16(PFA_FMA)
+#undef PFA_FMA
+      }
+    }
+  }
+  const __m512 acc[16] = {a0, a1, a2,  a3,  a4,  a5,  a6,  a7,
+                          a8, a9, a10, a11, a12, a13, a14, a15};
+  const __m512 r = Reduce16(acc, order);
+  const __mmask16 store = static_cast<__mmask16>((1u << (valid * O)) - 1);
+  _mm512_mask_storeu_ps(out + wo0 * O, store, r);
+}
+
+template <int O>
+void Conv(const Shape& s, const float* x, const float* wp, float* y,
+          int team) {
+  constexpr int PX = Px(O);
+  static const __m512i order = Order();
+  const int64_t ci = s.c, rem = ci % 16;
+  const __mmask16 tail =
+      rem ? static_cast<__mmask16>((1u << rem) - 1) : __mmask16(0xFFFF);
+  // Columns whose PX-pixel group reads no tap outside the row.
+  const int64_t lo = s.pl > 0 ? (s.pl + s.sw - 1) / s.sw : 0;
+#pragma omp parallel for num_threads(team) schedule(static)
+  for (int64_t r = 0; r < s.n * s.ho; ++r) {
+    const int64_t n = r / s.ho, ho = r % s.ho;
+    const float* img = x + n * s.h * s.w * ci;
+    float* out = y + r * s.wo * O;
+    for (int64_t wo0 = 0; wo0 < s.wo; wo0 += PX) {
+      const int valid = static_cast<int>(std::min<int64_t>(PX, s.wo - wo0));
+      const bool inside = valid == PX && wo0 >= lo &&
+                          (wo0 + PX - 1) * s.sw - s.pl + s.kw <= s.w;
+      if (inside) {
+        Group<O, false>(s, img, wp, tail, ho, wo0, valid, order, out);
+      } else {
+        Group<O, true>(s, img, wp, tail, ho, wo0, valid, order, out);
+      }
+    }
+  }
+}
+
+using ConvFn = void (*)(const Shape&, const float*, const float*, float*,
+                        int);
+constexpr std::array<ConvFn, kMaxOut> kConv = {
+    Conv<1>, Conv<2>, Conv<3>, Conv<4>, Conv<5>, Conv<6>, Conv<7>, Conv<8>};
+
+int64_t Prod(ffi::Span<const int64_t> d, size_t lo, size_t hi) {
+  int64_t p = 1;
+  for (size_t i = lo; i < hi; ++i) p *= d[i];
+  return p;
+}
+
+ffi::Error Fwd(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
+               ffi::ResultBuffer<ffi::F32> y, ffi::Span<const int64_t> strides,
+               ffi::Span<const int64_t> pads, int64_t threads) {
+  const auto xd = x.dimensions(), kd = k.dimensions(), yd = y->dimensions();
+  const size_t r = xd.size();
+  if (r < 4 || kd.size() != r || yd.size() != r || strides.size() != 2 ||
+      pads.size() != 4)
+    return ffi::Error::InvalidArgument("narrow_conv: bad ranks or attributes");
+  Shape s{xd[r - 4], xd[r - 3], xd[r - 2], xd[r - 1], kd[r - 4],
+          kd[r - 3], kd[r - 1], yd[r - 3], yd[r - 2], strides[0],
+          strides[1], pads[0], pads[2], (xd[r - 1] + 15) / 16};
+  if (kd[r - 2] != s.c || yd[r - 4] != s.n || yd[r - 1] != s.o || s.o < 1 ||
+      s.o > kMaxOut || s.sh < 1 || s.sw < 1 || s.pt < 0 || s.pl < 0)
+    return ffi::Error::InvalidArgument("narrow_conv: unsupported shapes");
+  const int64_t groups = Prod(xd, 0, r - 4);
+  if (Prod(kd, 0, r - 4) != groups || Prod(yd, 0, r - 4) != groups)
+    return ffi::Error::InvalidArgument("narrow_conv: batch dims differ");
+  return PfaOnTeamThread([&]() -> ffi::Error {
+    const int team =
+        threads > 0 ? static_cast<int>(threads) : omp_get_max_threads();
+    const int64_t taps = s.kh * s.kw, x_sz = s.n * s.h * s.w * s.c,
+                  y_sz = s.n * s.ho * s.wo * s.o, k_sz = taps * s.c * s.o;
+    // Weights as [tap][icv][O][16 input channels], zero past C.
+    thread_local std::vector<float> buf;
+    const int64_t wp_sz = taps * s.icv * s.o * 16;
+    buf.assign(wp_sz + 16, 0.0f);
+    float* wp = reinterpret_cast<float*>(
+        (reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t{63});
+    for (int64_t g = 0; g < groups; ++g) {
+      const float* kg = k.typed_data() + g * k_sz;
+      for (int64_t t = 0; t < taps; ++t)
+        for (int64_t c = 0; c < s.c; ++c)
+          for (int64_t o = 0; o < s.o; ++o)
+            wp[((t * s.icv + c / 16) * s.o + o) * 16 + c % 16] =
+                kg[(t * s.c + c) * s.o + o];
+      kConv[s.o - 1](s, x.typed_data() + g * x_sz, wp,
+                     y->typed_data() + g * y_sz, team);
+    }
+    return ffi::Error::Success();
+  });
+}
+
+}  // namespace
+
+extern "C" int PfaNarrowConvAvailable() { return 1; }
+
+#else  // no AVX-512: the Python side never calls the handler
+
+namespace {
+ffi::Error Fwd(ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::F32>,
+               ffi::ResultBuffer<ffi::F32>, ffi::Span<const int64_t>,
+               ffi::Span<const int64_t>, int64_t) {
+  return ffi::Error::InvalidArgument("narrow_conv: built without AVX-512");
+}
+}  // namespace
+
+extern "C" int PfaNarrowConvAvailable() { return 0; }
+
+#endif
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PfaNarrowConvFwd, Fwd,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<ffi::Span<const int64_t>>("strides")
+                                  .Attr<ffi::Span<const int64_t>>("pads")
+                                  .Attr<int64_t>("threads"));
