@@ -267,26 +267,25 @@ def narrow_available() -> bool:
 def forward_algo(x_shape, w_shape, strides, pads) -> int:
   """How `conv_general_dilated`'s forward runs: 0 = narrow kernel, else P.
 
-  P = `pack_factor` (1: oneDNN's plain forward), or 0: the narrow-output
-  kernel (`native/narrow_conv.cc`), which vectorises over the input
-  channels instead of oneDNN's 16 output lanes, for outputs of at most
-  `narrow_max` channels (environment `PFA_JAX_ONEDNN_NARROW_MAX`, default 8;
-  0 turns it off) from at least 8 input channels, where it beat the packed
-  forward (`benchmarks/conv_levers.py --part narrow`, `conv_narrow_kernel.json`,
-  batch 128): always when packing does not apply (8x8 maps, strides > 1),
-  from 32 input channels, and for up to 4 outputs from a multiple of 16
-  input channels. The gradients are always oneDNN's.
+  0: outputs of at most `narrow_max` channels (environment
+  `PFA_JAX_ONEDNN_NARROW_MAX`, default 8; 0 turns it off) run
+  `native/narrow_conv.cc`, which vectorises over 16 output pixels of a row
+  (stride 1 across the width, >= 16 output columns) or over the input
+  channels (otherwise) instead of oneDNN's 16 output-channel lanes: from at
+  least 8 input channels, or 4 on the row path. It beat oneDNN's plain and
+  packed forwards on every such pruned-network layer measured
+  (`benchmarks/conv_levers.py --part narrow_kernel`,
+  `conv_narrow_kernel.json`, batch 128); with fewer input channels it did
+  not (4 -> 4 on 8x8: 0.64x). Otherwise P = `pack_factor` (1: oneDNN's plain
+  forward). The gradients are always oneDNN's.
   """
-  p = pack_factor(x_shape, w_shape, strides, pads)
   c, o = w_shape[2], w_shape[3]
-  if (
-    o <= narrow_max()
-    and c >= 8
-    and (p == 1 or c >= 32 or (o <= 4 and c % 16 == 0))
-    and narrow_available()
-  ):
-    return 0
-  return p
+  if o <= narrow_max() and narrow_available():
+    _, wo = conv._out_hw(x_shape, w_shape[:2], strides, pads)
+    rows = strides[1] == 1 and wo >= 16
+    if c >= 8 or (c >= 4 and rows):
+      return 0
+  return pack_factor(x_shape, w_shape, strides, pads)
 
 
 def _narrow(x, w, strides, pads):

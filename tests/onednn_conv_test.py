@@ -178,13 +178,13 @@ class OnednnConvTest(parameterized.TestCase):
       self.assertEqual(onednn.pack_factor(x_shape, k_shape, strides, pads), 1)
       self.assert_matches_lax(x_shape, k_shape, strides, padding)
 
-  # Outputs of <= 8 channels from >= 8 input channels run the narrow kernel
-  # (native/narrow_conv.cc) where `forward_algo` prefers it: no packing (8x8
-  # maps, strides > 1), >= 32 input channels, or <= 4 outputs from a
-  # multiple of 16. Covers every output width 1-8 (each its own template),
-  # input channels not a multiple of 16 (masked loads), 1x1 / 5x5 / 3x5
-  # kernels, asymmetric pads, row and column strides, and a right edge that
-  # ends mid-group (W_out not a multiple of 16 / O pixels).
+  # Outputs of <= 8 channels run the narrow kernel (native/narrow_conv.cc):
+  # its row path (stride 1 across the width, >= 16 output columns; 16 and 32
+  # pixels a step, a last step that ends mid-vector, transposed rows reused
+  # across output rows, row strides) and its channel path (column strides,
+  # narrow maps; input channels not a multiple of 16: masked loads). Every
+  # output width 1-8 (each its own template), 1x1 / 5x5 / 3x5 kernels,
+  # asymmetric pads.
   @parameterized.named_parameters(
     ('o1_s2', (2, 9, 11, 16), (3, 3, 16, 1), (2, 2), 'SAME'),
     ('o2_c16', (2, 5, 32, 16), (3, 3, 16, 2), (1, 1), 'SAME'),
@@ -195,6 +195,12 @@ class OnednnConvTest(parameterized.TestCase):
     ('o7_1x1_valid', (1, 6, 9, 33), (1, 1, 33, 7), (1, 1), 'VALID'),
     ('o8_pads', (1, 12, 17, 48), (3, 5, 48, 8), (2, 1), ((2, 0), (1, 3))),
     ('o8_c8_cols_s2', (2, 7, 9, 8), (3, 3, 8, 8), (1, 2), 'VALID'),
+    ('o4_rows_c16_w32', (2, 6, 32, 16), (3, 3, 16, 4), (1, 1), 'SAME'),
+    ('o8_rows_c12_w40', (2, 5, 40, 12), (3, 3, 12, 8), (1, 1), 'SAME'),
+    ('o3_rows_c4_w19', (1, 12, 17, 4), (3, 3, 4, 3), (2, 1), ((2, 0), (1, 3))),
+    ('o2_rows_c20_w16_5x5', (2, 7, 16, 20), (5, 5, 20, 2), (1, 1), 'SAME'),
+    ('o7_rows_c33_w33', (1, 3, 35, 33), (3, 3, 33, 7), (1, 1), 'VALID'),
+    ('o1_rows_c16_1x1', (2, 3, 48, 16), (1, 1, 16, 1), (1, 1), 'SAME'),
   )
   def test_narrow_kernel_matches_lax(self, x_shape, k_shape, strides, padding):
     if not onednn.narrow_available():
@@ -229,11 +235,10 @@ class OnednnConvTest(parameterized.TestCase):
       self.assertNotIn('pfa_jax_narrow_conv_fwd', hlo())
 
   @parameterized.named_parameters(
-    # 16 -> 8 at 32 columns packs better (P = 2); 12 -> 4 loads 12 of 16
-    # lanes; 4 -> 2 has too few input channels; 16 outputs is oneDNN's width.
-    ('c16_o8_packs', (1, 4, 32, 16), (3, 3, 16, 8), 2),
-    ('c12_o4_packs', (1, 4, 32, 12), (3, 3, 12, 4), 4),
-    ('c4_o2_packs', (1, 4, 32, 4), (3, 3, 4, 2), 4),
+    # Too few input channels for the narrow kernel (3; 4 off the row path);
+    # 16 outputs is oneDNN's own width.
+    ('c3_o8_packs', (1, 4, 32, 3), (3, 3, 3, 8), 2),
+    ('c4_o4_map8', (1, 8, 8, 4), (3, 3, 4, 4), 1),
     ('o16_plain', (1, 8, 8, 64), (3, 3, 64, 16), 1),
   )
   def test_forward_algo_keeps_onednn_elsewhere(self, x_shape, k_shape, want):

@@ -181,10 +181,152 @@ void Conv(const Shape& s, const float* x, const float* wp, float* y,
   }
 }
 
-using ConvFn = void (*)(const Shape&, const float*, const float*, float*,
-                        int);
-constexpr std::array<ConvFn, kMaxOut> kConv = {
-    Conv<1>, Conv<2>, Conv<3>, Conv<4>, Conv<5>, Conv<6>, Conv<7>, Conv<8>};
+// ---- The row kernel: stride 1 across the width, at least 16 output columns.
+//
+// Vectorised over 16 adjacent output pixels instead: an input row is first
+// transposed to [C][L] (channels outer, a zero-padded row of L pixels inner),
+// so that for each tap and input channel the 16 pixels a vector of outputs
+// reads are contiguous; each FMA then adds x[16 pixels] * w[tap, c, o]
+// (broadcast) into output channel o's accumulator, with no reduction. NV
+// vectors (16 NV pixels) of all O channels are accumulated at once. Each
+// thread walks a contiguous range of output rows and keeps the last kh
+// transposed input rows (a window of kh consecutive rows: row % kh is a slot).
+
+// In-register 16x16 transpose: r[i] lane j -> r[j] lane i.
+inline void Transpose16(__m512* r) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i + 0] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+    r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xDD);
+    t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xDD);
+  }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xDD);
+  }
+}
+
+// One input row [W, C] -> dst[c * ld + w] (the caller offsets dst by the
+// left padding), 16 x 16 blocks; partial blocks loaded masked, stored masked.
+void TransposeRow(const float* src, int64_t w, int64_t c, float* dst,
+                  int64_t ld) {
+  for (int64_t c0 = 0; c0 < c; c0 += 16) {
+    const int64_t nc = std::min<int64_t>(16, c - c0);
+    const __mmask16 cm = static_cast<__mmask16>((1u << nc) - 1);
+    for (int64_t w0 = 0; w0 < w; w0 += 16) {
+      const int64_t nw = std::min<int64_t>(16, w - w0);
+      __m512 r[16];
+      for (int i = 0; i < 16; ++i)
+        r[i] = i < nw ? _mm512_maskz_loadu_ps(cm, src + (w0 + i) * c + c0)
+                      : _mm512_setzero_ps();
+      Transpose16(r);
+      const __mmask16 wm = static_cast<__mmask16>((1u << nw) - 1);
+      for (int64_t k = 0; k < nc; ++k)
+        _mm512_mask_storeu_ps(dst + (c0 + k) * ld + w0, wm, r[k]);
+    }
+  }
+}
+
+template <int O, int NV>
+void RowConv(const Shape& s, const float* x, const float* k, float* y,
+             int team) {
+  const int64_t chunk = 16 * NV, chunks = (s.wo + chunk - 1) / chunk;
+  // Row length: the padded input, and every chunk's reads (kw - 1 past).
+  const int64_t ld = std::max(s.pl + s.w, chunks * chunk + s.kw - 1) + 16;
+  const int64_t rows = s.n * s.ho, row_sz = s.c * ld;
+#pragma omp parallel num_threads(team)
+  {
+    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    const int64_t r0 = rows * t / nt, r1 = rows * (t + 1) / nt;
+    std::vector<float> ring(s.kh * row_sz + 16, 0.0f);
+    std::vector<int64_t> held(s.kh, -1);  // n * H + hi in each slot
+    alignas(64) float out[O][16 * NV];
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t n = r / s.ho, ho = r % s.ho;
+      const float* img = x + n * s.h * s.w * s.c;
+      const float* rowp[16];
+      const int64_t kh = std::min<int64_t>(s.kh, 16);
+      for (int64_t i = 0; i < kh; ++i) {
+        const int64_t hi = ho * s.sh - s.pt + i;
+        rowp[i] = nullptr;
+        if (hi < 0 || hi >= s.h) continue;
+        const int64_t slot = hi % s.kh;
+        float* dst = ring.data() + slot * row_sz;
+        if (held[slot] != n * s.h + hi) {
+          TransposeRow(img + hi * s.w * s.c, s.w, s.c, dst + s.pl, ld);
+          held[slot] = n * s.h + hi;
+        }
+        rowp[i] = dst;
+      }
+      float* yrow = y + r * s.wo * O;
+      for (int64_t q = 0; q < chunks; ++q) {
+        const int64_t wo0 = q * chunk;
+        __m512 acc[O][NV];
+        for (int o = 0; o < O; ++o)
+          for (int v = 0; v < NV; ++v) acc[o][v] = _mm512_setzero_ps();
+        for (int64_t i = 0; i < kh; ++i) {
+          if (!rowp[i]) continue;
+          for (int64_t j = 0; j < s.kw; ++j) {
+            const float* xr = rowp[i] + wo0 + j;
+            const float* wr = k + (i * s.kw + j) * s.c * O;
+            for (int64_t c = 0; c < s.c; ++c) {
+              __m512 xv[NV];
+              for (int v = 0; v < NV; ++v) {
+                xv[v] = _mm512_loadu_ps(xr + c * ld + 16 * v);
+                // In a register: GCC otherwise folds the load into each of
+                // the O FMAs (O loads per vector, load-port bound).
+                asm("" : "+v"(xv[v]));
+              }
+              for (int o = 0; o < O; ++o) {
+                const __m512 wb = _mm512_set1_ps(wr[c * O + o]);
+                for (int v = 0; v < NV; ++v)
+                  acc[o][v] = _mm512_fmadd_ps(xv[v], wb, acc[o][v]);
+              }
+            }
+          }
+        }
+        for (int o = 0; o < O; ++o)
+          for (int v = 0; v < NV; ++v) _mm512_store_ps(out[o] + 16 * v, acc[o][v]);
+        const int64_t valid = std::min<int64_t>(chunk, s.wo - wo0);
+        float* yo = yrow + wo0 * O;
+        for (int64_t p = 0; p < valid; ++p)
+          for (int o = 0; o < O; ++o) yo[p * O + o] = out[o][p];
+      }
+    }
+  }
+}
+
+// The row kernel where it applies (stride 1 across the width, >= 16 output
+// columns, kh <= 16), else the channel-vectorised one.
+template <int O>
+void Any(const Shape& s, const float* x, const float* k, const float* wp,
+         float* y, int team) {
+  if (s.sw == 1 && s.wo >= 16 && s.kh <= 16) {
+    if (s.wo >= 32) {
+      RowConv<O, 2>(s, x, k, y, team);
+    } else {
+      RowConv<O, 1>(s, x, k, y, team);
+    }
+  } else {
+    Conv<O>(s, x, wp, y, team);
+  }
+}
+
+using ConvFn = void (*)(const Shape&, const float*, const float*,
+                        const float*, float*, int);
+constexpr std::array<ConvFn, kMaxOut> kConv = {Any<1>, Any<2>, Any<3>, Any<4>,
+                                               Any<5>, Any<6>, Any<7>, Any<8>};
 
 int64_t Prod(ffi::Span<const int64_t> d, size_t lo, size_t hi) {
   int64_t p = 1;
@@ -227,7 +369,7 @@ ffi::Error Fwd(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
           for (int64_t o = 0; o < s.o; ++o)
             wp[((t * s.icv + c / 16) * s.o + o) * 16 + c % 16] =
                 kg[(t * s.c + c) * s.o + o];
-      kConv[s.o - 1](s, x.typed_data() + g * x_sz, wp,
+      kConv[s.o - 1](s, x.typed_data() + g * x_sz, kg, wp,
                      y->typed_data() + g * y_sz, team);
     }
     return ffi::Error::Success();
