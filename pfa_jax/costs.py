@@ -45,8 +45,16 @@ def count(model: nn.Module, input_shape) -> dict[str, int]:
   return _count(model, tuple(input_shape))
 
 
+def _unfolded(model):
+  """``model`` with its convs' BN unfolded (``fold_bn`` skips nn.Conv)."""
+  return (
+    model.clone(fold_bn=False) if getattr(model, 'fold_bn', False) else model
+  )
+
+
 @functools.lru_cache(maxsize=4096)
 def _count(model, input_shape):
+  model = _unfolded(model)
   x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
   rng = jax.random.key(0)
   variables = jax.eval_shape(
@@ -139,6 +147,7 @@ def cost_model(model: nn.Module, input_shape) -> CostModel:
 
 @functools.lru_cache(maxsize=64)
 def _cost_model(model, input_shape):
+  model = _unfolded(model)
   s = model.structure()
   names = s.names
   full = np.asarray([model.widths[g.index] for g in s.groups], np.float64)

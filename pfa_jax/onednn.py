@@ -78,12 +78,22 @@ _FWD, _BWD_DATA, _BWD_WEIGHTS = (
 )
 _MATERIALIZE = 'pfa_jax_materialize'
 _NARROW = 'pfa_jax_narrow_conv_fwd'
+_FUSED = {  # (narrow kernel, with a residual) -> target
+  (False, False): 'pfa_jax_dnnl_conv_fwd_bias',
+  (False, True): 'pfa_jax_dnnl_conv_fwd_bias_res',
+  (True, False): 'pfa_jax_narrow_conv_fwd_bias',
+  (True, True): 'pfa_jax_narrow_conv_fwd_bias_res',
+}
 _SYMBOLS = {
   _FWD: 'PfaDnnlConvFwd',
   _BWD_DATA: 'PfaDnnlConvBwdData',
   _BWD_WEIGHTS: 'PfaDnnlConvBwdWeights',
   _MATERIALIZE: 'PfaMaterialize',
   _NARROW: 'PfaNarrowConvFwd',
+  _FUSED[False, False]: 'PfaDnnlConvFwdBias',
+  _FUSED[False, True]: 'PfaDnnlConvFwdBiasRes',
+  _FUSED[True, False]: 'PfaNarrowConvFwdBias',
+  _FUSED[True, True]: 'PfaNarrowConvFwdBiasRes',
   # Batch norm + residual + ReLU (pfa_jax.fused_bn), in the same library so
   # that it shares the convolutions' one-team-at-a-time lock.
   'pfa_jax_bn_train_fwd': 'PfaBnTrainFwd',
@@ -396,6 +406,125 @@ def _eligible(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers, **kw):
   )
 
 
+def _native_geometry(lhs, rhs, window_strides, padding):
+  """(strides, pads) of an eligible call, pads None where it stays on XLA."""
+  strides = tuple(int(s) for s in (window_strides or (1, 1)))
+  if isinstance(padding, str):
+    pads = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
+  else:
+    pads = padding
+  pads = tuple((int(lo), int(hi)) for lo, hi in pads)
+  ho, wo = conv._out_hw(lhs.shape, rhs.shape[:2], strides, pads)
+  if (
+    len(strides) != 2
+    or min(sum(pads, ())) < 0
+    or min(ho, wo) <= 0
+    or ho * wo <= small_map()
+  ):
+    return strides, None
+  return strides, pads
+
+
+def _bias_act_reference(x, w, b, residual, strides, pads, relu):
+  y = lax.conv_general_dilated(
+    x, w, strides, pads, dimension_numbers=('NHWC', 'HWIO', 'NHWC')
+  )
+  y = y + b
+  if residual is not None:
+    y = y + residual
+  return jnp.maximum(y, 0) if relu else y
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _bias_act(x, w, b, residual, strides, pads, relu):
+  narrow = forward_algo(x.shape, w.shape, strides, pads) == 0
+  n, _, _, _ = x.shape
+  ho, wo = conv._out_hw(x.shape, w.shape[:2], strides, pads)
+  operands = (x, w, b) if residual is None else (x, w, b, residual)
+  return jax.ffi.ffi_call(
+    _FUSED[narrow, residual is not None],
+    jax.ShapeDtypeStruct((n, ho, wo, w.shape[3]), jnp.float32),
+    vmap_method='broadcast_all',
+    # The output overwrites the residual (oneDNN's sum post-op adds into
+    # dst); XLA copies it first where the residual is still needed.
+    input_output_aliases={3: 0} if residual is not None else None,
+  )(
+    *operands,
+    strides=np.array(strides, np.int64),
+    pads=np.array([p for lo_hi in pads for p in lo_hi], np.int64),
+    relu=bool(relu),
+    threads=np.int64(THREADS),
+  )
+
+
+def _bias_act_fwd(x, w, b, residual, strides, pads, relu):
+  return _bias_act(x, w, b, residual, strides, pads, relu), (x, w, b, residual)
+
+
+def _bias_act_bwd(strides, pads, relu, res, g):
+  # Gradients of an inference-mode layer are rare (saliency, Taylor
+  # scores): lax's composition, not a native kernel.
+  _, vjp = jax.vjp(
+    functools.partial(
+      _bias_act_reference, strides=strides, pads=pads, relu=relu
+    ),
+    *res,
+  )
+  return vjp(g)
+
+
+_bias_act.defvjp(_bias_act_fwd, _bias_act_bwd)
+
+
+def fusable(x: jax.Array, w: jax.Array, strides, padding) -> bool:
+  """Whether `conv_bias_act` runs ``x``, ``w`` as one native call."""
+  ok = _eligible(
+    x,
+    w,
+    None,
+    None,
+    ('NHWC', 'HWIO', 'NHWC'),
+    feature_group_count=1,
+    batch_group_count=1,
+    preferred_element_type=None,
+  )
+  return ok and _native_geometry(x, w, strides, padding)[1] is not None
+
+
+def conv_bias_act(
+  x: jax.Array,
+  w: jax.Array,
+  b: jax.Array,
+  strides: Sequence[int],
+  padding: str | Sequence[tuple[int, int]],
+  *,
+  residual: jax.Array | None = None,
+  relu: bool = False,
+) -> jax.Array:
+  """``relu(conv(x, w) + b + residual)`` (NHWC / HWIO, float32) in one call.
+
+  A convolution with its batch norm folded in (`pfa_jax.models.layers.ConvBN`
+  at inference): oneDNN's inference forward with a bias, the residual as a
+  sum post-op (the output buffer aliases the residual) and the ReLU as an
+  eltwise one, so the output map is
+  written once instead of written, re-read and re-written by a separate
+  batch-norm pass; outputs of <= `narrow_max` channels run the narrow
+  kernel with the same epilogue (`forward_algo`). Differentiable (the
+  gradients are lax's). Where `fusable` is False, the same function in lax.
+  """
+  if not fusable(x, w, strides, padding) or (
+    residual is not None
+    and (
+      residual.dtype != jnp.float32 or any(conv._sharding_spec(residual) or ())
+    )
+  ):
+    if isinstance(padding, str):
+      padding = lax.padtype_to_pads(x.shape[1:3], w.shape[:2], strides, padding)
+    return _bias_act_reference(x, w, b, residual, tuple(strides), padding, relu)
+  strides, pads = _native_geometry(x, w, strides, padding)
+  return _bias_act(x, w, b, residual, strides, pads, bool(relu))
+
+
 def conv_general_dilated(
   lhs: jax.typing.ArrayLike,
   rhs: jax.typing.ArrayLike,
@@ -428,21 +557,8 @@ def conv_general_dilated(
   )
   args = (lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation)
   if _eligible(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers, **kw):
-    strides = tuple(int(s) for s in (window_strides or (1, 1)))
-    if isinstance(padding, str):
-      pads = lax.padtype_to_pads(
-        lhs.shape[1:3], rhs.shape[:2], strides, padding
-      )
-    else:
-      pads = padding
-    pads = tuple((int(lo), int(hi)) for lo, hi in pads)
-    ho, wo = conv._out_hw(lhs.shape, rhs.shape[:2], strides, pads)
-    if (
-      len(strides) == 2
-      and min(sum(pads, ())) >= 0
-      and min(ho, wo) > 0
-      and ho * wo > small_map()
-    ):
+    strides, pads = _native_geometry(lhs, rhs, window_strides, padding)
+    if pads is not None:
       algo = forward_algo(lhs.shape, rhs.shape, strides, pads)
       return _conv(lhs, rhs, strides, pads, algo)
   return conv.conv_general_dilated(

@@ -91,6 +91,8 @@ def capture(
         outs[path] = out
     return out
 
+  if getattr(model, 'fold_bn', False):  # a folded conv never calls nn.Conv
+    model = model.clone(fold_bn=False)
   with nn.intercept_methods(interceptor):
     model.apply(variables, images, train=False)
   missing = sorted((want_in - set(ins)) | (want_out - set(outs)))

@@ -23,6 +23,7 @@ from pfa_jax import onednn
 from pfa_jax.conv import CONV_IMPLS
 
 TAPS = ('pre_bn', 'post_bn', 'post_act')
+BN_EPS = 1e-5  # every ConvBN / DenseBN batch norm's epsilon
 RESPONSES = 'responses'
 
 
@@ -170,9 +171,16 @@ class ConvBN(nn.Module):
   tap: str = 'post_act'
   conv_impl: str = 'auto'
   respond: bool = True
+  # Inference with BN folded into the conv, one native call (`_folded`). Off
+  # by default: the conv then never calls its nn.Conv, which tools that
+  # intercept nn.Conv calls (costs.count, methods.compensation) rely on.
+  fold_bn: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = False, residual=None):
+    folded = self._folded(x, train, residual)
+    if folded is not None:
+      return folded
     y = nn.Conv(
       self.features,
       self.kernel_size,
@@ -185,6 +193,44 @@ class ConvBN(nn.Module):
     )(x)
     native = conv.resolve(self.conv_impl) == 'onednn'
     return _bn_act(self, y, train, residual=residual, native=native)
+
+  def _folded(self, x, train, residual):
+    """Inference with BN folded into the conv, as one native call, or None.
+
+    ``relu(conv(x, k * s) + (bias - mean * s) [+ residual])`` with ``s =
+    scale / sqrt(var + eps)``: the same function as conv -> BN -> add ->
+    ReLU (to float32 rounding), but the output map is written once
+    (`pfa_jax.onednn.conv_bias_act`). Only with ``fold_bn``, on the oneDNN
+    path, at inference, and when no response is being collected from this
+    layer.
+    """
+    if (
+      not self.fold_bn
+      or train
+      or not self.use_bn
+      or self.is_initializing()
+      or conv.resolve(self.conv_impl) != 'onednn'
+      or (self.respond and self.is_mutable_collection(RESPONSES))
+    ):
+      return None
+    params = self.variables.get('params', {})
+    stats = self.variables.get('batch_stats', {})
+    if 'conv' not in params or 'bn' not in params or 'bn' not in stats:
+      return None
+    kernel = params['conv']['kernel']
+    if not onednn.fusable(x, kernel, self.strides, self.padding):
+      return None
+    bn, mv = params['bn'], stats['bn']
+    s = bn['scale'] * jax.lax.rsqrt(mv['var'] + BN_EPS)
+    return onednn.conv_bias_act(
+      x,
+      kernel * s,
+      bn['bias'] - mv['mean'] * s,
+      self.strides,
+      self.padding,
+      residual=residual,
+      relu=self.relu,
+    )
 
 
 class DenseBN(nn.Module):
@@ -226,7 +272,7 @@ def _bn_act(module, y, train, *, residual=None, native=False):
   bn = BatchNorm(
     use_running_average=not train,
     momentum=0.9,
-    epsilon=1e-5,
+    epsilon=BN_EPS,
     relu=module.relu and not split,
     native=native,
     name='bn',

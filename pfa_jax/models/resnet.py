@@ -57,6 +57,8 @@ class ResNet(nn.Module):
   variant: str = 'cifar'
   tap: str = 'post_act'
   conv_impl: str = 'auto'
+  # Inference with each conv's BN folded in (layers.ConvBN.fold_bn).
+  fold_bn: bool = False
 
   # -- structure -------------------------------------------------------------
   def _blocks(self):
@@ -136,7 +138,7 @@ class ResNet(nn.Module):
     w = self._widths()
     num_blocks = len(self._blocks())
     streams = w[num_blocks:]
-    conv = dict(tap=self.tap, conv_impl=self.conv_impl)
+    conv = dict(tap=self.tap, conv_impl=self.conv_impl, fold_bn=self.fold_bn)
     # Only group response points sow (the stem and the stream writers are
     # no group's): each stage's stream response is its output's, which the
     # last block's conv2 computes anyway when the tap is 'post_act'.
@@ -180,10 +182,12 @@ class BasicBlock(nn.Module):
   respond_out: bool = False  # conv2 sows the block output's response
   tap: str = 'post_act'
   conv_impl: str = 'auto'
+  # Inference with each conv's BN folded in (layers.ConvBN.fold_bn).
+  fold_bn: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    conv = dict(tap=self.tap, conv_impl=self.conv_impl)
+    conv = dict(tap=self.tap, conv_impl=self.conv_impl, fold_bn=self.fold_bn)
     strides = (self.stride, self.stride)
     h = layers.ConvBN(self.inner, strides=strides, name='conv1', **conv)(
       x, train

@@ -27,6 +27,8 @@ class SimpleCNN(nn.Module):
   dropout: float = 0.5
   tap: str = 'post_act'
   conv_impl: str = 'auto'
+  # Inference with each conv's BN folded in (layers.ConvBN.fold_bn).
+  fold_bn: bool = False
 
   def structure(self) -> structure.Structure:
     names = [f'conv{i + 1}' for i in range(9)]
@@ -53,6 +55,7 @@ class SimpleCNN(nn.Module):
         padding='VALID' if i == 6 else 'SAME',
         tap=self.tap,
         conv_impl=self.conv_impl,
+        fold_bn=self.fold_bn,
         name=f'conv{i + 1}',
       )(x, train)
       if i in _DROPOUT_AFTER:

@@ -37,6 +37,8 @@ class VGG16(nn.Module):
   use_bn: bool = True
   tap: str = 'post_act'
   conv_impl: str = 'auto'
+  # Inference with each conv's BN folded in (layers.ConvBN.fold_bn).
+  fold_bn: bool = False
   # Scales every dropout rate; 0 turns dropout off (short CPU schedules).
   dropout: float = 1.0
 
@@ -78,6 +80,7 @@ class VGG16(nn.Module):
         use_bn=self.use_bn,
         tap=self.tap,
         conv_impl=self.conv_impl,
+        fold_bn=self.fold_bn,
         name=name,
       )(x, train)
       if i in _POOL_AFTER:
@@ -109,6 +112,7 @@ class VGG16(nn.Module):
         use_bn=self.use_bn,
         tap=self.tap,
         conv_impl=self.conv_impl,
+        fold_bn=self.fold_bn,
         name=name,
       )(x, train)
       x = self._drop(0.5, x, train)

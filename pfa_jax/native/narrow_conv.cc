@@ -42,6 +42,14 @@ struct Shape {
   int64_t icv;  // 16-lane blocks of input channels
 };
 
+// The epilogue of a convolution with its batch norm folded in
+// (pfa_jax.onednn.conv_bias_act): y = [relu](conv + bias [+ res]).
+struct Epi {
+  const float* bias = nullptr;  // [O] or null: no epilogue
+  const float* res = nullptr;   // [N, Ho, Wo, O] or null
+  bool relu = false;
+};
+
 // Sums each of a[0..15] across its 16 lanes: four levels of pairwise
 // shuffles and adds leave one vector of the 16 sums in a fixed lane order,
 // which Order() permutes back to 0..15.
@@ -108,7 +116,8 @@ inline __m512 Sel(__m512 v0, __m512 v1, __m512 v2, __m512 v3, __m512 v4,
 template <int O, bool kChecked>
 inline void Group(const Shape& s, const float* img, const float* wp,
                   __mmask16 tail, int64_t ho, int64_t wo0, int valid,
-                  __m512i order, float* out) {
+                  __m512i order, float* out, const Epi& epi, __m512 bias,
+                  const float* res) {
   constexpr int PX = Px(O);
   const __m512 zero = _mm512_setzero_ps();
 #define PFA_DECL(k) __m512 a##k = zero;
@@ -148,16 +157,25 @@ inline void Group(const Shape& s, const float* img, const float* wp,
   }
   const __m512 acc[16] = {a0, a1, a2,  a3,  a4,  a5,  a6,  a7,
                           a8, a9, a10, a11, a12, a13, a14, a15};
-  const __m512 r = Reduce16(acc, order);
+  __m512 r = Reduce16(acc, order);
   const __mmask16 store = static_cast<__mmask16>((1u << (valid * O)) - 1);
+  if (epi.bias) {
+    r = _mm512_add_ps(r, bias);
+    if (res) r = _mm512_add_ps(r, _mm512_maskz_loadu_ps(store, res + wo0 * O));
+    if (epi.relu) r = _mm512_max_ps(r, _mm512_setzero_ps());
+  }
   _mm512_mask_storeu_ps(out + wo0 * O, store, r);
 }
 
 template <int O>
 void Conv(const Shape& s, const float* x, const float* wp, float* y,
-          int team) {
+          const Epi& epi, int team) {
   constexpr int PX = Px(O);
   static const __m512i order = Order();
+  alignas(64) float tile[16] = {};  // lane p * O + o: bias[o]
+  if (epi.bias)
+    for (int l = 0; l < PX * O; ++l) tile[l] = epi.bias[l % O];
+  const __m512 bias = _mm512_load_ps(tile);
   const int64_t ci = s.c, rem = ci % 16;
   const __mmask16 tail =
       rem ? static_cast<__mmask16>((1u << rem) - 1) : __mmask16(0xFFFF);
@@ -168,14 +186,17 @@ void Conv(const Shape& s, const float* x, const float* wp, float* y,
     const int64_t n = r / s.ho, ho = r % s.ho;
     const float* img = x + n * s.h * s.w * ci;
     float* out = y + r * s.wo * O;
+    const float* res = epi.res ? epi.res + r * s.wo * O : nullptr;
     for (int64_t wo0 = 0; wo0 < s.wo; wo0 += PX) {
       const int valid = static_cast<int>(std::min<int64_t>(PX, s.wo - wo0));
       const bool inside = valid == PX && wo0 >= lo &&
                           (wo0 + PX - 1) * s.sw - s.pl + s.kw <= s.w;
       if (inside) {
-        Group<O, false>(s, img, wp, tail, ho, wo0, valid, order, out);
+        Group<O, false>(s, img, wp, tail, ho, wo0, valid, order, out, epi,
+                        bias, res);
       } else {
-        Group<O, true>(s, img, wp, tail, ho, wo0, valid, order, out);
+        Group<O, true>(s, img, wp, tail, ho, wo0, valid, order, out, epi,
+                       bias, res);
       }
     }
   }
@@ -240,7 +261,7 @@ void TransposeRow(const float* src, int64_t w, int64_t c, float* dst,
 
 template <int O, int NV>
 void RowConv(const Shape& s, const float* x, const float* k, float* y,
-             int team) {
+             const Epi& epi, int team) {
   const int64_t chunk = 16 * NV, chunks = (s.wo + chunk - 1) / chunk;
   // Row length: the padded input, and every chunk's reads (kw - 1 past).
   const int64_t ld = std::max(s.pl + s.w, chunks * chunk + s.kw - 1) + 16;
@@ -300,8 +321,17 @@ void RowConv(const Shape& s, const float* x, const float* k, float* y,
           for (int v = 0; v < NV; ++v) _mm512_store_ps(out[o] + 16 * v, acc[o][v]);
         const int64_t valid = std::min<int64_t>(chunk, s.wo - wo0);
         float* yo = yrow + wo0 * O;
-        for (int64_t p = 0; p < valid; ++p)
-          for (int o = 0; o < O; ++o) yo[p * O + o] = out[o][p];
+        if (!epi.bias) {
+          for (int64_t p = 0; p < valid; ++p)
+            for (int o = 0; o < O; ++o) yo[p * O + o] = out[o][p];
+        } else {
+          const float* ro = epi.res ? epi.res + r * s.wo * O + wo0 * O : nullptr;
+          for (int64_t p = 0; p < valid; ++p)
+            for (int o = 0; o < O; ++o) {
+              float v = out[o][p] + epi.bias[o] + (ro ? ro[p * O + o] : 0.0f);
+              yo[p * O + o] = epi.relu && v < 0.0f ? 0.0f : v;
+            }
+        }
       }
     }
   }
@@ -311,20 +341,20 @@ void RowConv(const Shape& s, const float* x, const float* k, float* y,
 // columns, kh <= 16), else the channel-vectorised one.
 template <int O>
 void Any(const Shape& s, const float* x, const float* k, const float* wp,
-         float* y, int team) {
+         float* y, const Epi& epi, int team) {
   if (s.sw == 1 && s.wo >= 16 && s.kh <= 16) {
     if (s.wo >= 32) {
-      RowConv<O, 2>(s, x, k, y, team);
+      RowConv<O, 2>(s, x, k, y, epi, team);
     } else {
-      RowConv<O, 1>(s, x, k, y, team);
+      RowConv<O, 1>(s, x, k, y, epi, team);
     }
   } else {
-    Conv<O>(s, x, wp, y, team);
+    Conv<O>(s, x, wp, y, epi, team);
   }
 }
 
 using ConvFn = void (*)(const Shape&, const float*, const float*,
-                        const float*, float*, int);
+                        const float*, float*, const Epi&, int);
 constexpr std::array<ConvFn, kMaxOut> kConv = {Any<1>, Any<2>, Any<3>, Any<4>,
                                                Any<5>, Any<6>, Any<7>, Any<8>};
 
@@ -334,9 +364,11 @@ int64_t Prod(ffi::Span<const int64_t> d, size_t lo, size_t hi) {
   return p;
 }
 
-ffi::Error Fwd(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
+// bias (if not null) is [G..., O], res (if not null) y's shape.
+ffi::Error Run(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
+               const float* bias, const float* res,
                ffi::ResultBuffer<ffi::F32> y, ffi::Span<const int64_t> strides,
-               ffi::Span<const int64_t> pads, int64_t threads) {
+               ffi::Span<const int64_t> pads, bool relu, int64_t threads) {
   const auto xd = x.dimensions(), kd = k.dimensions(), yd = y->dimensions();
   const size_t r = xd.size();
   if (r < 4 || kd.size() != r || yd.size() != r || strides.size() != 2 ||
@@ -369,11 +401,48 @@ ffi::Error Fwd(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
           for (int64_t o = 0; o < s.o; ++o)
             wp[((t * s.icv + c / 16) * s.o + o) * 16 + c % 16] =
                 kg[(t * s.c + c) * s.o + o];
+      Epi epi;
+      if (bias) {
+        epi.bias = bias + g * s.o;
+        epi.res = res ? res + g * y_sz : nullptr;
+        epi.relu = relu;
+      }
       kConv[s.o - 1](s, x.typed_data() + g * x_sz, kg, wp,
-                     y->typed_data() + g * y_sz, team);
+                     y->typed_data() + g * y_sz, epi, team);
     }
     return ffi::Error::Success();
   });
+}
+
+ffi::Error Fwd(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
+               ffi::ResultBuffer<ffi::F32> y, ffi::Span<const int64_t> strides,
+               ffi::Span<const int64_t> pads, int64_t threads) {
+  return Run(x, k, nullptr, nullptr, y, strides, pads, false, threads);
+}
+
+ffi::Error FwdBias(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
+                   ffi::Buffer<ffi::F32> b, ffi::ResultBuffer<ffi::F32> y,
+                   ffi::Span<const int64_t> strides,
+                   ffi::Span<const int64_t> pads, bool relu,
+                   int64_t threads) {
+  const auto kd = k.dimensions();  // bias: [G..., O]
+  if (kd.size() < 4 ||
+      b.element_count() * Prod(kd, kd.size() - 4, kd.size() - 1) !=
+          k.element_count())
+    return ffi::Error::InvalidArgument("narrow_conv: bias shape");
+  return Run(x, k, b.typed_data(), nullptr, y, strides, pads, relu, threads);
+}
+
+ffi::Error FwdBiasRes(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
+                      ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> res,
+                      ffi::ResultBuffer<ffi::F32> y,
+                      ffi::Span<const int64_t> strides,
+                      ffi::Span<const int64_t> pads, bool relu,
+                      int64_t threads) {
+  if (res.element_count() != y->element_count())
+    return ffi::Error::InvalidArgument("narrow_conv: residual shape");
+  return Run(x, k, b.typed_data(), res.typed_data(), y, strides, pads, relu,
+             threads);
 }
 
 }  // namespace
@@ -386,6 +455,18 @@ namespace {
 ffi::Error Fwd(ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::F32>,
                ffi::ResultBuffer<ffi::F32>, ffi::Span<const int64_t>,
                ffi::Span<const int64_t>, int64_t) {
+  return ffi::Error::InvalidArgument("narrow_conv: built without AVX-512");
+}
+ffi::Error FwdBias(ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::F32>,
+                   ffi::Buffer<ffi::F32>, ffi::ResultBuffer<ffi::F32>,
+                   ffi::Span<const int64_t>, ffi::Span<const int64_t>, bool,
+                   int64_t) {
+  return ffi::Error::InvalidArgument("narrow_conv: built without AVX-512");
+}
+ffi::Error FwdBiasRes(ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::F32>,
+                      ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::F32>,
+                      ffi::ResultBuffer<ffi::F32>, ffi::Span<const int64_t>,
+                      ffi::Span<const int64_t>, bool, int64_t) {
   return ffi::Error::InvalidArgument("narrow_conv: built without AVX-512");
 }
 }  // namespace
@@ -401,4 +482,25 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PfaNarrowConvFwd, Fwd,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<ffi::Span<const int64_t>>("strides")
                                   .Attr<ffi::Span<const int64_t>>("pads")
+                                  .Attr<int64_t>("threads"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PfaNarrowConvFwdBias, FwdBias,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<ffi::Span<const int64_t>>("strides")
+                                  .Attr<ffi::Span<const int64_t>>("pads")
+                                  .Attr<bool>("relu")
+                                  .Attr<int64_t>("threads"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PfaNarrowConvFwdBiasRes, FwdBiasRes,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<ffi::Span<const int64_t>>("strides")
+                                  .Attr<ffi::Span<const int64_t>>("pads")
+                                  .Attr<bool>("relu")
                                   .Attr<int64_t>("threads"));
