@@ -108,7 +108,9 @@ def make_jax_runner(
   Training is `pfa_jax.steps.train_step` (jitted, state donated) on a
   `pfa_jax.steps.TrainState` built by `steps.create_train_state` with the
   library's optimizer (`optim.create_optimizer`: weight decay + SGD
-  momentum); evaluation is `steps.eval_step`.
+  momentum); evaluation is the training loop's own eval step
+  (`pfa_jax.steps.eval_step_for`: `steps.eval_step` with BN folded into the
+  convs on the oneDNN path, ``fold=True``).
   """
   model = models.get_model(name, num_classes=num_classes, conv_impl=impl)
   return make_model_runner(
@@ -124,8 +126,12 @@ def make_model_runner(
   seed=0,
   donate=True,
   data_parallel=False,
+  fold=True,
 ):
-  """`make_jax_runner` for any (model, variables), e.g. a pruned network."""
+  """`make_jax_runner` for any (model, variables), e.g. a pruned network.
+
+  ``fold=False`` times the unfolded `steps.eval_step` (the A/B of folding).
+  """
   variables = jax.tree.map(jnp.copy, variables)  # train_step donates its state
   lr_fn = optim.learning_rate_schedule(
     base_lr=_LR, schedule='constant', num_steps=1
@@ -156,7 +162,8 @@ def make_model_runner(
   )
   # A fresh function per runner: runners traced under different switches
   # (benchmarks.native_levers) must not share jit's trace cache.
-  p_eval = jax.jit(functools.partial(steps.eval_step))
+  eval_fn = steps.eval_step_for(model) if fold else steps.eval_step
+  p_eval = jax.jit(lambda state, batch: eval_fn(state, batch))
   holder = [state]
 
   def run_train(num_steps):

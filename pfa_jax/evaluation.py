@@ -14,6 +14,7 @@ import numpy as np
 
 from pfa_jax import input_pipeline
 from pfa_jax import metrics
+from pfa_jax import models
 from pfa_jax.steps import TrainState
 from pfa_jax.steps import eval_sums
 
@@ -71,7 +72,7 @@ def evaluate_model(config, model: nn.Module, variables) -> dict[str, float]:
   mesh = input_pipeline.make_mesh()
   repl = input_pipeline.replicated(mesh)
   step = jax.jit(
-    functools.partial(eval_sums, model.apply),
+    functools.partial(eval_sums, models.for_inference(model).apply),
     in_shardings=(repl, input_pipeline.data_sharding(mesh)),
     out_shardings=repl,
   )

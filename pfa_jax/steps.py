@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
+from pfa_jax import models
 from pfa_jax import optim
 
 TRAINED = ('params', 'batch_stats')
@@ -208,6 +209,17 @@ def eval_step(
 ) -> dict[str, jax.Array]:
   """Masked sums ``{'loss_sum', 'correct', 'count'}`` over one batch."""
   return eval_sums(state.apply_fn, variables_of(state), batch)
+
+
+def eval_step_for(model: nn.Module) -> Callable[..., dict[str, jax.Array]]:
+  """`eval_step` on `models.for_inference(model)`: BN folded where it can.
+
+  The training loop's eval step (`pfa_jax.train`): the same sums to float32
+  rounding, with each conv + BN (+ residual + ReLU) one native call on the
+  oneDNN path (`pfa_jax.models.layers.ConvBN.fold_bn`).
+  """
+  apply_fn = models.for_inference(model).apply
+  return lambda state, batch: eval_sums(apply_fn, variables_of(state), batch)
 
 
 def eval_sums(apply_fn, variables, batch) -> dict[str, jax.Array]:

@@ -36,6 +36,8 @@ from pfa_jax import checkpoint
 from pfa_jax import evaluation
 from pfa_jax import input_pipeline
 from pfa_jax import metrics
+from pfa_jax import models
+from pfa_jax import steps as steps_lib
 from pfa_jax.evaluation import _to_host
 from pfa_jax.evaluation import evaluate
 from pfa_jax.evaluation import evaluate_model
@@ -113,7 +115,6 @@ def distill_settings(config) -> tuple[float, float]:
 
 
 def _build_model(config, num_classes: int):
-  from pfa_jax import models  # Lazy: the train loop works without models.
 
   model = models.get_model(
     config.model.name, num_classes=num_classes, **dict(config.model.kw)
@@ -283,7 +284,9 @@ def _train_loop(config, workdir, mngr, writer, init, hooks, t_start):
     donate_argnums=0,
   )
   p_eval_step = jax.jit(
-    eval_step, in_shardings=(repl, data), out_shardings=repl
+    steps_lib.eval_step_for(model),
+    in_shardings=(repl, data),
+    out_shardings=repl,
   )
   rng_loop = jax.device_put(rng_loop, repl)
 

@@ -9,6 +9,7 @@ the fold (``k * s``, ``bias - mean * s``) is not the identity.
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -17,6 +18,7 @@ from pfa_jax import costs
 from pfa_jax import models
 from pfa_jax import onednn
 from pfa_jax import slicing
+from pfa_jax import steps
 from pfa_jax.methods import compensation
 from pfa_jax.models import layers
 
@@ -131,6 +133,34 @@ class FoldBnTest(parameterized.TestCase):
     ins, _ = compensation.capture(folded, variables, x, inputs_of=[path])
     want, _ = compensation.capture(model, variables, x, inputs_of=[path])
     np.testing.assert_allclose(ins[path], want[path], rtol=1e-6, atol=1e-6)
+
+  def test_training_loops_eval_step_folds(self):
+    model = models.get_model('resnet8', num_classes=10, conv_impl='onednn')
+    variables = _perturbed(models.init(model, jax.random.key(0), _SHAPE), 3)
+    state = steps.TrainState.create(
+      apply_fn=model.apply,
+      params=variables['params'],
+      tx=optax.sgd(0.1),
+      batch_stats=variables['batch_stats'],
+      extra_vars={
+        k: v for k, v in variables.items() if k not in ('params', 'batch_stats')
+      },
+    )
+    rng = np.random.default_rng(0)
+    batch = {
+      'image': jnp.asarray(rng.standard_normal((4, *_SHAPE)), jnp.float32),
+      'label': jnp.asarray(rng.integers(0, 10, 4), jnp.int32),
+      'mask': jnp.asarray([1, 1, 1, 0], jnp.float32),
+    }
+    fn = jax.jit(steps.eval_step_for(model))
+    self.assertIn(
+      'pfa_jax_dnnl_conv_fwd_bias', fn.lower(state, batch).as_text()
+    )
+    got = fn(state, batch)
+    want = steps.eval_step(state, batch)  # conv -> BN, unfolded
+    self.assertEqual(float(got['count']), 3.0)
+    self.assertEqual(float(got['correct']), float(want['correct']))
+    self.assertLess(_rel(got['loss_sum'], want['loss_sum']), 1e-5)
 
 
 if __name__ == '__main__':

@@ -189,6 +189,18 @@ def check_input(model: nn.Module, input_shape) -> tuple[int, int, int]:
   return shape
 
 
+def for_inference(model: nn.Module) -> nn.Module:
+  """``model`` with BN folded into its convs at inference, where it can fold.
+
+  Models with a ``fold_bn`` field (this package's) get ``fold_bn=True``
+  (`layers.ConvBN`: the same function to float32 rounding, one native call
+  per conv on the oneDNN path); any other module is returned as is.
+  """
+  if any(f.name == 'fold_bn' for f in dataclasses.fields(model)):
+    return model.clone(fold_bn=True)
+  return model
+
+
 def arch_of(model: nn.Module) -> dict[str, Any]:
   """A JSON-serialisable description that :func:`from_arch` rebuilds."""
   kwargs = {}
