@@ -11,8 +11,10 @@ keep-sets come from ``select`` and the network is cut with
 ``slicing.prune``. Each pruned network is also built with its kept widths
 rounded up to a multiple of 8 and of 16 (capped at the full width; AVX-512
 holds 16 float32) *inside* the target search, so the FLOPs budget still
-holds (``--round-to``). The jitted eval forward pass
-is then timed, pruned against full, interleaved, at each batch size.
+holds (``--round-to``). The jitted eval forward pass of the library's
+inference path (`models.for_inference`: BN folded into the convs;
+``--no-fold`` for conv -> BN) is then timed, pruned against full,
+interleaved, at each batch size.
 Reported: FLOPs ratio, time ratio and their quotient (1.0 = ideal), and
 the memory-traffic ratio (:func:`bytes_accessed`); target
 at batch 128: time speed-up >= 0.8x the FLOPs reduction. Writes
@@ -32,6 +34,7 @@ from benchmarks import common
 from pfa_jax import costs
 from pfa_jax import hostmem
 from pfa_jax import models
+from pfa_jax import onednn
 from pfa_jax import recipes
 from pfa_jax import select
 from pfa_jax import slicing
@@ -152,12 +155,24 @@ def pruned_variants(name, mode, factors, multiples=(1, 8, 16)):
 
 
 def bench_case(
-  name, mode, factors, batches, repeats, multiples=(1, 8, 16), rounds=7
+  name,
+  mode,
+  factors,
+  batches,
+  repeats,
+  multiples=(1, 8, 16),
+  rounds=7,
+  fold=True,
 ):
   model, variables, groups, full_flops, variants, unreachable = pruned_variants(
     name, mode, factors, multiples
   )
-  fwd = jax.jit(lambda m, v, x: m.apply(v, x, train=False), static_argnums=0)
+  # The library's inference path (BN folded into the convs) for both the
+  # full and the pruned networks; fold=False: conv -> BN as separate calls.
+  infer = models.for_inference if fold else (lambda m: m)
+  fwd = jax.jit(
+    lambda m, v, x: infer(m).apply(v, x, train=False), static_argnums=0
+  )
   rows = [
     {'model': name, 'mode': mode, 'unreachable': True, **u} for u in unreachable
   ]
@@ -219,6 +234,11 @@ def main(argv=None):
     'AVX-512 register of float32)',
   )
   p.add_argument('--cases', default=','.join(f'{m}:{r}' for m, r in CASES))
+  p.add_argument(
+    '--no-fold',
+    action='store_true',
+    help='time conv -> BN as separate calls (models.for_inference off)',
+  )
   a = p.parse_args(argv)
   batches = [int(b) for b in a.batches.split(',')]
   factors = [int(f) for f in a.factors.split(',')]
@@ -234,6 +254,7 @@ def main(argv=None):
       a.repeats,
       tuple(int(m) for m in a.round_to.split(',')),
       a.rounds,
+      fold=not a.no_fold,
     )
   load = os.getloadavg()
   common.print_table(
@@ -270,6 +291,8 @@ def main(argv=None):
       'load_avg': [load0, load],
       'loaded': common.loaded(),
       'conv_impl': 'default (auto)',
+      'fold_bn': not a.no_fold,
+      'narrow_kernel': onednn.narrow_available() and onednn.narrow_max() > 0,
       'rounds': a.rounds,
       'repeats': a.repeats,
       'dtype': 'float32',
