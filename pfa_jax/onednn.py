@@ -445,9 +445,12 @@ def _bias_act(x, w, b, residual, strides, pads, relu):
     _FUSED[narrow, residual is not None],
     jax.ShapeDtypeStruct((n, ho, wo, w.shape[3]), jnp.float32),
     vmap_method='broadcast_all',
-    # The output overwrites the residual (oneDNN's sum post-op adds into
-    # dst); XLA copies it first where the residual is still needed.
-    input_output_aliases={3: 0} if residual is not None else None,
+    # oneDNN's sum post-op adds into dst, so its output overwrites the
+    # residual (XLA copies it first where the residual is still needed); the
+    # narrow kernel reads the residual as an input.
+    input_output_aliases={3: 0}
+    if residual is not None and not narrow
+    else None,
   )(
     *operands,
     strides=np.array(strides, np.int64),
