@@ -36,7 +36,6 @@ Writes ``benchmarks/results/conv_levers.json``.
 
 import argparse
 import datetime
-import functools
 import json
 import os
 import statistics
@@ -395,10 +394,6 @@ NARROW_KERNEL = (
 )
 
 
-def _run_compiled(jax, compiled, *args):
-  return jax.block_until_ready(compiled(*args))
-
-
 def narrow_kernel_table(reps=7, batch=128, layers=NARROW_KERNEL, path=None):
   """Narrow-output forwards: oneDNN plain, packed and the narrow kernel.
 
@@ -434,7 +429,7 @@ def narrow_kernel_table(reps=7, batch=128, layers=NARROW_KERNEL, path=None):
         .lower(x, w)
         .compile()
       )
-      calls[name] = functools.partial(_run_compiled, jax, c, x, w)
+      calls[name] = lambda c=c, x=x, w=w: jax.block_until_ready(c(x, w))
     for call in calls.values():
       call()
     times = {k: [] for k in calls}

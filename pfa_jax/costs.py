@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from pfa_jax import models
 from pfa_jax import slicing
 
 METRICS = ('params', 'flops')
@@ -54,7 +55,7 @@ def _unfolded(model):
 
 @functools.lru_cache(maxsize=4096)
 def _count(model, input_shape):
-  model = _unfolded(model)
+  model = models.unfolded(model)
   x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
   rng = jax.random.key(0)
   variables = jax.eval_shape(
@@ -147,7 +148,7 @@ def cost_model(model: nn.Module, input_shape) -> CostModel:
 
 @functools.lru_cache(maxsize=64)
 def _cost_model(model, input_shape):
-  model = _unfolded(model)
+  model = models.unfolded(model)
   s = model.structure()
   names = s.names
   full = np.asarray([model.widths[g.index] for g in s.groups], np.float64)

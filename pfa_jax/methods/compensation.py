@@ -52,6 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pfa_jax import gram
+from pfa_jax import models
 from pfa_jax import plan as plan_lib
 from pfa_jax import slicing
 from pfa_jax import stats
@@ -91,8 +92,7 @@ def capture(
         outs[path] = out
     return out
 
-  if getattr(model, 'fold_bn', False):  # a folded conv never calls nn.Conv
-    model = model.clone(fold_bn=False)
+  model = models.unfolded(model)  # a folded conv never calls nn.Conv
   with nn.intercept_methods(interceptor):
     model.apply(variables, images, train=False)
   missing = sorted((want_in - set(ins)) | (want_out - set(outs)))

@@ -189,6 +189,17 @@ def check_input(model: nn.Module, input_shape) -> tuple[int, int, int]:
   return shape
 
 
+def unfolded(model: nn.Module) -> nn.Module:
+  """``model`` with ``fold_bn`` off, for tools that intercept ``nn.Conv``.
+
+  A folded conv (`for_inference`) never calls its ``nn.Conv``; `costs` and
+  `methods.compensation` find layers by intercepting those calls.
+  """
+  return (
+    model.clone(fold_bn=False) if getattr(model, 'fold_bn', False) else model
+  )
+
+
 def for_inference(model: nn.Module) -> nn.Module:
   """``model`` with BN folded into its convs at inference, where it can fold.
 

@@ -337,12 +337,15 @@ void RowConv(const Shape& s, const float* x, const float* k, float* y,
   }
 }
 
-// The row kernel where it applies (stride 1 across the width, >= 16 output
-// columns, kh <= 16), else the channel-vectorised one.
+// The row kernel applies with stride 1 across the width, >= 16 output
+// columns and kh <= 16; elsewhere the channel-vectorised one (the only user
+// of `wp`).
+bool RowPath(const Shape& s) { return s.sw == 1 && s.wo >= 16 && s.kh <= 16; }
+
 template <int O>
 void Any(const Shape& s, const float* x, const float* k, const float* wp,
          float* y, const Epi& epi, int team) {
-  if (s.sw == 1 && s.wo >= 16 && s.kh <= 16) {
+  if (RowPath(s)) {
     if (s.wo >= 32) {
       RowConv<O, 2>(s, x, k, y, epi, team);
     } else {
@@ -388,15 +391,17 @@ ffi::Error Run(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
         threads > 0 ? static_cast<int>(threads) : omp_get_max_threads();
     const int64_t taps = s.kh * s.kw, x_sz = s.n * s.h * s.w * s.c,
                   y_sz = s.n * s.ho * s.wo * s.o, k_sz = taps * s.c * s.o;
-    // Weights as [tap][icv][O][16 input channels], zero past C.
+    // The channel path's weights, [tap][icv][O][16 input channels], zero
+    // past C; the row path reads the HWIO kernel as it is.
+    const bool rows = RowPath(s);
     thread_local std::vector<float> buf;
-    const int64_t wp_sz = taps * s.icv * s.o * 16;
+    const int64_t wp_sz = rows ? 0 : taps * s.icv * s.o * 16;
     buf.assign(wp_sz + 16, 0.0f);
     float* wp = reinterpret_cast<float*>(
         (reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t{63});
     for (int64_t g = 0; g < groups; ++g) {
       const float* kg = k.typed_data() + g * k_sz;
-      for (int64_t t = 0; t < taps; ++t)
+      for (int64_t t = 0; t < taps && !rows; ++t)
         for (int64_t c = 0; c < s.c; ++c)
           for (int64_t o = 0; o < s.o; ++o)
             wp[((t * s.icv + c / 16) * s.o + o) * 16 + c % 16] =
