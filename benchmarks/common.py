@@ -20,10 +20,33 @@ QUIET_LOAD = 1.0
 RESULTS = os.path.join(os.path.dirname(__file__), 'results')
 
 
+def cpu_model() -> str:
+  """The CPU as /proc/cpuinfo names it, with its family and model numbers.
+
+  Benchmark ratios move with the CPU (a VM may land on another host kind
+  between sessions), so every result records it.
+  """
+  fields = {}
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        key, _, value = line.partition(':')
+        fields.setdefault(key.strip(), value.strip())
+        if not line.strip():
+          break
+  except OSError:
+    return platform.processor()
+  return (
+    f'{fields.get("model name", "?")} (family {fields.get("cpu family", "?")}'
+    f', model {fields.get("model", "?")})'
+  )
+
+
 def machine() -> dict:
   return {
     'platform': platform.platform(),
     'processor': platform.processor(),
+    'cpu': cpu_model(),
     'cpu_count': os.cpu_count(),
     'python': platform.python_version(),
     'jax': jax.__version__,

@@ -29,19 +29,26 @@ packed forward, and writes ``benchmarks/results/conv_pack.json``. With
 ``--part narrow_kernel`` it times the three forwards of a narrow-output layer
 (oneDNN plain, packed, `native/narrow_conv.cc`) against each other and
 records `pfa_jax.onednn.forward_algo`'s choice, in
-``benchmarks/results/conv_narrow_kernel.json``.
+``benchmarks/results/conv_narrow_kernel.json``. With ``--part narrow_wide``
+it times 4-16-channel outputs on oneDNN and on the narrow kernel, plain
+forward and folded inference (`conv_bias_act`: bias + ReLU) on inputs of
+both signs, and the narrow kernel's folded call again on inputs of one
+sign (a data-dependent epilogue shows as a gap), in
+``benchmarks/results/conv_narrow_wide.json``.
 
 Writes ``benchmarks/results/conv_levers.json``.
 """
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
+from unittest import mock
 
 from pfa_jax import hostmem
 
@@ -472,6 +479,121 @@ def narrow_kernel_table(reps=7, batch=128, layers=NARROW_KERNEL, path=None):
   return rows
 
 
+# (H=W, Cin, Cout): pruned ResNet-56 layers of 4-15 outputs (stride 1), and
+# 16-output controls.
+NARROW_WIDE = (
+  (32, 16, 4),
+  (32, 16, 8),
+  (32, 16, 9),
+  (32, 16, 10),
+  (32, 16, 12),
+  (32, 16, 14),
+  (32, 16, 16),
+  (32, 10, 10),
+  (32, 12, 10),
+  (32, 10, 12),
+  (32, 4, 12),
+  (32, 8, 12),
+  (16, 16, 13),
+  (16, 32, 14),
+  (16, 24, 15),
+  (16, 16, 16),
+)
+
+
+def _block(fn, *args):
+  import jax  # noqa: PLC0415
+
+  return jax.block_until_ready(fn(*args))
+
+
+def narrow_wide_table(reps=7, batch=128, layers=NARROW_WIDE, path=None):
+  """oneDNN against the narrow kernel for 4-16 outputs, forward and folded.
+
+  Each setting is a fresh trace (the switch is read at trace time):
+  ``PFA_JAX_ONEDNN_NARROW_MAX=0`` for oneDNN, 16 for the narrow kernel.
+  Inputs: post-ReLU maps (x >= 0), weights and bias of both signs, so the
+  folded call's ReLU cuts about half; ``narrow_fold_one_sign_ms`` repeats
+  the narrow folded call with |w|, |b| (no output is cut).
+  """
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+
+  from benchmarks import common  # noqa: PLC0415
+  from pfa_jax import onednn  # noqa: PLC0415
+
+  if not onednn.narrow_available():
+    raise SystemExit(f'narrow kernel not built: {onednn.status()}')
+  pads = ((1, 1), (1, 1))
+  rows = []
+  for hw, cin, cout in layers:
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(
+      np.maximum(rng.standard_normal((batch, hw, hw, cin)), 0), np.float32
+    )
+    w = jnp.asarray(rng.standard_normal((3, 3, cin, cout)) / (3 * cin**0.5))
+    w = w.astype(np.float32)
+    b = jnp.asarray(rng.standard_normal(cout), np.float32)
+    calls = {}
+    for name, env in (('onednn', '0'), ('narrow', '16')):
+      with mock.patch.dict(os.environ, {'PFA_JAX_ONEDNN_NARROW_MAX': env}):
+        algo = onednn.forward_algo(x.shape, w.shape, (1, 1), pads)
+        fwd = jax.jit(lambda x, w, a=algo: onednn._conv(x, w, (1, 1), pads, a))
+        fold = jax.jit(
+          lambda x, w, b: onednn.conv_bias_act(
+            x, w, b, (1, 1), 'SAME', relu=True
+          )
+        )
+        fwd = fwd.lower(x, w).compile()
+        fold = fold.lower(x, w, b).compile()
+      calls[f'{name}_fwd'] = functools.partial(_block, fwd, x, w)
+      calls[f'{name}_fold'] = functools.partial(_block, fold, x, w, b)
+      if name == 'narrow':
+        calls['narrow_fold_one_sign'] = functools.partial(
+          _block, fold, x, jnp.abs(w), jnp.abs(b)
+        )
+    for call in calls.values():
+      call()
+    times = {k: [] for k in calls}
+    for _ in range(reps):
+      for k, call in calls.items():
+        times[k].append(_median_time(call, 5))
+    ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+    flops = 2 * batch * hw * hw * 9 * cin * cout
+    rows.append(
+      {
+        'hw': hw,
+        'cin': cin,
+        'cout': cout,
+        **{f'{k}_ms': round(v, 3) for k, v in ms.items()},
+        'fwd_onednn_over_narrow': round(ms['onednn_fwd'] / ms['narrow_fwd'], 3),
+        'fold_onednn_over_narrow': round(
+          ms['onednn_fold'] / ms['narrow_fold'], 3
+        ),
+        'narrow_fwd_gflops': round(flops / ms['narrow_fwd'] / 1e6, 1),
+        'chosen': 'narrow'
+        if onednn.forward_algo(x.shape, w.shape, (1, 1), pads) == 0
+        else 'onednn',
+      }
+    )
+    print(rows[-1], flush=True)
+  report = {
+    'benchmark': 'conv_narrow_wide',
+    'date': datetime.datetime.now().isoformat(timespec='seconds'),
+    'command': 'python -m benchmarks.conv_levers --part narrow_wide',
+    'machine': common.machine(),
+    'batch': batch,
+    'load_average_start': list(common.START_LOAD),
+    'loaded': common.loaded(),
+    'rows': rows,
+    'load_average_end': list(os.getloadavg()),
+  }
+  with open(path or os.path.join(_RESULTS, 'conv_narrow_wide.json'), 'w') as f:
+    json.dump(report, f, indent=1)
+  return rows
+
+
 def main(argv=None):
   hostmem.retain_freed_memory()  # before the first JAX computation
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -483,7 +605,14 @@ def main(argv=None):
   p.add_argument(
     '--part',
     default='levers',
-    choices=('levers', 'layers', 'narrow', 'pack', 'narrow_kernel'),
+    choices=(
+      'levers',
+      'layers',
+      'narrow',
+      'pack',
+      'narrow_kernel',
+      'narrow_wide',
+    ),
   )
   args = p.parse_args(argv)
   if args.part == 'layers':
@@ -497,6 +626,9 @@ def main(argv=None):
     return
   if args.part == 'narrow_kernel':
     narrow_kernel_table()
+    return
+  if args.part == 'narrow_wide':
+    narrow_wide_table()
     return
 
   baselines = [_run('', [], args)]

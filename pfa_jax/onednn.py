@@ -121,9 +121,10 @@ def _env_int(name: str, default: int) -> int:
 
 THREADS = _env_int('PFA_JAX_ONEDNN_THREADS', 0)
 PACK_MAX = 8  # widest output `pack_factor` packs (PFA_JAX_ONEDNN_PACK_MAX)
-NARROW_MAX = (
-  8  # widest output `narrow_conv_fwd` runs (PFA_JAX_ONEDNN_NARROW_MAX)
-)
+# Widest output `forward_algo` gives the narrow kernel
+# (PFA_JAX_ONEDNN_NARROW_MAX); its channel path takes at most 8.
+NARROW_MAX = 15
+_CHANNEL_PATH_MAX = 8
 TEAM_THREAD = os.environ.get('PFA_JAX_ONEDNN_TEAM_THREAD', '1') != '0'
 _status = {'built': False, 'reason': 'not tried'}
 
@@ -266,7 +267,7 @@ def pack_kernel(w: jax.Array, p: int) -> jax.Array:
 
 def narrow_max() -> int:
   """Widest output `forward_algo` gives the narrow kernel (read at trace time)."""
-  return min(_env_int('PFA_JAX_ONEDNN_NARROW_MAX', NARROW_MAX), 8)
+  return min(_env_int('PFA_JAX_ONEDNN_NARROW_MAX', NARROW_MAX), 16)
 
 
 def narrow_available() -> bool:
@@ -278,22 +279,24 @@ def forward_algo(x_shape, w_shape, strides, pads) -> int:
   """How `conv_general_dilated`'s forward runs: 0 = narrow kernel, else P.
 
   0: outputs of at most `narrow_max` channels (environment
-  `PFA_JAX_ONEDNN_NARROW_MAX`, default 8; 0 turns it off) run
+  `PFA_JAX_ONEDNN_NARROW_MAX`, default 15; 0 turns it off) run
   `native/narrow_conv.cc`, which vectorises over 16 output pixels of a row
-  (stride 1 across the width, >= 16 output columns) or over the input
-  channels (otherwise) instead of oneDNN's 16 output-channel lanes: from at
-  least 8 input channels, or 4 on the row path. It beat oneDNN's plain and
-  packed forwards on every such pruned-network layer measured
-  (`benchmarks/conv_levers.py --part narrow_kernel`,
-  `conv_narrow_kernel.json`, batch 128); with fewer input channels it did
-  not (4 -> 4 on 8x8: 0.64x). Otherwise P = `pack_factor` (1: oneDNN's plain
-  forward). The gradients are always oneDNN's.
+  (the row path: stride 1 across the width, >= 16 output columns, from 4
+  input channels) or, for at most 8 outputs, over the input channels (the
+  channel path, from 8 input channels) instead of oneDNN's 16
+  output-channel lanes. It beat oneDNN's plain and packed forwards on every
+  <= 8-output pruned-network layer measured (`benchmarks/conv_levers.py
+  --part narrow_kernel`, `conv_narrow_kernel.json`, batch 128), and oneDNN's
+  forward on 9-15 outputs at 16x16 and 32x32 (`--part narrow_wide`,
+  `conv_narrow_wide.json`); with fewer input channels it did not (4 -> 4 on
+  8x8: 0.64x), nor at 16 outputs. Otherwise P = `pack_factor` (1: oneDNN's
+  plain forward). The gradients are always oneDNN's.
   """
   c, o = w_shape[2], w_shape[3]
   if o <= narrow_max() and narrow_available():
     _, wo = conv._out_hw(x_shape, w_shape[:2], strides, pads)
-    rows = strides[1] == 1 and wo >= 16
-    if c >= 8 or (c >= 4 and rows):
+    rows = strides[1] == 1 and wo >= 16 and w_shape[0] <= 16
+    if (rows and c >= 4) or (o <= _CHANNEL_PATH_MAX and c >= 8):
       return 0
   return pack_factor(x_shape, w_shape, strides, pads)
 

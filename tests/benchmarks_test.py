@@ -82,6 +82,22 @@ class BenchmarksTest(absltest.TestCase):
       self.assertGreater(r['narrow_ms'], 0)
       self.assertGreater(r['plain_ms'], 0)
 
+  def test_conv_narrow_wide_table_runs(self):
+    if not onednn.narrow_available():
+      self.skipTest(f'narrow kernel not built: {onednn.status()["reason"]}')
+    with tempfile.TemporaryDirectory() as d:
+      path = os.path.join(d, 'conv_narrow_wide.json')
+      rows = conv_levers.narrow_wide_table(
+        reps=1, batch=2, layers=((16, 16, 12), (16, 16, 16)), path=path
+      )
+      with open(path) as f:
+        self.assertEqual(json.load(f)['rows'], rows)
+    # 12 outputs on 16 columns: the row path; 16: oneDNN's own width.
+    self.assertEqual([r['chosen'] for r in rows], ['narrow', 'onednn'])
+    for r in rows:
+      for k in ('onednn_fwd', 'narrow_fwd', 'onednn_fold', 'narrow_fold'):
+        self.assertGreater(r[f'{k}_ms'], 0)
+
   def test_eig_levers_two_stages_match_eigvalsh(self):
     # run() itself raises if the directly called LAPACK stages disagree with
     # spectra.eigvalsh; float32's error is measured, not assumed.

@@ -201,6 +201,12 @@ class OnednnConvTest(parameterized.TestCase):
     ('o2_rows_c20_w16_5x5', (2, 7, 16, 20), (5, 5, 20, 2), (1, 1), 'SAME'),
     ('o7_rows_c33_w33', (1, 3, 35, 33), (3, 3, 33, 7), (1, 1), 'VALID'),
     ('o1_rows_c16_1x1', (2, 3, 48, 16), (1, 1, 16, 1), (1, 1), 'SAME'),
+    # 9-15 outputs: the row path only (onednn.ROW_MAX), one vector of
+    # pixels per step from 15 outputs (2 O + 3 > 32 registers).
+    ('o9_rows_c16_w32', (2, 4, 32, 16), (3, 3, 16, 9), (1, 1), 'SAME'),
+    ('o12_rows_c4_w19', (1, 5, 19, 4), (3, 3, 4, 12), (1, 1), 'SAME'),
+    ('o14_rows_c20_w40_s2', (1, 9, 40, 20), (3, 3, 20, 14), (2, 1), 'SAME'),
+    ('o15_rows_c24_w33', (2, 4, 35, 24), (3, 3, 24, 15), (1, 1), 'VALID'),
   )
   def test_narrow_kernel_matches_lax(self, x_shape, k_shape, strides, padding):
     if not onednn.narrow_available():
@@ -240,10 +246,68 @@ class OnednnConvTest(parameterized.TestCase):
     ('c3_o8_packs', (1, 4, 32, 3), (3, 3, 3, 8), 2),
     ('c4_o4_map8', (1, 8, 8, 4), (3, 3, 4, 4), 1),
     ('o16_plain', (1, 8, 8, 64), (3, 3, 64, 16), 1),
+    ('o16_rows', (1, 8, 32, 16), (3, 3, 16, 16), 1),
+    # 9-15 outputs off the row path (8 columns; 3 inputs).
+    ('o12_map8', (1, 8, 8, 16), (3, 3, 16, 12), 1),
+    ('o12_rows_c3', (1, 8, 32, 3), (3, 3, 3, 12), 1),
   )
   def test_forward_algo_keeps_onednn_elsewhere(self, x_shape, k_shape, want):
     pads = ((1, 1), (1, 1))
     self.assertEqual(onednn.forward_algo(x_shape, k_shape, (1, 1), pads), want)
+
+  # conv_bias_act (BN folded at inference): relu(conv + b [+ residual]) on
+  # oneDNN (sum + eltwise post-ops) and on the narrow kernel's two paths and
+  # every row-path width, against lax in float64. Inputs of both signs, so
+  # that the ReLU cuts about half of the outputs.
+  @parameterized.named_parameters(
+    ('onednn_o16', (2, 6, 32, 16), 16, (1, 1), 'dnnl'),
+    ('rows_o1', (2, 4, 40, 16), 1, (1, 1), 'narrow'),
+    ('rows_o3_c4', (1, 5, 19, 4), 3, (1, 1), 'narrow'),
+    ('rows_o8', (2, 4, 32, 16), 8, (1, 1), 'narrow'),
+    ('rows_o10_c12', (2, 4, 33, 12), 10, (1, 1), 'narrow'),
+    ('rows_o13_w16', (2, 4, 16, 16), 13, (1, 1), 'narrow'),
+    ('rows_o15', (2, 3, 32, 24), 15, (1, 1), 'narrow'),
+    ('channels_o4_map8', (2, 8, 8, 32), 4, (1, 1), 'narrow'),
+    ('channels_o8_s2', (2, 9, 11, 16), 8, (2, 2), 'narrow'),
+    ('onednn_o12_map8', (2, 8, 8, 16), 12, (1, 1), 'dnnl'),
+  )
+  def test_conv_bias_act_matches_lax(self, x_shape, out, strides, target):
+    if not onednn.narrow_available():
+      pytest.skip('narrow kernel not built (no AVX-512)')
+    k_shape = (3, 3, x_shape[3], out)
+    x = _normal(x_shape, 0)
+    k = _normal(k_shape, 1) / np.sqrt(np.prod(k_shape[:3]))
+    b = _normal((out,), 2)
+    y_shape = _out_shape(x_shape, k_shape, strides, 'SAME')
+    r = _normal(y_shape, 3)
+    pads = lax.padtype_to_pads(x_shape[1:3], (3, 3), strides, 'SAME')
+    narrow = onednn.forward_algo(x_shape, k_shape, strides, pads) == 0
+    self.assertEqual(narrow, target == 'narrow')
+    for residual in (None, r):
+      for relu in (False, True):
+        with self.subTest(residual=residual is not None, relu=relu):
+          f = jax.jit(
+            lambda x, k, b, r, relu=relu: onednn.conv_bias_act(
+              x, k, b, strides, 'SAME', residual=r, relu=relu
+            )
+          )
+          text = f.lower(x, k, b, residual).as_text()
+          self.assertIn(f'pfa_jax_{target}_conv_fwd_bias', text)
+          got = f(x, k, b, residual)
+          with jax.enable_x64():
+            want = onednn._bias_act_reference(
+              *(
+                None if a is None else jnp.asarray(a, jnp.float64)
+                for a in (x, k, b, residual)
+              ),
+              strides,
+              pads,
+              relu,
+            )
+          self.assertEqual(got.shape, want.shape)
+          if relu:  # about half cut: the ReLU is exercised
+            self.assertBetween(float(np.mean(np.asarray(want) == 0)), 0.2, 0.8)
+          self.assertLess(_rel_err(got, want), _TOL)
 
   def test_narrow_kernel_under_vmap(self):
     if not onednn.narrow_available():
