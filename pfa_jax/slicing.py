@@ -232,7 +232,9 @@ def prune(model: nn.Module, variables, plan):
 
   Returns:
     ``(pruned_model, pruned_variables)``: the same class with the new widths,
-    and variables that ``pruned_model.apply`` accepts unchanged.
+    and variables that ``pruned_model.apply`` accepts unchanged. The sliced
+    leaves are host (NumPy) arrays: ``jax.device_put`` them once before
+    calling the model repeatedly, or every jitted call copies them again.
   """
   plan = plan_lib.as_plan(plan)
   keep = check_keep(model, plan.keep)

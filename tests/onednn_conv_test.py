@@ -309,6 +309,35 @@ class OnednnConvTest(parameterized.TestCase):
             self.assertBetween(float(np.mean(np.asarray(want) == 0)), 0.2, 0.8)
           self.assertLess(_rel_err(got, want), _TOL)
 
+  def test_row_path_stores_every_width(self):
+    # The row path's NHWC store (native StoreRow): log2(P) interleave levels
+    # for P = 1, 2, 4, 8, 16 and the compaction of O < P channels, for every
+    # width 1-15, with 21 output columns (a full vector of 16 pixels and a
+    # partial one of 5), through the folded epilogue, against float64 lax.
+    if not onednn.narrow_available():
+      pytest.skip('narrow kernel not built (no AVX-512)')
+    for out in range(1, 16):
+      x = _normal((2, 3, 21, 8), out)
+      k = _normal((3, 3, 8, out), out + 1) / 6
+      b = _normal((out,), out + 2)
+      r = _normal((2, 3, 21, out), out + 3)
+      pads = ((1, 1), (1, 1))
+      self.assertEqual(onednn.forward_algo(x.shape, k.shape, (1, 1), pads), 0)
+      got = jax.jit(
+        lambda x, k, b, r: onednn.conv_bias_act(
+          x, k, b, (1, 1), 'SAME', residual=r, relu=True
+        )
+      )(x, k, b, r)
+      with jax.enable_x64():
+        want = onednn._bias_act_reference(
+          *(jnp.asarray(a, jnp.float64) for a in (x, k, b, r)),
+          (1, 1),
+          pads,
+          True,
+        )
+      with self.subTest(out=out):
+        self.assertLess(_rel_err(got, want), _TOL)
+
   def test_narrow_kernel_under_vmap(self):
     if not onednn.narrow_available():
       pytest.skip('narrow kernel not built (no AVX-512)')

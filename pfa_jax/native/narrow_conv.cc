@@ -261,6 +261,98 @@ void TransposeRow(const float* src, int64_t w, int64_t c, float* dst,
   }
 }
 
+// ---- The row kernel's output for 1-4 channels: channel-major accumulators
+// to NHWC (5-15 channels: RowConv's 16 x 16 transpose).
+//
+// c[o] holds output channel o of 16 adjacent pixels. With P the power of two
+// >= O (channels 0..O-1 real, the rest zero), log2(P) levels of pairwise
+// interleaves (vpermt2ps) turn the P vectors into P pixel-major ones: vector
+// b holds pixels b * 16/P .. of all P channels. Level g (g channels per
+// element so far) interleaves the first (lo) or last (hi) halves of the
+// elements of two vectors of g-channel groups 2k, 2k+1. Where O < P each
+// vector is then compacted to its 16/P * O real lanes (vcompressps). The
+// epilogue (bias, residual, ReLU) then runs on whole vectors of NHWC output
+// and the store is one masked store per vector: P log2(P) shuffles per 16
+// pixels (at most 8) instead of a 16 x 16 transpose (64) and 16 stores
+// (conv_narrow_wide.json: 16 -> 4 at 32 x 32 1.3-1.45x; with 8 and more
+// channels it measured slower than the transpose, so they keep it). A scalar
+// scatter with the ReLU as a branch, before session 13, ran 2x slower on
+// mixed-sign data than on data of one sign (mispredictions).
+constexpr int Pow2(int o) { return o <= 1 ? 1 : 2 * Pow2((o + 1) / 2); }
+
+// Lane indices of vpermt2ps interleaving the lo (hi) halves of g-float
+// elements of a (indices 0-15) and b (16-31).
+inline __m512i InterleaveIdx(int g, bool hi) {
+  alignas(64) int32_t idx[16];
+  const int half = 16 / g / 2;  // elements taken from each source
+  for (int l = 0; l < 16; ++l) {
+    const int e = l / g, w = l % g;
+    const int src_elem = (hi ? half : 0) + e / 2;
+    idx[l] = (e % 2 ? 16 : 0) + src_elem * g + w;
+  }
+  return _mm512_load_si512(idx);
+}
+
+// Per-O constants: bias tiled over the compacted NHWC layout, the interleave
+// indices, the compaction mask.
+template <int O>
+struct Tiles {
+  static constexpr int P = Pow2(O);
+  static constexpr int kPix = 16 / P;  // pixels per output vector
+  __m512 bias = _mm512_setzero_ps();
+  __m512i lo[4], hi[4];
+  __mmask16 real = 0;  // lanes (l % P) < O
+  explicit Tiles(const Epi& epi) {
+    alignas(64) float t[16] = {};
+    for (int l = 0; l < kPix * O; ++l) t[l] = epi.bias ? epi.bias[l % O] : 0;
+    bias = _mm512_load_ps(t);
+    for (int lev = 0, g = 1; g < P; ++lev, g *= 2) {
+      lo[lev] = InterleaveIdx(g, false);
+      hi[lev] = InterleaveIdx(g, true);
+    }
+    for (int l = 0; l < 16; ++l)
+      if (l % P < O) real = static_cast<__mmask16>(real | (1u << l));
+  }
+};
+
+// c[0..O-1]: channel-major accumulators of 16 pixels; writes the first
+// `np` pixels' O channels at y (NHWC) through the epilogue. Not inlined:
+// inlined into RowConv, GCC kept the accumulators on the stack through the
+// tap loop (2.5x slower).
+template <int O>
+__attribute__((noinline)) void StoreRow(__m512* c, int64_t np, float* y, const float* res,
+                     const Epi& epi, const Tiles<O>& t) {
+  constexpr int P = Tiles<O>::P, kPix = Tiles<O>::kPix;
+  for (int o = O; o < P; ++o) c[o] = _mm512_setzero_ps();
+  // Index of a vector: group k of g channels, pixel block b of g blocks:
+  // c[k * g + b]. Level g -> 2g: groups 2k, 2k+1 of block b give blocks
+  // 2b (lo) and 2b + 1 (hi) of group k.
+  int lev = 0;
+  for (int g = 1; g < P; g *= 2, ++lev) {
+    __m512 n[16];
+    for (int k = 0; k < P / (2 * g); ++k)
+      for (int b = 0; b < g; ++b) {
+        const __m512 a = c[(2 * k) * g + b], bb = c[(2 * k + 1) * g + b];
+        n[k * 2 * g + 2 * b] = _mm512_permutex2var_ps(a, t.lo[lev], bb);
+        n[k * 2 * g + 2 * b + 1] = _mm512_permutex2var_ps(a, t.hi[lev], bb);
+      }
+    for (int j = 0; j < P; ++j) c[j] = n[j];
+  }
+  for (int b = 0; b < P && b * kPix < np; ++b) {
+    __m512 yv = c[b];
+    if constexpr (O < P) yv = _mm512_maskz_compress_ps(t.real, yv);
+    const int64_t n = std::min<int64_t>(kPix, np - b * kPix) * O;
+    const __mmask16 m = static_cast<__mmask16>((1u << n) - 1);
+    if (epi.bias) {
+      yv = _mm512_add_ps(yv, t.bias);
+      if (res)
+        yv = _mm512_add_ps(yv, _mm512_maskz_loadu_ps(m, res + b * kPix * O));
+      if (epi.relu) yv = _mm512_max_ps(yv, _mm512_setzero_ps());
+    }
+    _mm512_mask_storeu_ps(y + b * kPix * O, m, yv);
+  }
+}
+
 template <int O, int NV>
 void RowConv(const Shape& s, const float* x, const float* k, float* y,
              const Epi& epi, int team) {
@@ -268,6 +360,7 @@ void RowConv(const Shape& s, const float* x, const float* k, float* y,
   // Row length: the padded input, and every chunk's reads (kw - 1 past).
   const int64_t ld = std::max(s.pl + s.w, chunks * chunk + s.kw - 1) + 16;
   const int64_t rows = s.n * s.ho, row_sz = s.c * ld;
+  const Tiles<O> tiles(epi);
   const __mmask16 lanes = static_cast<__mmask16>((1u << O) - 1);
   const __m512 bias =
       epi.bias ? _mm512_maskz_loadu_ps(lanes, epi.bias) : _mm512_setzero_ps();
@@ -321,22 +414,25 @@ void RowConv(const Shape& s, const float* x, const float* k, float* y,
             }
           }
         }
-        // NHWC out: a 16 x 16 in-register transpose per vector of pixels
-        // (lane o of row p = pixel p, channel o), then the epilogue on whole
-        // pixels and O-lane masked stores. A scalar scatter with the ReLU as
-        // a branch ran 2x slower on real data (mispredicted signs) than on
-        // data of one sign.
         const int64_t valid = std::min<int64_t>(chunk, s.wo - wo0);
         for (int v = 0; v < NV && 16 * v < valid; ++v) {
+          const int64_t p0 = wo0 + 16 * v;
+          const int64_t np = std::min<int64_t>(16, s.wo - p0);
+          float* yo = yrow + p0 * O;
+          const float* ro = epi.res ? epi.res + (r * s.wo + p0) * O : nullptr;
+          if constexpr (Tiles<O>::P <= 4) {
+            __m512 c[16];
+            for (int o = 0; o < O; ++o) c[o] = acc[o][v];
+            StoreRow<O>(c, np, yo, ro, epi, tiles);
+            continue;
+          }
+          // 5-15 channels: a 16 x 16 transpose (lane o of t[p] = pixel p,
+          // channel o), the epilogue per pixel, O-lane masked stores; it
+          // measured faster here than 3-4 interleave levels.
           __m512 t[16];
           for (int o = 0; o < 16; ++o)
             t[o] = o < O ? acc[o < O ? o : 0][v] : _mm512_setzero_ps();
           Transpose16(t);
-          const int64_t p0 = wo0 + 16 * v;
-          const int64_t np = std::min<int64_t>(16, s.wo - p0);
-          float* yo = yrow + p0 * O;
-          const float* ro =
-              epi.res ? epi.res + (r * s.wo + p0) * O : nullptr;
           for (int64_t p = 0; p < np; ++p) {
             __m512 yv = t[p];
             if (epi.bias) {
