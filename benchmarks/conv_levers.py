@@ -313,7 +313,6 @@ def pack_table(
   import jax.numpy as jnp  # noqa: PLC0415
   import numpy as np  # noqa: PLC0415
 
-  from benchmarks import common  # noqa: PLC0415
   from pfa_jax import onednn  # noqa: PLC0415
 
   def conv(x, w):
@@ -367,19 +366,7 @@ def pack_table(
         }
       )
       print(rows[-1])
-  report = {
-    'benchmark': 'conv_pack',
-    'date': datetime.datetime.now().isoformat(timespec='seconds'),
-    'command': 'python -m benchmarks.conv_levers --part pack',
-    'batch': batch,
-    'load_average_start': list(common.START_LOAD),
-    'loaded': common.loaded(),
-    'rows': rows,
-    'load_average_end': list(os.getloadavg()),
-  }
-  with open(path or os.path.join(_RESULTS, 'conv_pack.json'), 'w') as f:
-    json.dump(report, f, indent=1)
-  return rows
+  return _write_rows('conv_pack', 'pack', batch, rows, path)
 
 
 # (H=W, Cin, Cout, stride): pruned ResNet-56 / VGG-16 layers with <= 8 outputs.
@@ -413,7 +400,6 @@ def narrow_kernel_table(reps=7, batch=128, layers=NARROW_KERNEL, path=None):
   import jax.numpy as jnp  # noqa: PLC0415
   import numpy as np  # noqa: PLC0415
 
-  from benchmarks import common  # noqa: PLC0415
   from pfa_jax import onednn  # noqa: PLC0415
 
   if not onednn.narrow_available():
@@ -437,13 +423,7 @@ def narrow_kernel_table(reps=7, batch=128, layers=NARROW_KERNEL, path=None):
         .compile()
       )
       calls[name] = lambda c=c, x=x, w=w: jax.block_until_ready(c(x, w))
-    for call in calls.values():
-      call()
-    times = {k: [] for k in calls}
-    for _ in range(reps):
-      for k, call in calls.items():
-        times[k].append(_median_time(call, 5))
-    ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+    ms = _interleaved_ms(calls, reps)
     chosen = onednn.forward_algo(x.shape, w.shape, (s, s), pads)
     chosen = {0: 'narrow', 1: 'plain'}.get(chosen, f'pack{chosen}')
     flops = 2 * batch * (hw // s) ** 2 * 9 * cin * cout
@@ -462,21 +442,7 @@ def narrow_kernel_table(reps=7, batch=128, layers=NARROW_KERNEL, path=None):
       }
     )
     print(rows[-1], flush=True)
-  report = {
-    'benchmark': 'conv_narrow_kernel',
-    'date': datetime.datetime.now().isoformat(timespec='seconds'),
-    'command': 'python -m benchmarks.conv_levers --part narrow_kernel',
-    'batch': batch,
-    'load_average_start': list(common.START_LOAD),
-    'loaded': common.loaded(),
-    'rows': rows,
-    'load_average_end': list(os.getloadavg()),
-  }
-  with open(
-    path or os.path.join(_RESULTS, 'conv_narrow_kernel.json'), 'w'
-  ) as f:
-    json.dump(report, f, indent=1)
-  return rows
+  return _write_rows('conv_narrow_kernel', 'narrow_kernel', batch, rows, path)
 
 
 # (H=W, Cin, Cout): pruned ResNet-56 layers of 4-15 outputs (stride 1), and
@@ -501,6 +467,38 @@ NARROW_WIDE = (
 )
 
 
+def _write_rows(name, part, batch, rows, path=None):
+  """Writes one ``--part``'s rows with the run's context; returns the rows."""
+  from benchmarks import common  # noqa: PLC0415
+
+  report = {
+    'benchmark': name,
+    'date': datetime.datetime.now().isoformat(timespec='seconds'),
+    'command': f'python -m benchmarks.conv_levers --part {part}',
+    'machine': common.machine(),
+    'batch': batch,
+    'load_average_start': list(common.START_LOAD),
+    'loaded': common.loaded(),
+    'rows': rows,
+    'load_average_end': list(os.getloadavg()),
+  }
+  with open(path or os.path.join(_RESULTS, f'{name}.json'), 'w') as f:
+    json.dump(report, f, indent=1)
+  return rows
+
+
+def _interleaved_ms(calls, reps):
+  """Median ms of each blocking call: warmed up, then ``reps`` interleaved
+  rounds of a 5-call median each."""
+  for call in calls.values():
+    call()
+  times = {k: [] for k in calls}
+  for _ in range(reps):
+    for k, call in calls.items():
+      times[k].append(_median_time(call, 5))
+  return {k: 1e3 * statistics.median(v) for k, v in times.items()}
+
+
 def _block(fn, *args):
   import jax  # noqa: PLC0415
 
@@ -520,7 +518,6 @@ def narrow_wide_table(reps=7, batch=128, layers=NARROW_WIDE, path=None):
   import jax.numpy as jnp  # noqa: PLC0415
   import numpy as np  # noqa: PLC0415
 
-  from benchmarks import common  # noqa: PLC0415
   from pfa_jax import onednn  # noqa: PLC0415
 
   if not onednn.narrow_available():
@@ -553,13 +550,7 @@ def narrow_wide_table(reps=7, batch=128, layers=NARROW_WIDE, path=None):
         calls['narrow_fold_one_sign'] = functools.partial(
           _block, fold, x, jnp.abs(w), jnp.abs(b)
         )
-    for call in calls.values():
-      call()
-    times = {k: [] for k in calls}
-    for _ in range(reps):
-      for k, call in calls.items():
-        times[k].append(_median_time(call, 5))
-    ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+    ms = _interleaved_ms(calls, reps)
     flops = 2 * batch * hw * hw * 9 * cin * cout
     rows.append(
       {
@@ -578,20 +569,7 @@ def narrow_wide_table(reps=7, batch=128, layers=NARROW_WIDE, path=None):
       }
     )
     print(rows[-1], flush=True)
-  report = {
-    'benchmark': 'conv_narrow_wide',
-    'date': datetime.datetime.now().isoformat(timespec='seconds'),
-    'command': 'python -m benchmarks.conv_levers --part narrow_wide',
-    'machine': common.machine(),
-    'batch': batch,
-    'load_average_start': list(common.START_LOAD),
-    'loaded': common.loaded(),
-    'rows': rows,
-    'load_average_end': list(os.getloadavg()),
-  }
-  with open(path or os.path.join(_RESULTS, 'conv_narrow_wide.json'), 'w') as f:
-    json.dump(report, f, indent=1)
-  return rows
+  return _write_rows('conv_narrow_wide', 'narrow_wide', batch, rows, path)
 
 
 def main(argv=None):
