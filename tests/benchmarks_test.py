@@ -147,6 +147,35 @@ class BenchmarksTest(absltest.TestCase):
     self.assertGreater(b[0], b[1])
     self.assertGreater(b[1], 2 * 32 * 32 * 3 * 4)  # at least reads its input
 
+  def test_pruned_variants_are_on_the_device_like_the_full_network(self):
+    # The slicer returns NumPy leaves; timed as they came, every call of a
+    # pruned network re-sent them while the full network's stayed put.
+    import jax  # noqa: PLC0415
+
+    _, variables, _, _, variants, _ = pruned_speedup.pruned_variants(
+      'resnet8', 'inner', (2,), (1,)
+    )
+    self.assertEqual(set(variants), {'2x_round1'})
+    for tree in (variables, variants['2x_round1'][1]):
+      leaves = jax.tree.leaves(tree)
+      self.assertTrue(leaves)
+      for leaf in leaves:
+        self.assertIsInstance(leaf, jax.Array)
+
+  def test_cpu_model_names_the_family_and_model(self):
+    cpuinfo = (
+      'processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\n'
+      'model\t\t: 17\nmodel name\t: AMD EPYC\n\nprocessor\t: 1\n'
+      'model name\t: other\n'
+    )
+    with mock.patch('builtins.open', mock.mock_open(read_data=cpuinfo)):
+      self.assertEqual(common.cpu_model(), 'AMD EPYC (family 25, model 17)')
+    with (
+      mock.patch('builtins.open', side_effect=OSError('no /proc')),
+      mock.patch.object(common.platform, 'processor', return_value='x86_64'),
+    ):
+      self.assertEqual(common.cpu_model(), 'x86_64')
+
   def test_loaded_is_decided_by_the_load_before_the_run(self):
     saved = common.START_LOAD
     try:
