@@ -274,10 +274,11 @@ void TransposeRow(const float* src, int64_t w, int64_t c, float* dst,
 // epilogue (bias, residual, ReLU) then runs on whole vectors of NHWC output
 // and the store is one masked store per vector: P log2(P) shuffles per 16
 // pixels (at most 8) instead of a 16 x 16 transpose (64) and 16 stores
-// (conv_narrow_wide.json: 16 -> 4 at 32 x 32 1.3-1.45x; with 8 and more
-// channels it measured slower than the transpose, so they keep it). A scalar
-// scatter with the ReLU as a branch, before session 13, ran 2x slower on
-// mixed-sign data than on data of one sign (mispredictions).
+// (16 -> 4 at 32 x 32: 1.33x folded, conv_narrow_wide.json against
+// conv_narrow_wide_a49579f.json; with 5 and more channels it measured
+// slower than the transpose, so they keep it). Before session 13 a scalar
+// scatter with the ReLU as a branch cost 1.3-1.55x the plain forward on
+// mixed-sign data (mispredictions; conv_narrow_wide_c71932a.json).
 constexpr int Pow2(int o) { return o <= 1 ? 1 : 2 * Pow2((o + 1) / 2); }
 
 // Lane indices of vpermt2ps interleaving the lo (hi) halves of g-float
@@ -318,7 +319,7 @@ struct Tiles {
 // c[0..O-1]: channel-major accumulators of 16 pixels; writes the first
 // `np` pixels' O channels at y (NHWC) through the epilogue. Not inlined:
 // inlined into RowConv, GCC kept the accumulators on the stack through the
-// tap loop (2.5x slower).
+// tap loop, several times slower.
 template <int O>
 __attribute__((noinline)) void StoreRow(__m512* c, int64_t np, float* y, const float* res,
                      const Epi& epi, const Tiles<O>& t) {
