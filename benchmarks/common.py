@@ -1,5 +1,6 @@
 """Shared benchmark plumbing: timing, machine info, JSON output."""
 
+import contextlib
 import datetime
 import json
 import os
@@ -18,6 +19,20 @@ START_LOAD = os.getloadavg()
 QUIET_LOAD = 1.0
 
 RESULTS = os.path.join(os.path.dirname(__file__), 'results')
+
+
+@contextlib.contextmanager
+def env(name: str, value: str):
+  """Sets environment variable ``name`` to ``value`` inside the block."""
+  old = os.environ.get(name)
+  os.environ[name] = value
+  try:
+    yield
+  finally:
+    if old is None:
+      os.environ.pop(name)
+    else:
+      os.environ[name] = old
 
 
 def cpu_model() -> str:

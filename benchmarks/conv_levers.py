@@ -48,7 +48,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from unittest import mock
 
 from pfa_jax import hostmem
 
@@ -518,6 +517,7 @@ def narrow_wide_table(reps=7, batch=128, layers=NARROW_WIDE, path=None):
   import jax.numpy as jnp  # noqa: PLC0415
   import numpy as np  # noqa: PLC0415
 
+  from benchmarks import common  # noqa: PLC0415
   from pfa_jax import onednn  # noqa: PLC0415
 
   if not onednn.narrow_available():
@@ -534,7 +534,7 @@ def narrow_wide_table(reps=7, batch=128, layers=NARROW_WIDE, path=None):
     b = jnp.asarray(rng.standard_normal(cout), np.float32)
     calls = {}
     for name, env in (('onednn', '0'), ('narrow', '16')):
-      with mock.patch.dict(os.environ, {'PFA_JAX_ONEDNN_NARROW_MAX': env}):
+      with common.env('PFA_JAX_ONEDNN_NARROW_MAX', env):
         algo = onednn.forward_algo(x.shape, w.shape, (1, 1), pads)
         fwd = jax.jit(lambda x, w, a=algo: onednn._conv(x, w, (1, 1), pads, a))
         fold = jax.jit(

@@ -20,7 +20,6 @@ Writes ``benchmarks/results/native_levers.json``.
 """
 
 import argparse
-import contextlib
 import json
 import os
 import resource
@@ -99,19 +98,6 @@ def ops(repeats):
   ]
 
 
-@contextlib.contextmanager
-def _env(name, value):
-  old = os.environ.get(name)
-  os.environ[name] = value
-  try:
-    yield
-  finally:
-    if old is None:
-      os.environ.pop(name)
-    else:
-      os.environ[name] = old
-
-
 def _runner(name):
   from benchmarks import train_throughput  # noqa: PLC0415
 
@@ -135,7 +121,9 @@ def steps(repeats, num_steps, levers=STEP_LEVERS):
   for model, switch, on_value, off_value, mode in levers:
     runs = {}
     for value in (on_value, off_value):
-      with _env(switch, value):  # read when the step is traced (first call)
+      with common.env(
+        switch, value
+      ):  # read when the step is traced (first call)
         runs[value] = _runner(model)[mode]
         runs[value](1)
     times = {v: [] for v in runs}

@@ -151,9 +151,8 @@ def pruned_variants(name, mode, factors, multiples=(1, 8, 16)):
       keep = select.keep_sets({g: orders[g] for g in groups}, w)
       pm, pv = slicing.prune(model, variables, keep)
       # The slicer's leaves are host (NumPy) arrays; on the device once, as
-      # the full network's are. Timed as they came, every call re-sent
-      # ~280 leaves (~8 ms of a ~50 ms pruned ResNet-56 at batch 128,
-      # session 13's profile).
+      # the full network's are. Timed as they came, every call re-sent them
+      # (~280 for ResNet-56: one DevicePut each in a profiler trace).
       pv = jax.device_put(pv)
       variants[f'{f}x_round{mult}'] = (pm, pv, cost(w))
   return model, variables, groups, full_flops, variants, unreachable

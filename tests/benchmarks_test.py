@@ -26,6 +26,15 @@ from pfa_jax import onednn
 
 
 class BenchmarksTest(absltest.TestCase):
+  def _written_rows(self, table, **kw):
+    """Runs a conv_levers table into a temporary JSON; its rows are returned."""
+    with tempfile.TemporaryDirectory() as d:
+      path = os.path.join(d, 'rows.json')
+      rows = table(**kw, path=path)
+      with open(path) as f:
+        self.assertEqual(json.load(f)['rows'], rows)
+    return rows
+
   def test_stats_overhead_runs(self):
     r = stats_overhead.bench('simple_cnn', batch=4, repeats=1)
     self.assertEqual(r['layers'], 8)  # SimpleCNN's eight prunable convs
@@ -50,13 +59,9 @@ class BenchmarksTest(absltest.TestCase):
   def test_conv_pack_table_runs(self):
     if not onednn.available():
       self.skipTest(f'native kernel not built: {onednn.status()["reason"]}')
-    with tempfile.TemporaryDirectory() as d:
-      path = os.path.join(d, 'conv_pack.json')
-      rows = conv_levers.pack_table(
-        reps=1, batch=2, couts=(2, 16), stages=((16, 8),), path=path
-      )
-      with open(path) as f:
-        self.assertEqual(json.load(f)['rows'], rows)
+    rows = self._written_rows(
+      conv_levers.pack_table, reps=1, batch=2, couts=(2, 16), stages=((16, 8),)
+    )
     # 2 channels on 16 columns: P = 2 (8 packed columns); 16: not packed.
     self.assertEqual([r['pack_factor_at_max8'] for r in rows], [2, 1])
     for r in rows:
@@ -66,13 +71,12 @@ class BenchmarksTest(absltest.TestCase):
   def test_conv_narrow_kernel_table_runs(self):
     if not onednn.narrow_available():
       self.skipTest(f'narrow kernel not built: {onednn.status()["reason"]}')
-    with tempfile.TemporaryDirectory() as d:
-      path = os.path.join(d, 'conv_narrow_kernel.json')
-      rows = conv_levers.narrow_kernel_table(
-        reps=1, batch=2, layers=((16, 16, 2, 1), (8, 64, 4, 1)), path=path
-      )
-      with open(path) as f:
-        self.assertEqual(json.load(f)['rows'], rows)
+    rows = self._written_rows(
+      conv_levers.narrow_kernel_table,
+      reps=1,
+      batch=2,
+      layers=((16, 16, 2, 1), (8, 64, 4, 1)),
+    )
     # 16 columns of 2 channels pack (P = 2); an 8x8 map does not.
     self.assertEqual(
       [set(r) & {'pack2_ms'} for r in rows], [{'pack2_ms'}, set()]
@@ -85,13 +89,12 @@ class BenchmarksTest(absltest.TestCase):
   def test_conv_narrow_wide_table_runs(self):
     if not onednn.narrow_available():
       self.skipTest(f'narrow kernel not built: {onednn.status()["reason"]}')
-    with tempfile.TemporaryDirectory() as d:
-      path = os.path.join(d, 'conv_narrow_wide.json')
-      rows = conv_levers.narrow_wide_table(
-        reps=1, batch=2, layers=((16, 16, 12), (16, 16, 16)), path=path
-      )
-      with open(path) as f:
-        self.assertEqual(json.load(f)['rows'], rows)
+    rows = self._written_rows(
+      conv_levers.narrow_wide_table,
+      reps=1,
+      batch=2,
+      layers=((16, 16, 12), (16, 16, 16)),
+    )
     # 12 outputs on 16 columns: the row path; 16: oneDNN's own width.
     self.assertEqual([r['chosen'] for r in rows], ['narrow', 'onednn'])
     for r in rows:

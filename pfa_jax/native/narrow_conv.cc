@@ -22,6 +22,7 @@
 #include <array>
 #include <cstdint>
 #include <functional>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -294,14 +295,15 @@ inline __m512i InterleaveIdx(int g, bool hi) {
   return _mm512_load_si512(idx);
 }
 
-// Per-O constants: bias tiled over the compacted NHWC layout, the interleave
-// indices, the compaction mask.
+// Per-O constants of StoreRow (O <= 4): bias tiled over the compacted NHWC
+// layout, the interleave indices of each level, the compaction mask.
 template <int O>
 struct Tiles {
+  static_assert(O <= 4, "StoreRow serves 1-4 output channels");
   static constexpr int P = Pow2(O);
   static constexpr int kPix = 16 / P;  // pixels per output vector
   __m512 bias = _mm512_setzero_ps();
-  __m512i lo[4], hi[4];
+  __m512i lo[2], hi[2];
   __mmask16 real = 0;  // lanes (l % P) < O
   explicit Tiles(const Epi& epi) {
     alignas(64) float t[16] = {};
@@ -316,13 +318,18 @@ struct Tiles {
   }
 };
 
+struct NoTiles {  // RowConv's stand-in for Tiles where O > 4
+  explicit NoTiles(const Epi&) {}
+};
+
 // c[0..O-1]: channel-major accumulators of 16 pixels; writes the first
 // `np` pixels' O channels at y (NHWC) through the epilogue. Not inlined:
 // inlined into RowConv, GCC kept the accumulators on the stack through the
 // tap loop, several times slower.
 template <int O>
-__attribute__((noinline)) void StoreRow(__m512* c, int64_t np, float* y, const float* res,
-                     const Epi& epi, const Tiles<O>& t) {
+__attribute__((noinline)) void StoreRow(__m512* c, int64_t np, float* y,
+                                        const float* res, const Epi& epi,
+                                        const Tiles<O>& t) {
   constexpr int P = Tiles<O>::P, kPix = Tiles<O>::kPix;
   for (int o = O; o < P; ++o) c[o] = _mm512_setzero_ps();
   // Index of a vector: group k of g channels, pixel block b of g blocks:
@@ -361,7 +368,7 @@ void RowConv(const Shape& s, const float* x, const float* k, float* y,
   // Row length: the padded input, and every chunk's reads (kw - 1 past).
   const int64_t ld = std::max(s.pl + s.w, chunks * chunk + s.kw - 1) + 16;
   const int64_t rows = s.n * s.ho, row_sz = s.c * ld;
-  const Tiles<O> tiles(epi);
+  const std::conditional_t<(O <= 4), Tiles<O>, NoTiles> tiles(epi);
   const __mmask16 lanes = static_cast<__mmask16>((1u << O) - 1);
   const __m512 bias =
       epi.bias ? _mm512_maskz_loadu_ps(lanes, epi.bias) : _mm512_setzero_ps();
@@ -421,29 +428,29 @@ void RowConv(const Shape& s, const float* x, const float* k, float* y,
           const int64_t np = std::min<int64_t>(16, s.wo - p0);
           float* yo = yrow + p0 * O;
           const float* ro = epi.res ? epi.res + (r * s.wo + p0) * O : nullptr;
-          if constexpr (Tiles<O>::P <= 4) {
+          if constexpr (O <= 4) {
             __m512 c[16];
             for (int o = 0; o < O; ++o) c[o] = acc[o][v];
             StoreRow<O>(c, np, yo, ro, epi, tiles);
-            continue;
-          }
-          // 5-15 channels: a 16 x 16 transpose (lane o of t[p] = pixel p,
-          // channel o), the epilogue per pixel, O-lane masked stores; it
-          // measured faster here than 3-4 interleave levels.
-          __m512 t[16];
-          for (int o = 0; o < 16; ++o)
-            t[o] = o < O ? acc[o < O ? o : 0][v] : _mm512_setzero_ps();
-          Transpose16(t);
-          for (int64_t p = 0; p < np; ++p) {
-            __m512 yv = t[p];
-            if (epi.bias) {
-              yv = _mm512_add_ps(yv, bias);
-              if (ro)
-                yv = _mm512_add_ps(yv,
-                                   _mm512_maskz_loadu_ps(lanes, ro + p * O));
-              if (epi.relu) yv = _mm512_max_ps(yv, _mm512_setzero_ps());
+          } else {
+            // 5-15 channels: a 16 x 16 transpose (lane o of t[p] = pixel p,
+            // channel o), the epilogue per pixel, O-lane masked stores; it
+            // measured faster here than 3-4 interleave levels.
+            __m512 t[16];
+            for (int o = 0; o < 16; ++o)
+              t[o] = o < O ? acc[o < O ? o : 0][v] : _mm512_setzero_ps();
+            Transpose16(t);
+            for (int64_t p = 0; p < np; ++p) {
+              __m512 yv = t[p];
+              if (epi.bias) {
+                yv = _mm512_add_ps(yv, bias);
+                if (ro)
+                  yv = _mm512_add_ps(
+                      yv, _mm512_maskz_loadu_ps(lanes, ro + p * O));
+                if (epi.relu) yv = _mm512_max_ps(yv, _mm512_setzero_ps());
+              }
+              _mm512_mask_storeu_ps(yo + p * O, lanes, yv);
             }
-            _mm512_mask_storeu_ps(yo + p * O, lanes, yv);
           }
         }
       }
