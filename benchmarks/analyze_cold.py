@@ -9,8 +9,10 @@ Two jobs on synthetic correlated responses (``benchmarks.pfa_core``):
 * ``wide4096``: one 4096-unit layer, M = 8,192; KL + selection.
 
 For each job, ``python -m pfa_jax.analyze job.npz`` is timed process to
-process, and a second process times the first (cold) ``analysis.analyze``
-call inside it. With ``--dnikit-python`` (a Python with ``dnikit`` installed)
+process (and again with NumPy's huge-page advice left on,
+``PFA_JAX_HUGE_PAGES=1``: ``huge_pages_to_default`` is that time over the
+default's; ``pfa_jax.hostmem.numpy_huge_pages``), and a second process
+times the first (cold) ``analysis.analyze`` call inside it. With ``--dnikit-python`` (a Python with ``dnikit`` installed)
 ``benchmarks/dnikit_pfa.py`` runs the same job with the authors' DNIKit,
 interleaved with ours. Targets: <= 1 s inside ``analyze`` for the first job,
 >= 10x DNIKit process to process on both (the issue's quiet-machine DNIKit
@@ -49,16 +51,20 @@ _INSIDE = (
 )
 
 
+# Samples of the vgg16 job; (samples, units) of the wide one.
+VGG_M, WIDE = 10_000, (8192, 4096)
+
+
 def _jobs(d):
   rng = np.random.default_rng(0)
   vgg = {
-    f'conv{i}' if i < 13 else 'fc': pfa_core._synthetic(rng, 10_000, c)
+    f'conv{i}' if i < 13 else 'fc': pfa_core._synthetic(rng, VGG_M, c)
     for i, c in enumerate(pfa_core.VGG_WIDTHS)
   }
   energies = ','.join(f'{t:g}' for t in (0.8, 0.85, 0.93, 0.95, 0.96, 0.97))
   energies += ',0.98,0.99'
   jobs = {'vgg16': (vgg, energies)}
-  jobs['wide4096'] = ({'fc': pfa_core._synthetic(rng, 8192, 4096)}, '')
+  jobs['wide4096'] = ({'fc': pfa_core._synthetic(rng, *WIDE)}, '')
   out = {}
   for name, (resp, e) in jobs.items():
     path = os.path.join(d, f'{name}.npz')
@@ -67,9 +73,12 @@ def _jobs(d):
   return out
 
 
-def _run(cmd):
+def _run(cmd, env=None):
   t0 = time.perf_counter()
-  p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
+  env = dict(os.environ, **env) if env else None
+  p = subprocess.run(
+    cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=True
+  )
   return time.perf_counter() - t0, p.stdout
 
 
@@ -89,9 +98,12 @@ def main(argv=None):
       if not e:
         cli = [py, '-m', 'pfa_jax.analyze', path, '--energies=']
       rec = {'process_s': [], 'inside': [], 'dnikit_process_s': []}
+      rec['process_huge_pages_s'] = []
       load0 = os.getloadavg()
       for _ in range(a.repeats):  # interleaved: drift hits all equally
         rec['process_s'].append(_run(cli)[0])
+        huge = _run(cli, {'PFA_JAX_HUGE_PAGES': '1'})[0]
+        rec['process_huge_pages_s'].append(huge)
         rec['inside'].append(json.loads(_run([py, '-c', _INSIDE, path, e])[1]))
         if a.dnikit_python:
           script = os.path.join(ROOT, 'benchmarks', 'dnikit_pfa.py')
@@ -107,6 +119,8 @@ def main(argv=None):
       )
       rec.update(
         process_median_s=ours,
+        huge_pages_to_default=float(np.median(rec['process_huge_pages_s']))
+        / ours,
         inside_analyze_median_s=inside,
         dnikit_process_median_s=ref,
         speedup_vs_dnikit_same_run=ref / ours if ref else None,

@@ -23,7 +23,9 @@ float32 BLAS SSYRK on the responses shifted (and, outside a safe range,
 scaled) exactly as :mod:`pfa_jax.stats` does (a power-of-two scale from the
 largest ``|x|``, the float64 mean as shift), finished in float64. Each
 layer's float64 covariance is then handed to the selection and, last, to
-LAPACK with ``overwrite`` (no extra [C, C] copy).
+LAPACK with ``overwrite`` (no extra [C, C] copy), and the selection's
+removal loop runs on the core LAPACK's single-threaded stages leave idle
+(:func:`pfa_jax.spectra.eigvalsh`'s ``alongside``).
 
 Command line (prints the same JSON to stdout)::
 
@@ -187,8 +189,14 @@ def analyze(
   spectra, orders = {}, {}
   for name, (x, amax) in pooled.items():
     cov = covariance(x, amax, overwrite=overwrite_responses)
-    orders[name] = select.removal_order(cov, name=name)
-    spectra[name] = spectra_lib.spectrum(cov, name=name, overwrite=True)
+    corr = select.correlation(cov, name=name)  # before LAPACK destroys cov
+
+    def order(name=name, corr=corr, c=cov.shape[0]):
+      orders[name] = select.correlation_order(*corr, c)
+
+    spectra[name] = spectra_lib.spectrum(
+      cov, name=name, overwrite=True, alongside=order
+    )
 
   def entry(widths):
     keep = select.keep_sets(orders, widths)
@@ -231,9 +239,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument('--indent', type=int, default=None, help='JSON indent')
   args = parser.parse_args(argv)
   hostmem.retain_freed_memory()  # a freed [C, C] buffer is reused, not unmapped
-  with np.load(args.npz) as data:
-    responses = {k: data[k] for k in data.files}
+  huge = hostmem.numpy_huge_pages(False)  # arrays touched ~once: 4 KiB pages
   try:
+    with np.load(args.npz) as data:
+      responses = {k: data[k] for k in data.files}
     result = analyze(
       responses,
       energies=args.energies,
@@ -242,6 +251,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
   except ValueError as e:
     parser.exit(2, f'error: {e}\n')
+  finally:
+    hostmem.numpy_huge_pages(huge)
   sys.stdout.write(json.dumps(result, indent=args.indent) + '\n')
   return 0
 

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from unittest import mock
 
 import numpy as np
 from absl.testing import absltest
@@ -121,6 +122,30 @@ class AnalyzeTest(parameterized.TestCase):
     ref = run(1.0)
     for scale in (1e-30, 1e-21, 1e20, 1e30):
       self.assertEqual(run(scale), ref, msg=f'scale {scale}')
+
+  def test_two_stage_path_with_concurrent_order_matches_reference(self):
+    """analyze's overlapped selection (removal loop beside LAPACK's serial
+    stage) keeps the units an independent float64 pipeline keeps."""
+    from pfa_jax import recipes
+    from pfa_jax import select
+    from pfa_jax import spectra
+
+    resp = _responses(seed=7, m=400)
+    for n_min in (4, 10**9):  # two-stage solver, one-stage solver
+      with mock.patch.object(spectra, 'TWO_STAGE_MIN_C', n_min):
+        out = analysis.analyze(resp, energies=(0.7, 0.95))
+      for layer, x in resp.items():
+        pooled = np.asarray(x, np.float64).reshape(len(x), -1, x.shape[-1])
+        cov = np.cov(pooled.max(axis=1), rowvar=False)
+        lam = np.linalg.eigvalsh(cov)[::-1] / np.trace(cov)
+        np.testing.assert_allclose(out['spectra'][layer], lam, atol=1e-6)
+        order = select.removal_order(cov)
+        for key, tau in (('energy_0.7', 0.7), ('energy_0.95', 0.95)):
+          entry = out['recipes'][key][layer]
+          self.assertEqual(entry['width'], recipes.energy(lam, tau))
+          self.assertEqual(
+            entry['kept'], select.keep_indices(order, entry['width']).tolist()
+          )
 
   def test_host_covariance_matches_float64(self):
     rng = np.random.default_rng(7)

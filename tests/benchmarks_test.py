@@ -14,6 +14,7 @@ from unittest import mock
 import numpy as np
 from absl.testing import absltest
 
+from benchmarks import analyze_cold
 from benchmarks import bn_widths
 from benchmarks import common
 from benchmarks import conv_levers
@@ -101,11 +102,31 @@ class BenchmarksTest(absltest.TestCase):
       for k in ('onednn_fwd', 'narrow_fwd', 'onednn_fold', 'narrow_fold'):
         self.assertGreater(r[f'{k}_ms'], 0)
 
+  def test_analyze_cold_runs_both_jobs_and_variants(self):
+    with (
+      tempfile.TemporaryDirectory() as d,
+      mock.patch.object(common, 'RESULTS', d),
+      mock.patch.object(analyze_cold, 'VGG_M', 64),
+      mock.patch.object(analyze_cold, 'WIDE', (96, 48)),
+    ):
+      analyze_cold.main(['--repeats', '1'])
+      with open(os.path.join(d, 'analyze_cold.json')) as f:
+        res = json.load(f)['results']
+    for job in ('vgg16', 'wide4096'):
+      r = res[job]
+      self.assertLen(r['process_s'], 1)
+      self.assertLen(r['process_huge_pages_s'], 1)
+      self.assertFalse(r['inside'][0]['jax_imported'])
+      self.assertGreater(r['huge_pages_to_default'], 0)
+
   def test_eig_levers_two_stages_match_eigvalsh(self):
     # run() itself raises if the directly called LAPACK stages disagree with
     # spectra.eigvalsh; float32's error is measured, not assumed.
     r = eig_levers.run(m=200, c=48, repeats=1, kds=(8, 16))
-    self.assertEqual(set(r['ratio_to_eigvalsh']), {'kd8', 'kd16', 'float32'})
+    self.assertEqual(
+      set(r['ratio_to_eigvalsh']), {'kd8', 'kd16', 'float32', 'lapacke_2stage'}
+    )
+    self.assertGreater(r['median_s']['order_alongside'], 0)
     self.assertGreater(r['float32_max_rel_error'], 0)
     self.assertLess(r['float32_max_rel_error'], 1e-4)
 
