@@ -9,10 +9,10 @@ Two jobs on synthetic correlated responses (``benchmarks.pfa_core``):
 * ``wide4096``: one 4096-unit layer, M = 8,192; KL + selection.
 
 For each job, ``python -m pfa_jax.analyze job.npz`` is timed process to
-process (and again with NumPy's huge-page advice left on,
-``PFA_JAX_HUGE_PAGES=1``: ``huge_pages_to_default`` is that time over the
-default's; ``pfa_jax.hostmem.numpy_huge_pages``), and a second process
-times the first (cold) ``analysis.analyze`` call inside it. With ``--dnikit-python`` (a Python with ``dnikit`` installed)
+process (and again without NumPy's huge-page advice,
+``NUMPY_MADVISE_HUGEPAGE=0``: ``no_huge_pages_to_default`` is that time over
+the default's; not adopted, see DECISIONS.md), and a second process times
+the first (cold) ``analysis.analyze`` call inside it. With ``--dnikit-python`` (a Python with ``dnikit`` installed)
 ``benchmarks/dnikit_pfa.py`` runs the same job with the authors' DNIKit,
 interleaved with ours. Targets: <= 1 s inside ``analyze`` for the first job,
 >= 10x DNIKit process to process on both (the issue's quiet-machine DNIKit
@@ -36,6 +36,7 @@ from benchmarks import pfa_core
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ISSUE_DNIKIT_S = {'vgg16': 6.2, 'wide4096': 43.9}
+_NO_HUGE = {'NUMPY_MADVISE_HUGEPAGE': '0'}
 _INSIDE = (
   'import json, sys, time, numpy as np\n'
   't0 = time.perf_counter()\n'
@@ -98,12 +99,14 @@ def main(argv=None):
       if not e:
         cli = [py, '-m', 'pfa_jax.analyze', path, '--energies=']
       rec = {'process_s': [], 'inside': [], 'dnikit_process_s': []}
-      rec['process_huge_pages_s'] = []
+      rec['process_no_huge_pages_s'] = []
       load0 = os.getloadavg()
-      for _ in range(a.repeats):  # interleaved: drift hits all equally
-        rec['process_s'].append(_run(cli)[0])
-        huge = _run(cli, {'PFA_JAX_HUGE_PAGES': '1'})[0]
-        rec['process_huge_pages_s'].append(huge)
+      for i in range(a.repeats):  # interleaved: drift hits all equally
+        # Which of the pair runs first alternates (the first after DNIKit
+        # ran slower in some runs).
+        for env in (None, _NO_HUGE)[:: 1 if i % 2 else -1]:
+          key = 'process_s' if env is None else 'process_no_huge_pages_s'
+          rec[key].append(_run(cli, env)[0])
         rec['inside'].append(json.loads(_run([py, '-c', _INSIDE, path, e])[1]))
         if a.dnikit_python:
           script = os.path.join(ROOT, 'benchmarks', 'dnikit_pfa.py')
@@ -119,7 +122,9 @@ def main(argv=None):
       )
       rec.update(
         process_median_s=ours,
-        huge_pages_to_default=float(np.median(rec['process_huge_pages_s']))
+        no_huge_pages_to_default=float(
+          np.median(rec['process_no_huge_pages_s'])
+        )
         / ours,
         inside_analyze_median_s=inside,
         dnikit_process_median_s=ref,

@@ -239,10 +239,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument('--indent', type=int, default=None, help='JSON indent')
   args = parser.parse_args(argv)
   hostmem.retain_freed_memory()  # a freed [C, C] buffer is reused, not unmapped
-  huge = hostmem.numpy_huge_pages(False)  # arrays touched ~once: 4 KiB pages
+  with np.load(args.npz) as data:
+    responses = {k: data[k] for k in data.files}
   try:
-    with np.load(args.npz) as data:
-      responses = {k: data[k] for k in data.files}
     result = analyze(
       responses,
       energies=args.energies,
@@ -251,8 +250,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
   except ValueError as e:
     parser.exit(2, f'error: {e}\n')
-  finally:
-    hostmem.numpy_huge_pages(huge)
   sys.stdout.write(json.dumps(result, indent=args.indent) + '\n')
   return 0
 

@@ -20,21 +20,12 @@ Decisions:
     nothing and returns False. ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``
     (set before the process starts) is an alternative with a similar effect
     here: 2 MiB pages make the faults 512x fewer.
-  * :func:`numpy_huge_pages`: a short process that touches a few large
-    arrays once (``python -m pfa_jax.analyze``) is faster without NumPy's
-    ``madvise(MADV_HUGEPAGE)`` on them: with transparent huge pages on
-    ``madvise`` (``defrag`` too), the first touch of a fresh 128 MB array
-    took 0.06-0.28 s here against ~0.05 s in 4 KiB pages, and the 4096-unit
-    ``analyze`` job ran 3.31-3.42 s against 3.50-3.81 s (six interleaved
-    pairs; ``benchmarks/analyze_cold.py`` records both).
 """
 
 import ctypes
 import functools
 import os
 import platform
-
-import numpy as np
 
 # glibc's malloc.h
 _M_TRIM_THRESHOLD = -1
@@ -64,18 +55,3 @@ def retain_freed_memory() -> bool:
     return False
   mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
   return all(mallopt(param, value) == 1 for param, value in _SETTINGS)
-
-
-def numpy_huge_pages(on: bool) -> bool:
-  """Sets whether NumPy advises huge pages for its large arrays.
-
-  Returns the previous setting (unchanged, True, where this NumPy has no
-  switch). ``PFA_JAX_HUGE_PAGES=1`` keeps NumPy's default (on) whatever
-  ``on`` says.
-  """
-  if os.environ.get('PFA_JAX_HUGE_PAGES') == '1':
-    on = True
-  switch = getattr(np._core.multiarray, '_set_madvise_hugepage', None)  # noqa: SLF001
-  if switch is None:
-    return True
-  return bool(switch(bool(on)))

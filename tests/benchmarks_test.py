@@ -115,9 +115,9 @@ class BenchmarksTest(absltest.TestCase):
     for job in ('vgg16', 'wide4096'):
       r = res[job]
       self.assertLen(r['process_s'], 1)
-      self.assertLen(r['process_huge_pages_s'], 1)
+      self.assertLen(r['process_no_huge_pages_s'], 1)
       self.assertFalse(r['inside'][0]['jax_imported'])
-      self.assertGreater(r['huge_pages_to_default'], 0)
+      self.assertGreater(r['no_huge_pages_to_default'], 0)
 
   def test_eig_levers_two_stages_match_eigvalsh(self):
     # run() itself raises if the directly called LAPACK stages disagree with
