@@ -11,6 +11,7 @@ import os
 import tempfile
 from unittest import mock
 
+import jax
 import numpy as np
 from absl.testing import absltest
 
@@ -19,6 +20,7 @@ from benchmarks import bn_widths
 from benchmarks import common
 from benchmarks import conv_levers
 from benchmarks import eig_levers
+from benchmarks import layer_profile
 from benchmarks import native_levers
 from benchmarks import pruned_speedup
 from benchmarks import stats_overhead
@@ -118,6 +120,47 @@ class BenchmarksTest(absltest.TestCase):
       self.assertLen(r['process_no_huge_pages_s'], 1)
       self.assertFalse(r['inside'][0]['jax_imported'])
       self.assertGreater(r['no_huge_pages_to_default'], 0)
+
+  def test_layer_profile_parses_hlo_custom_calls(self):
+    line = (
+      '  %ffi_call.7 = f32[2,8,8,5]{3,2,1,0} custom-call(%a, %b, %c), '
+      'custom_call_target="pfa_jax_narrow_conv_fwd_bias", '
+      'operand_layout_constraints={f32[2,16,16,3]{3,2,1,0}, '
+      'f32[3,3,3,5]{3,2,1,0}, f32[5]{0}}, api_version=API_VERSION_TYPED_FFI'
+    )
+    calls = layer_profile.custom_calls(f'HloModule m\n{line}\n')
+    self.assertEqual(
+      calls,
+      {
+        'ffi_call.7': {
+          'target': 'narrow_conv_fwd_bias',
+          'out': (2, 8, 8, 5),
+          'operands': [(2, 16, 16, 3), (3, 3, 3, 5), (5,)],
+        }
+      },
+    )
+    self.assertEqual(
+      layer_profile.conv_flops(calls['ffi_call.7']), 2 * 2 * 64 * 5 * 9 * 3
+    )
+
+  def test_layer_profile_counts_resnet56_convs(self):
+    if not onednn.available():
+      self.skipTest('the oneDNN kernel is not built here')
+    # 'auto' picks XLA's convolutions on the tests' 8 host devices.
+    model = models.get_model('resnet56', num_classes=10, conv_impl='onednn')
+    variables = models.init(model, jax.random.key(0), (32, 32, 3))
+    r = layer_profile.profile(model, variables, batch=2, repeats=1)
+    # Hand count of ResNet-56's 3x3 convolutions (MACs per image).
+    macs = 9 * (
+      32 * 32 * (3 * 16 + 18 * 16 * 16)
+      + 16 * 16 * (16 * 32 + 17 * 32 * 32)
+      + 8 * 8 * (32 * 64 + 17 * 64 * 64)
+    )
+    self.assertEqual(r['conv_flops'], 2 * 2 * macs)
+    self.assertEqual(sum(c['calls'] for c in r['classes']), 55)
+    self.assertEqual(sum(c['flops'] for c in r['classes']), r['conv_flops'])
+    self.assertGreater(r['custom_call_ms'], 0)
+    self.assertTrue(all(c['ms'] > 0 for c in r['classes']))
 
   def test_eig_levers_two_stages_match_eigvalsh(self):
     # run() itself raises if the directly called LAPACK stages disagree with
