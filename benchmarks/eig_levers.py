@@ -4,16 +4,13 @@
 
 On the synthetic 4096-unit job of ``benchmarks.analyze_cold`` (issue 12
 section 0), times each phase of ``analysis.analyze`` for one layer (the
-covariance SSYRK, the Pearson removal order, the float64 eigenvalues), the
-order run alongside LAPACK's single-threaded stage (``order_alongside``,
-what ``analyze`` does) against the order then LAPACK's one-call
-``dsyevd_2stage`` (``order_then_eigvalsh``, what it did before), then two
-levers on the eigenvalues, against the library's ``spectra.eigvalsh`` in
-the same run:
+covariance SSYRK, the Pearson removal order, the float64 eigenvalues), then
+two levers on the eigenvalues, against the library's
+``spectra.eigvalsh`` in the same run:
 
-* ``kd``: LAPACK's two stages (``dsytrd_sy2sb``, ``dsytrd_sb2st``,
-  ``dsterf``; :mod:`pfa_jax.openblas`) with band widths other than
-  ``ilaenv2stage``'s default (``openblas.band_width``);
+* ``kd``: LAPACK's two stages called directly (``dsytrd_sy2sb``,
+  ``dsytrd_sb2st``, ``dsterf``) with band widths other than
+  ``ilaenv2stage``'s default;
 * ``float32``: ``ssyevd_2stage`` on the float32 covariance, and its largest
   eigenvalue error relative to the top float64 eigenvalue.
 
@@ -38,15 +35,40 @@ from pfa_jax import spectra
 _I64 = ctypes.c_int64
 
 
+def _ref(v):
+  return ctypes.byref(_I64(v))
+
+
 def _ptr(a):
   return a.ctypes.data_as(ctypes.c_void_p)
 
 
-def _two_stage(a, kd):
-  """Eigenvalues of C-order ``a`` (destroyed) via LAPACK's two stages."""
-  band = openblas.band_reduce_upper(a, kd)
-  with openblas.threads(1):
-    return openblas.band_eigvalsh(band)
+def _two_stage(lib, a, kd):
+  """Eigenvalues of C-order ``a`` (destroyed) via the three LAPACK stages."""
+  n, info, ldab = a.shape[0], _I64(0), kd + 1
+  ab, tau, q = np.zeros((n, ldab)), np.zeros(n), np.zeros(1)
+  sy2sb = lib.scipy_dsytrd_sy2sb_64_
+  args = (b'L', _ref(n), _ref(kd), _ptr(a), _ref(n), _ptr(ab), _ref(ldab))
+  sy2sb(*args, _ptr(tau), _ptr(q), _ref(-1), ctypes.byref(info), _I64(1))
+  work = np.zeros(int(q[0]))
+  sy2sb(
+    *args, _ptr(tau), _ptr(work), _ref(work.size), ctypes.byref(info), _I64(1)
+  )
+  if info.value:
+    raise RuntimeError(f'dsytrd_sy2sb info={info.value}')
+  d, e, hq, wq = np.zeros(n), np.zeros(n - 1), np.zeros(1), np.zeros(1)
+  sb2st = lib.scipy_dsytrd_sb2st_64_
+  args = (b'Y', b'N', b'L', _ref(n), _ref(kd), _ptr(ab), _ref(ldab))
+  lens = (_I64(1), _I64(1), _I64(1))
+  sb2st(*args, _ptr(d), _ptr(e), _ptr(hq), _ref(-1), _ptr(wq), _ref(-1),
+        ctypes.byref(info), *lens)  # fmt: skip
+  hous, work = np.zeros(max(1, int(hq[0]))), np.zeros(max(1, int(wq[0])))
+  sb2st(*args, _ptr(d), _ptr(e), _ptr(hous), _ref(hous.size), _ptr(work),
+        _ref(work.size), ctypes.byref(info), *lens)  # fmt: skip
+  if info.value:
+    raise RuntimeError(f'dsytrd_sb2st info={info.value}')
+  lib.scipy_dsterf_64_(_ref(n), _ptr(d), _ptr(e), ctypes.byref(info))
+  return np.sort(d)
 
 
 def _timed(fn, *args, **kw):
@@ -55,7 +77,7 @@ def _timed(fn, *args, **kw):
   return time.perf_counter() - t, out
 
 
-def run(m: int, c: int, repeats: int, kds=(32, 48, 64)) -> dict:
+def run(m: int, c: int, repeats: int, kds=(32, 64, 128)) -> dict:
   bound = openblas._lib()  # noqa: SLF001  (the module's own loaded library)
   if bound is None:
     raise SystemExit("NumPy's bundled OpenBLAS is not here: nothing to time.")
@@ -64,14 +86,11 @@ def run(m: int, c: int, repeats: int, kds=(32, 48, 64)) -> dict:
   rng = np.random.default_rng(0)
   x = pfa_core._synthetic(rng, m, c)  # noqa: SLF001
   times = {k: [] for k in ('covariance', 'order', 'eigvalsh')}
-  times.update(lapacke_2stage=[], order_then_eigvalsh=[], order_alongside=[])
   times.update({f'kd{kd}': [] for kd in kds}, float32=[])
-  lapacke = {}
-  for t in 'sd':
-    fn = lapacke[t] = getattr(lib, f'scipy_LAPACKE_{t}syevd_2stage64_')
-    fn.restype = _I64
-    fn.argtypes = [ctypes.c_int, ctypes.c_char, ctypes.c_char, _I64]
-    fn.argtypes += [ctypes.c_void_p, _I64, ctypes.c_void_p]
+  ssyevd = lib.scipy_LAPACKE_ssyevd_2stage64_
+  ssyevd.restype = _I64
+  ssyevd.argtypes = [ctypes.c_int, ctypes.c_char, ctypes.c_char, _I64]
+  ssyevd.argtypes += [ctypes.c_void_p, _I64, ctypes.c_void_p]
   err32 = 0.0
   for _ in range(repeats):  # interleaved: drift hits every variant alike
     t, cov = _timed(analysis.covariance, x.copy(), overwrite=True)
@@ -79,36 +98,15 @@ def run(m: int, c: int, repeats: int, kds=(32, 48, 64)) -> dict:
     times['order'].append(_timed(select.removal_order, cov)[0])
     t, w = _timed(spectra.eigvalsh, cov.copy(), overwrite=True)
     times['eigvalsh'].append(t)
-    # analyze's per-layer work before this session's lever (the order, then
-    # LAPACK's one-call two-stage driver) and with it (the removal loop on
-    # the core LAPACK's serial stage leaves idle).
-    a, w64 = cov.copy(), np.empty(c)
-    t = time.perf_counter()
-    select.removal_order(a)
-    with openblas.threads(spectra.solver_threads(c)):
-      t1 = time.perf_counter()
-      info = lapacke['d'](102, b'N', b'L', c, _ptr(a), c, _ptr(w64))
-    t2 = time.perf_counter()
-    times['lapacke_2stage'].append(t2 - t1)
-    times['order_then_eigvalsh'].append(t2 - t)
-    if info or np.max(np.abs(w64 - w)) > 1e-10 * w.max():
-      raise RuntimeError(f'dsyevd_2stage (info={info}) differs from eigvalsh')
-    a = cov.copy()
-    t = time.perf_counter()
-    r = select.correlation(a)
-    spectra.eigvalsh(
-      a, overwrite=True, alongside=lambda r=r: select.correlation_order(*r, c)
-    )
-    times['order_alongside'].append(time.perf_counter() - t)
     with openblas.threads(spectra.solver_threads(c)):
       for kd in kds:
-        t, d = _timed(_two_stage, cov.copy(), kd)
+        t, d = _timed(_two_stage, lib, cov.copy(), kd)
         times[f'kd{kd}'].append(t)
         if np.max(np.abs(d - w)) > 1e-10 * w.max():
           raise RuntimeError(f'kd={kd}: eigenvalues differ from eigvalsh')
       a32, w32 = cov.astype(np.float32), np.empty(c, np.float32)
       t = time.perf_counter()
-      info = lapacke['s'](102, b'N', b'L', c, _ptr(a32), c, _ptr(w32))
+      info = ssyevd(102, b'N', b'L', c, _ptr(a32), c, _ptr(w32))
       times['float32'].append(time.perf_counter() - t)
       if info:
         raise RuntimeError(f'ssyevd_2stage info={info}')
@@ -120,13 +118,8 @@ def run(m: int, c: int, repeats: int, kds=(32, 48, 64)) -> dict:
     'repeats': repeats,
     'median_s': med,
     'ratio_to_eigvalsh': {
-      k: med[k] / med['eigvalsh']
-      for k in med
-      if k.startswith(('kd', 'f', 'lapacke'))
+      k: med[k] / med['eigvalsh'] for k in med if k.startswith(('kd', 'f'))
     },
-    'order_alongside_to_order_then_eigvalsh': (
-      med['order_alongside'] / med['order_then_eigvalsh']
-    ),
     'float32_max_rel_error': err32,
   }
 

@@ -23,9 +23,7 @@ float32 BLAS SSYRK on the responses shifted (and, outside a safe range,
 scaled) exactly as :mod:`pfa_jax.stats` does (a power-of-two scale from the
 largest ``|x|``, the float64 mean as shift), finished in float64. Each
 layer's float64 covariance is then handed to the selection and, last, to
-LAPACK with ``overwrite`` (no extra [C, C] copy), and the selection's
-removal loop runs on the core LAPACK's single-threaded stages leave idle
-(:func:`pfa_jax.spectra.eigvalsh`'s ``alongside``).
+LAPACK with ``overwrite`` (no extra [C, C] copy).
 
 Command line (prints the same JSON to stdout)::
 
@@ -189,14 +187,8 @@ def analyze(
   spectra, orders = {}, {}
   for name, (x, amax) in pooled.items():
     cov = covariance(x, amax, overwrite=overwrite_responses)
-    corr = select.correlation(cov, name=name)  # before LAPACK destroys cov
-
-    def order(name=name, corr=corr, c=cov.shape[0]):
-      orders[name] = select.correlation_order(*corr, c)
-
-    spectra[name] = spectra_lib.spectrum(
-      cov, name=name, overwrite=True, alongside=order
-    )
+    orders[name] = select.removal_order(cov, name=name)
+    spectra[name] = spectra_lib.spectrum(cov, name=name, overwrite=True)
 
   def entry(widths):
     keep = select.keep_sets(orders, widths)

@@ -107,19 +107,8 @@ def removal_order(
   References:
     Suau et al., PFA, WACV 2020, Sec. 3.2 (filter selection).
   """
-  return correlation_order(*correlation(cov, name=name), np.shape(cov)[0])
-
-
-def correlation_order(
-  a: np.ndarray, active: np.ndarray, num_units: int
-) -> np.ndarray:
-  """:func:`removal_order` from :func:`correlation`'s ``(abs_r, active)``.
-
-  The split lets a caller keep the correlation after handing the covariance
-  to LAPACK to destroy, and run this loop (NumPy, no BLAS) on a core the
-  eigensolver leaves idle (:func:`pfa_jax.spectra.spectrum`'s
-  ``alongside``).
-  """
+  a, active = correlation(cov, name=name)
+  num_units = np.shape(cov)[0]
   inactive = np.setdiff1d(np.arange(num_units), active)
   n = active.size
   order = np.empty(n, np.int64)

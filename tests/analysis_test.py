@@ -123,9 +123,9 @@ class AnalyzeTest(parameterized.TestCase):
     for scale in (1e-30, 1e-21, 1e20, 1e30):
       self.assertEqual(run(scale), ref, msg=f'scale {scale}')
 
-  def test_two_stage_path_with_concurrent_order_matches_reference(self):
-    """analyze's overlapped selection (removal loop beside LAPACK's serial
-    stage) keeps the units an independent float64 pipeline keeps."""
+  def test_both_solvers_match_a_float64_reference(self):
+    """analyze keeps the units an independent float64 pipeline keeps, with
+    the one-stage and the two-stage eigensolver."""
     from pfa_jax import recipes
     from pfa_jax import select
     from pfa_jax import spectra

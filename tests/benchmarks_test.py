@@ -166,10 +166,7 @@ class BenchmarksTest(absltest.TestCase):
     # run() itself raises if the directly called LAPACK stages disagree with
     # spectra.eigvalsh; float32's error is measured, not assumed.
     r = eig_levers.run(m=200, c=48, repeats=1, kds=(8, 16))
-    self.assertEqual(
-      set(r['ratio_to_eigvalsh']), {'kd8', 'kd16', 'float32', 'lapacke_2stage'}
-    )
-    self.assertGreater(r['median_s']['order_alongside'], 0)
+    self.assertEqual(set(r['ratio_to_eigvalsh']), {'kd8', 'kd16', 'float32'})
     self.assertGreater(r['float32_max_rel_error'], 0)
     self.assertLess(r['float32_max_rel_error'], 1e-4)
 
