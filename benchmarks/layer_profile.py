@@ -102,7 +102,7 @@ def profile(model, variables, batch: int, repeats: int) -> dict:
   classes = {}
   for name, call in calls.items():
     ops = call['operands'] + [(), ()]
-    key = (call['target'], ops[0][1:], ops[1])
+    key = (call['target'], ops[0][1:], ops[1], call['out'][1:])
     c = classes.setdefault(key, {'calls': 0, 'ms': 0.0, 'flops': 0})
     c['calls'] += 1
     c['ms'] += per_op.get(name, 0.0)
@@ -112,6 +112,7 @@ def profile(model, variables, batch: int, repeats: int) -> dict:
       'kernel': k[0],
       'input_hwc': list(k[1]),
       'weight': list(k[2]),
+      'output_hwc': list(k[3]),
       **v,
       'gflops_per_s': v['flops'] / v['ms'] / 1e6 if v['ms'] else None,
     }
@@ -159,13 +160,14 @@ def main(argv=None) -> dict:
           row['kernel'],
           'x'.join(map(str, row['input_hwc'])),
           'x'.join(map(str, row['weight'])),
+          'x'.join(map(str, row['output_hwc'])),
           row['calls'],
           f'{row["ms"]:.2f}',
           f'{row["gflops_per_s"] or 0:.0f}',
         )
         for row in r['classes']
       ],
-      ('kernel', 'input HxWxC', 'weight', 'calls', 'ms', 'GFLOP/s'),
+      ('kernel', 'input HxWxC', 'weight', 'output', 'calls', 'ms', 'GFLOP/s'),
     )
   path = common.write(
     'layer_profile',
