@@ -31,6 +31,7 @@ from benchmarks import common
 from benchmarks import pruned_speedup
 from pfa_jax import hostmem
 from pfa_jax import models
+from pfa_jax import onednn
 
 _CALL = re.compile(
   r'\s*(?:ROOT )?%(\S+) = f32\[([\d,]*)\]\S* custom-call\(.*'
@@ -118,7 +119,7 @@ def profile(model, variables, batch: int, repeats: int) -> dict:
     }
     for k, v in sorted(classes.items(), key=lambda kv: -kv[1]['ms'])
   ]
-  flops = sum(conv_flops(c) for c in calls.values())
+  flops = sum(r['flops'] for r in rows)
   return {
     'untraced_ms': untraced * 1e3,
     'conv_flops': flops,
@@ -132,7 +133,7 @@ def profile(model, variables, batch: int, repeats: int) -> dict:
 def main(argv=None) -> dict:
   p = argparse.ArgumentParser()
   p.add_argument('--model', default='resnet56')
-  p.add_argument('--mode', default='inner')
+  p.add_argument('--mode', default='inner', choices=('inner', 'inner+stream'))
   p.add_argument('--factor', type=int, default=4)
   p.add_argument('--round-to', type=int, default=1)
   p.add_argument('--batch', type=int, default=128)
@@ -147,6 +148,11 @@ def main(argv=None) -> dict:
   ((variant, (pm, pv, _)),) = variants.items()
   nets = {'full': (model, variables), variant: (pm, pv)}
   res = {k: profile(m, v, a.batch, a.repeats) for k, (m, v) in nets.items()}
+  if not res['full']['conv_flops']:
+    raise SystemExit(
+      'No native convolution in the compiled program, nothing to attribute: '
+      f'the oneDNN kernel is not in use ({onednn.status()["reason"]}).'
+    )
   full_rate = res['full']['gflops_per_s']
   for name, r in res.items():
     print(

@@ -29,6 +29,13 @@ from pfa_jax import onednn
 
 
 class BenchmarksTest(absltest.TestCase):
+  def _narrow_rows(self, table, layers):
+    """A narrow-kernel conv_levers table at batch 2, one rep (skips where
+    the kernel is not built)."""
+    if not onednn.narrow_available():
+      self.skipTest(f'narrow kernel not built: {onednn.status()["reason"]}')
+    return self._written_rows(table, reps=1, batch=2, layers=layers)
+
   def _written_rows(self, table, **kw):
     """Runs a conv_levers table into a temporary JSON; its rows are returned."""
     with tempfile.TemporaryDirectory() as d:
@@ -72,13 +79,8 @@ class BenchmarksTest(absltest.TestCase):
       self.assertTrue(math.isfinite(r['fwd_bwd_speedup']))
 
   def test_conv_narrow_kernel_table_runs(self):
-    if not onednn.narrow_available():
-      self.skipTest(f'narrow kernel not built: {onednn.status()["reason"]}')
-    rows = self._written_rows(
-      conv_levers.narrow_kernel_table,
-      reps=1,
-      batch=2,
-      layers=((16, 16, 2, 1), (8, 64, 4, 1)),
+    rows = self._narrow_rows(
+      conv_levers.narrow_kernel_table, ((16, 16, 2, 1), (8, 64, 4, 1))
     )
     # 16 columns of 2 channels pack (P = 2); an 8x8 map does not.
     self.assertEqual(
@@ -90,13 +92,8 @@ class BenchmarksTest(absltest.TestCase):
       self.assertGreater(r['plain_ms'], 0)
 
   def test_conv_narrow_wide_table_runs(self):
-    if not onednn.narrow_available():
-      self.skipTest(f'narrow kernel not built: {onednn.status()["reason"]}')
-    rows = self._written_rows(
-      conv_levers.narrow_wide_table,
-      reps=1,
-      batch=2,
-      layers=((16, 16, 12), (16, 16, 16)),
+    rows = self._narrow_rows(
+      conv_levers.narrow_wide_table, ((16, 16, 12), (16, 16, 16))
     )
     # 12 outputs on 16 columns: the row path; 16: oneDNN's own width.
     self.assertEqual([r['chosen'] for r in rows], ['narrow', 'onednn'])
@@ -161,6 +158,23 @@ class BenchmarksTest(absltest.TestCase):
     self.assertEqual(sum(c['flops'] for c in r['classes']), r['conv_flops'])
     self.assertGreater(r['custom_call_ms'], 0)
     self.assertTrue(all(c['ms'] > 0 for c in r['classes']))
+
+  def test_layer_profile_refuses_a_program_without_native_convs(self):
+    variants = {'4x_round1': ('pruned', 'pruned_vars', 1)}
+    with (
+      mock.patch.object(
+        pruned_speedup,
+        'pruned_variants',
+        return_value=('full', 'vars', [], 4, variants, []),
+      ),
+      mock.patch.object(
+        layer_profile, 'profile', return_value={'conv_flops': 0}
+      ),
+      self.assertRaisesRegex(SystemExit, 'No native convolution'),
+    ):
+      layer_profile.main([])
+    with self.assertRaises(SystemExit), mock.patch('sys.stderr'):
+      layer_profile.main(['--mode', 'stream'])  # not a residual mode
 
   def test_eig_levers_two_stages_match_eigvalsh(self):
     # run() itself raises if the directly called LAPACK stages disagree with
