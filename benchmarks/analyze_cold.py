@@ -12,7 +12,8 @@ For each job, ``python -m pfa_jax.analyze job.npz`` is timed process to
 process (and again without NumPy's huge-page advice,
 ``NUMPY_MADVISE_HUGEPAGE=0``: ``no_huge_pages_to_default`` is that time over
 the default's; not adopted, see DECISIONS.md), and a second process times
-the first (cold) ``analysis.analyze`` call inside it. With ``--dnikit-python`` (a Python with ``dnikit`` installed)
+the first (cold) ``analysis.analyze`` call inside it. With
+``--dnikit-python`` (a Python with ``dnikit`` installed)
 ``benchmarks/dnikit_pfa.py`` runs the same job with the authors' DNIKit,
 interleaved with ours. Targets: <= 1 s inside ``analyze`` for the first job,
 >= 10x DNIKit process to process on both (the issue's quiet-machine DNIKit

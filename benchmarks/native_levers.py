@@ -121,9 +121,8 @@ def steps(repeats, num_steps, levers=STEP_LEVERS):
   for model, switch, on_value, off_value, mode in levers:
     runs = {}
     for value in (on_value, off_value):
-      with common.env(
-        switch, value
-      ):  # read when the step is traced (first call)
+      # The switch is read when the step is traced (its first call).
+      with common.env(switch, value):
         runs[value] = _runner(model)[mode]
         runs[value](1)
     times = {v: [] for v in runs}

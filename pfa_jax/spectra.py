@@ -100,14 +100,14 @@ def spectrum(
   hi, lo = float(c.max()), float(c.min())  # NaN propagates to both
   if not (np.isfinite(hi) and np.isfinite(lo)):
     raise ValueError(f'{_name(name)}: covariance contains NaN or Inf.')
+  mine = overwrite and c is cov  # LAPACK may destroy c
   amax = max(hi, -lo)
   if amax > 0.0 and not _SAFE[0] <= amax <= _SAFE[1]:
     # The spectrum is scale-free: a power of two (exact) keeps the largest
     # eigenvalues representable (LAPACK's own scaling would hand them back
     # as inf, and inf / inf = NaN).
-    c = np.ldexp(c, -int(np.frexp(amax)[1]))
-    overwrite, cov = True, c
-  lam = eigvalsh(c, overwrite=overwrite and c is cov)
+    c, mine = np.ldexp(c, -int(np.frexp(amax)[1])), True
+  lam = eigvalsh(c, overwrite=mine)
   lam = np.clip(lam[::-1], 0.0, None)
   total = lam.sum()
   if not total > 0.0:
