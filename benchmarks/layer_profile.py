@@ -1,7 +1,7 @@
 """Where a pruned network's inference time goes, layer class by layer class.
 
   python -m benchmarks.layer_profile [--model resnet56] [--mode inner]
-      [--factor 4] [--round-to 1] [--batch 128] [--repeats 5]
+      [--factor 4] [--round-to 1] [--batch 128] [--repeats 5] [--rounds 5]
 
 Issue 12 section 3 asks for a pruned network's speed-up to be >= 0.8x its
 FLOPs reduction, which is the same as its GFLOP/s being >= 0.8x the full
@@ -11,9 +11,21 @@ the same synthetic statistics and target search) run the library's
 inference path (``models.for_inference``) under ``jax.profiler``. Each
 compiled custom call (a oneDNN or narrow-kernel convolution) is matched by
 its HLO name to its trace events, and calls are grouped by (kernel, input
-shape, weight shape). Per class: the calls, the ms per forward pass, and
-GFLOP/s from the shapes (2 N Ho Wo O kh kw C). ``other_ms`` is everything
-XLA ran outside those calls. Writes ``benchmarks/results/layer_profile.json``.
+shape, weight shape, output shape). Per class: the calls, the ms per forward pass, and
+GFLOP/s from the shapes (2 N Ho Wo O kh kw C), each time the median of
+``--rounds`` profiles of the two networks in turn. oneDNN computes output
+channels in whole vectors of 16 (an AVX-512 register of float32), so for its
+calls ``lane_gflops_per_s`` is the rate on the FLOPs of the output width
+rounded up to 16 (:func:`lane_flops`): a layer whose plain rate is low but
+whose lane rate matches the full network's is paying for its channel tail,
+not running a slow kernel (the narrow kernel vectorises over pixels, and
+has no such tail). ``other_ms`` is everything XLA ran outside those calls.
+``stage_mix_efficiency`` (:func:`stage_mix_efficiency`) is the efficiency
+the pruned network would have if each of its convolutions ran at the full
+network's rate for convolutions of its map sizes: what the allocation of
+FLOPs across stages alone allows, with no kernel loss.
+Writes ``benchmarks/results/layer_profile.json`` (``--name`` another file
+under ``benchmarks/results/``).
 """
 
 import argparse
@@ -21,6 +33,7 @@ import collections
 import glob
 import gzip
 import json
+import os
 import re
 import tempfile
 
@@ -71,6 +84,44 @@ def conv_flops(call: dict) -> int:
   return 2 * n * ho * wo * o * kh * kw * c
 
 
+def lane_flops(call: dict) -> int | None:
+  """`conv_flops` with O rounded up to 16, for oneDNN calls (else None)."""
+  if not call['target'].startswith('dnnl_conv'):
+    return None
+  o = call['out'][-1]
+  return conv_flops(call) // o * (-(-o // 16) * 16)
+
+
+def _stage(row: dict) -> tuple:
+  # Input and output map sides; the stem (3 input channels) apart.
+  return row['input_hwc'][0], row['output_hwc'][0], row['weight'][2] <= 3
+
+
+def stage_mix_efficiency(full: dict, pruned: dict) -> float:
+  """Efficiency of ``pruned`` at ``full``'s per-stage convolution rates.
+
+  Each of ``pruned``'s conv classes is timed at the rate (FLOPs / ms) of
+  ``full``'s classes with the same (input side, output side, stem) key, and
+  ``pruned``'s non-conv time is kept: full time / that time / FLOPs ratio.
+  Below 1 when pruning keeps proportionally more of the stages that run
+  slower per FLOP, whatever the kernels do. Both times are traced ones
+  (per-class plus non-conv ms, ``profile``'s fields).
+  """
+  agg = collections.defaultdict(lambda: [0, 0.0])
+  for row in full['classes']:
+    agg[_stage(row)][0] += row['flops']
+    agg[_stage(row)][1] += row['ms']
+  ms = pruned['other_ms']
+  for row in pruned['classes']:
+    flops, stage_ms = agg[_stage(row)]
+    if not flops:
+      raise ValueError(f'no full-network convolution with the maps of {row}')
+    ms += row['flops'] * stage_ms / flops
+  full_ms = sum(row['ms'] for row in full['classes']) + full['other_ms']
+  ratio = full['conv_flops'] / pruned['conv_flops']
+  return full_ms / ms / ratio
+
+
 def _trace_events(run, repeats: int) -> list[dict]:
   with tempfile.TemporaryDirectory() as d:
     with jax.profiler.trace(d):
@@ -104,10 +155,14 @@ def profile(model, variables, batch: int, repeats: int) -> dict:
   for name, call in calls.items():
     ops = call['operands'] + [(), ()]
     key = (call['target'], ops[0][1:], ops[1], call['out'][1:])
-    c = classes.setdefault(key, {'calls': 0, 'ms': 0.0, 'flops': 0})
+    c = classes.setdefault(
+      key, {'calls': 0, 'ms': 0.0, 'flops': 0, 'lane_flops': None}
+    )
     c['calls'] += 1
     c['ms'] += per_op.get(name, 0.0)
     c['flops'] += conv_flops(call)
+    if (lanes := lane_flops(call)) is not None:
+      c['lane_flops'] = (c['lane_flops'] or 0) + lanes
   rows = [
     {
       'kernel': k[0],
@@ -115,19 +170,50 @@ def profile(model, variables, batch: int, repeats: int) -> dict:
       'weight': list(k[2]),
       'output_hwc': list(k[3]),
       **v,
-      'gflops_per_s': v['flops'] / v['ms'] / 1e6 if v['ms'] else None,
     }
-    for k, v in sorted(classes.items(), key=lambda kv: -kv[1]['ms'])
+    for k, v in classes.items()
   ]
+  other = sum(v for k, v in per_op.items() if k not in calls)
+  return _summary(untraced * 1e3, other, rows)
+
+
+def _summary(untraced_ms: float, other_ms: float, rows: list[dict]) -> dict:
+  rows = sorted(rows, key=lambda r: -r['ms'])
+  for r in rows:
+    ms, lanes = r['ms'], r['lane_flops']
+    r['gflops_per_s'] = r['flops'] / ms / 1e6 if ms else None
+    r['lane_gflops_per_s'] = lanes / ms / 1e6 if ms and lanes else None
   flops = sum(r['flops'] for r in rows)
   return {
-    'untraced_ms': untraced * 1e3,
+    'untraced_ms': untraced_ms,
     'conv_flops': flops,
-    'gflops_per_s': flops / untraced / 1e9,
+    'gflops_per_s': flops / untraced_ms / 1e6,
     'custom_call_ms': sum(r['ms'] for r in rows),
-    'other_ms': sum(v for k, v in per_op.items() if k not in calls),
+    'other_ms': other_ms,
     'classes': rows,
   }
+
+
+def median_of(rounds: list[dict]) -> dict:
+  """One `profile` result from several of the same program: medians of the
+  untraced, per-class and non-conv times (rates recomputed from them)."""
+  first = rounds[0]['classes']
+
+  def key(r):
+    return r['kernel'], *(
+      tuple(r[k]) for k in ('input_hwc', 'weight', 'output_hwc')
+    )
+
+  by_key = [{key(r): r for r in res['classes']} for res in rounds]
+  rows = [
+    {**r, 'ms': float(np.median([b[key(r)]['ms'] for b in by_key]))}
+    for r in first
+  ]
+  return _summary(
+    float(np.median([r['untraced_ms'] for r in rounds])),
+    float(np.median([r['other_ms'] for r in rounds])),
+    rows,
+  )
 
 
 def main(argv=None) -> dict:
@@ -138,7 +224,20 @@ def main(argv=None) -> dict:
   p.add_argument('--round-to', type=int, default=1)
   p.add_argument('--batch', type=int, default=128)
   p.add_argument('--repeats', type=int, default=5)
+  p.add_argument(
+    '--rounds',
+    type=int,
+    default=5,
+    help='interleaved profiles of each network; medians are reported',
+  )
+  p.add_argument(
+    '--name',
+    default='layer_profile',
+    help='results file stem under benchmarks/results/',
+  )
   a = p.parse_args(argv)
+  if not a.name or os.sep in a.name or a.name.startswith('.'):
+    p.error(f'--name is a file stem, got {a.name!r}')
   hostmem.retain_freed_memory()  # before the first JAX computation
   model, variables, _, _, variants, unreachable = (
     pruned_speedup.pruned_variants(a.model, a.mode, (a.factor,), (a.round_to,))
@@ -147,7 +246,11 @@ def main(argv=None) -> dict:
     raise SystemExit(unreachable[0]['why'])
   ((variant, (pm, pv, _)),) = variants.items()
   nets = {'full': (model, variables), variant: (pm, pv)}
-  res = {k: profile(m, v, a.batch, a.repeats) for k, (m, v) in nets.items()}
+  runs = {k: [] for k in nets}
+  for _ in range(a.rounds):  # interleaved: the machine's states hit both
+    for k, (m, v) in nets.items():
+      runs[k].append(profile(m, v, a.batch, a.repeats))
+  res = {k: median_of(r) for k, r in runs.items()}
   if not res['full']['conv_flops']:
     raise SystemExit(
       'No native convolution in the compiled program, nothing to attribute: '
@@ -170,19 +273,32 @@ def main(argv=None) -> dict:
           row['calls'],
           f'{row["ms"]:.2f}',
           f'{row["gflops_per_s"] or 0:.0f}',
+          f'{row["lane_gflops_per_s"]:.0f}' if row['lane_gflops_per_s'] else '',
         )
         for row in r['classes']
       ],
-      ('kernel', 'input HxWxC', 'weight', 'output', 'calls', 'ms', 'GFLOP/s'),
+      (
+        'kernel',
+        'input HxWxC',
+        'weight',
+        'output',
+        'calls',
+        'ms',
+        'GFLOP/s',
+        'O to 16',
+      ),
     )
+  mix = stage_mix_efficiency(res['full'], res[variant])
+  print(f"{variant} at the full network's per-stage rates: {mix:.2f}")
   path = common.write(
-    'layer_profile',
+    a.name,
     {
       'load_average_start': list(common.START_LOAD),
       'loaded': common.loaded(),
       'args': vars(a),
       'variant': variant,
       'efficiency': res[variant]['gflops_per_s'] / full_rate,
+      'stage_mix_efficiency': mix,
       'results': res,
     },
   )

@@ -139,6 +139,12 @@ class BenchmarksTest(absltest.TestCase):
     self.assertEqual(
       layer_profile.conv_flops(calls['ffi_call.7']), 2 * 2 * 64 * 5 * 9 * 3
     )
+    # The narrow kernel has no output-channel lanes; oneDNN's are 16 wide.
+    self.assertIsNone(layer_profile.lane_flops(calls['ffi_call.7']))
+    dnnl = {**calls['ffi_call.7'], 'target': 'dnnl_conv_fwd_bias'}
+    self.assertEqual(layer_profile.lane_flops(dnnl), 2 * 2 * 64 * 16 * 9 * 3)
+    wide = {**dnnl, 'out': (2, 8, 8, 33)}
+    self.assertEqual(layer_profile.lane_flops(wide), 2 * 2 * 64 * 48 * 9 * 3)
 
   def test_layer_profile_counts_resnet56_convs(self):
     if not onednn.available():
@@ -158,6 +164,94 @@ class BenchmarksTest(absltest.TestCase):
     self.assertEqual(sum(c['flops'] for c in r['classes']), r['conv_flops'])
     self.assertGreater(r['custom_call_ms'], 0)
     self.assertTrue(all(c['ms'] > 0 for c in r['classes']))
+    # Every width here is a multiple of 16: the lane rate is the plain one.
+    for c in r['classes']:
+      self.assertAlmostEqual(c['lane_gflops_per_s'], c['gflops_per_s'])
+
+  def test_median_of_rounds_by_hand(self):
+    def res(untraced, other, ms_a, ms_b):
+      rows = [
+        {
+          'kernel': 'dnnl_conv_fwd_bias',
+          'input_hwc': [8, 8, 4],
+          'weight': [3, 3, 4, 5],
+          'output_hwc': [8, 8, 5],
+          'calls': 1,
+          'flops': 1000,
+          'lane_flops': 3200,
+          'ms': ms_a,
+        },
+        {  # same input and weight, stride 2: another class
+          'kernel': 'dnnl_conv_fwd_bias',
+          'input_hwc': [8, 8, 4],
+          'weight': [3, 3, 4, 5],
+          'output_hwc': [4, 4, 5],
+          'calls': 2,
+          'flops': 500,
+          'lane_flops': None,
+          'ms': ms_b,
+        },
+      ]
+      return {'untraced_ms': untraced, 'other_ms': other, 'classes': rows}
+
+    got = layer_profile.median_of(
+      [
+        res(10.0, 1.0, 2.0, 9.0),
+        res(30.0, 3.0, 4.0, 1.0),
+        res(20.0, 2.0, 8.0, 5.0),
+      ]
+    )
+    self.assertEqual(got['untraced_ms'], 20.0)
+    self.assertEqual(got['other_ms'], 2.0)
+    self.assertEqual(got['conv_flops'], 1500)
+    self.assertEqual(got['custom_call_ms'], 4.0 + 5.0)
+    self.assertAlmostEqual(got['gflops_per_s'], 1500 / 20.0 / 1e6)
+    a, b = got['classes']  # slowest first
+    self.assertEqual((a['output_hwc'], a['ms']), ([4, 4, 5], 5.0))
+    self.assertEqual((b['output_hwc'], b['ms']), ([8, 8, 5], 4.0))
+    self.assertAlmostEqual(b['gflops_per_s'], 1000 / 4.0 / 1e6)
+    self.assertAlmostEqual(b['lane_gflops_per_s'], 3200 / 4.0 / 1e6)
+    self.assertIsNone(a['lane_gflops_per_s'])
+
+  def test_stage_mix_efficiency_by_hand(self):
+    def row(hw_in, hw_out, c, flops, ms):
+      return {
+        'input_hwc': [hw_in, hw_in, c],
+        'output_hwc': [hw_out, hw_out, 8],
+        'weight': [3, 3, c, 8],
+        'flops': flops,
+        'ms': ms,
+      }
+
+    # Full: the 32x32 stage at 100 FLOP/ms-units, 8x8 at 200, stem at 10.
+    full = {  # traced: 60 ms of convolutions, 50 of the rest
+      'untraced_ms': 99.0,
+      'conv_flops': 2000 + 6000 + 100,
+      'classes': [
+        row(32, 32, 16, 2000, 20.0),
+        row(8, 8, 64, 4000, 20.0),
+        row(8, 8, 64, 2000, 10.0),
+        row(32, 32, 3, 100, 10.0),
+      ],
+      'other_ms': 50.0,
+    }
+    # Pruned keeps half of 32x32, an eighth of 8x8, the whole stem.
+    pruned = {
+      'conv_flops': 1000 + 750 + 100,
+      'classes': [
+        row(32, 32, 6, 1000, 99.0),
+        row(8, 8, 12, 750, 99.0),
+        row(32, 32, 3, 100, 99.0),
+      ],
+      'other_ms': 5.0,
+    }
+    ms = 5.0 + 1000 / 100 + 750 / 200 + 100 / 10
+    want = 110.0 / ms / (8100 / 1850)
+    got = layer_profile.stage_mix_efficiency(full, pruned)
+    self.assertAlmostEqual(got, want)
+    pruned['classes'].append(row(16, 16, 6, 10, 1.0))
+    with self.assertRaisesRegex(ValueError, 'no full-network convolution'):
+      layer_profile.stage_mix_efficiency(full, pruned)
 
   def test_layer_profile_refuses_a_program_without_native_convs(self):
     variants = {'4x_round1': ('pruned', 'pruned_vars', 1)}
@@ -168,13 +262,17 @@ class BenchmarksTest(absltest.TestCase):
         return_value=('full', 'vars', [], 4, variants, []),
       ),
       mock.patch.object(
-        layer_profile, 'profile', return_value={'conv_flops': 0}
+        layer_profile,
+        'profile',
+        return_value={'untraced_ms': 1.0, 'other_ms': 1.0, 'classes': []},
       ),
       self.assertRaisesRegex(SystemExit, 'No native convolution'),
     ):
       layer_profile.main([])
     with self.assertRaises(SystemExit), mock.patch('sys.stderr'):
       layer_profile.main(['--mode', 'stream'])  # not a residual mode
+    with self.assertRaises(SystemExit), mock.patch('sys.stderr'):
+      layer_profile.main(['--name', '../elsewhere'])
 
   def test_eig_levers_two_stages_match_eigvalsh(self):
     # run() itself raises if the directly called LAPACK stages disagree with
