@@ -169,29 +169,21 @@ class BenchmarksTest(absltest.TestCase):
       self.assertAlmostEqual(c['lane_gflops_per_s'], c['gflops_per_s'])
 
   def test_median_of_rounds_by_hand(self):
+    def row(side, flops, lane_flops, ms):
+      return {
+        'kernel': 'dnnl_conv_fwd_bias',
+        'input_hwc': [8, 8, 4],
+        'weight': [3, 3, 4, 5],
+        'output_hwc': [side, side, 5],
+        'calls': 1,
+        'flops': flops,
+        'lane_flops': lane_flops,
+        'ms': ms,
+      }
+
     def res(untraced, other, ms_a, ms_b):
-      rows = [
-        {
-          'kernel': 'dnnl_conv_fwd_bias',
-          'input_hwc': [8, 8, 4],
-          'weight': [3, 3, 4, 5],
-          'output_hwc': [8, 8, 5],
-          'calls': 1,
-          'flops': 1000,
-          'lane_flops': 3200,
-          'ms': ms_a,
-        },
-        {  # same input and weight, stride 2: another class
-          'kernel': 'dnnl_conv_fwd_bias',
-          'input_hwc': [8, 8, 4],
-          'weight': [3, 3, 4, 5],
-          'output_hwc': [4, 4, 5],
-          'calls': 2,
-          'flops': 500,
-          'lane_flops': None,
-          'ms': ms_b,
-        },
-      ]
+      # Same input and weight, stride 1 and 2: two classes.
+      rows = [row(8, 1000, 3200, ms_a), row(4, 500, None, ms_b)]
       return {'untraced_ms': untraced, 'other_ms': other, 'classes': rows}
 
     got = layer_profile.median_of(
