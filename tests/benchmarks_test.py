@@ -21,6 +21,7 @@ from benchmarks import common
 from benchmarks import conv_levers
 from benchmarks import eig_levers
 from benchmarks import layer_profile
+from benchmarks import narrow_ab
 from benchmarks import native_levers
 from benchmarks import pruned_speedup
 from benchmarks import stats_overhead
@@ -265,6 +266,30 @@ class BenchmarksTest(absltest.TestCase):
       layer_profile.main(['--mode', 'stream'])  # not a residual mode
     with self.assertRaises(SystemExit), mock.patch('sys.stderr'):
       layer_profile.main(['--name', '../elsewhere'])
+
+  def test_narrow_ab_times_two_builds_in_one_process(self):
+    if not onednn.narrow_available():
+      self.skipTest(f'narrow kernel not built: {onednn.status()["reason"]}')
+    # The kernel against itself: same outputs to the bit, every shape at
+    # both input states; a row path with and without a residual.
+    with open(os.path.join(narrow_ab.ROOT, narrow_ab.KERNEL)) as f:
+      text = f.read()
+    shapes = ((16, 4, 3, 0), (32, 16, 13, 1))
+    rows = narrow_ab.run(
+      text, text, batch=2, rounds=1, buffers=(1, 2), shapes=shapes
+    )
+    got = [
+      (r['hw'], r['cin'], r['cout'], r['residual'], r['buffers']) for r in rows
+    ]
+    want = [(*s[:3], bool(s[3]), nb) for nb in (1, 2) for s in shapes]
+    self.assertEqual(got, want)
+    for r in rows:
+      self.assertEqual(r['max_abs_diff'], 0.0)
+      self.assertGreater(r['a_s'], 0)
+      self.assertAlmostEqual(r['b_over_a'], r['b_s'] / r['a_s'])
+    # A revision that does not exist is a clear error, before any build.
+    with self.assertRaisesRegex(ValueError, 'no pfa_jax/native/narrow_conv.cc'):
+      narrow_ab.source_at('no-such-revision')
 
   def test_eig_levers_two_stages_match_eigvalsh(self):
     # run() itself raises if the directly called LAPACK stages disagree with

@@ -395,6 +395,20 @@ void RowConv(const Shape& s, const float* x, const float* k, float* y,
         }
         rowp[i] = dst;
       }
+      // The input row the next output row adds to the window, prefetched
+      // now: a layer with few outputs streams its input faster than the
+      // hardware prefetcher brings a cold map in (one row ahead measured
+      // best; farther ahead was slower).
+      if (r + 1 < r1) {
+        const int64_t n1 = (r + 1) / s.ho;
+        const int64_t hi1 = ((r + 1) % s.ho) * s.sh - s.pt + kh - 1;
+        if (hi1 >= 0 && hi1 < s.h) {
+          const char* p = reinterpret_cast<const char*>(
+              x + (n1 * s.h + hi1) * s.w * s.c);
+          for (int64_t b = 0; b < s.w * s.c * 4; b += 64)
+            _mm_prefetch(p + b, _MM_HINT_T0);
+        }
+      }
       float* yrow = y + r * s.wo * O;
       for (int64_t q = 0; q < chunks; ++q) {
         const int64_t wo0 = q * chunk;
