@@ -132,7 +132,12 @@ def main(argv=None) -> list[dict]:
     p.error(str(e))
   with open(os.path.join(ROOT, KERNEL)) as f:
     b_text = f.read()
-  buffers = [int(b) for b in a.buffers.split(',')]
+  try:
+    buffers = [int(b) for b in a.buffers.split(',')]
+  except ValueError:
+    p.error(f'--buffers is a comma-separated list of counts, got {a.buffers!r}')
+  if min(buffers) < 1 or a.batch < 1 or a.rounds < 1:
+    p.error('--buffers, --batch and --rounds must be >= 1')
   rows = run(a_text, b_text, batch=a.batch, rounds=a.rounds, buffers=buffers)
   common.print_table(
     [

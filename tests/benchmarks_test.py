@@ -290,6 +290,9 @@ class BenchmarksTest(absltest.TestCase):
     # A revision that does not exist is a clear error, before any build.
     with self.assertRaisesRegex(ValueError, 'no pfa_jax/native/narrow_conv.cc'):
       narrow_ab.source_at('no-such-revision')
+    for bad in (['--buffers', '1,x'], ['--buffers', '0'], ['--rounds', '0']):
+      with self.assertRaises(SystemExit), mock.patch('sys.stderr'):
+        narrow_ab.main(['--base', 'HEAD', *bad])
 
   def test_eig_levers_two_stages_match_eigvalsh(self):
     # run() itself raises if the directly called LAPACK stages disagree with
