@@ -139,10 +139,18 @@ class _QuietFilter:
 
 
 def quiet_third_party_logs(verbose: bool = False) -> None:
-  """One line per phase: drops library INFO chatter (not with ``verbose``)."""
+  """One line per phase: drops library INFO chatter (not with ``verbose``).
+
+  Before TensorFlow is imported (it serves only the input pipeline), its C++
+  log level and its oneDNN graph rewrites are set unless the user set them:
+  with the rewrites on it prints a banner at import that its log level does
+  not silence (they speed up TF's own convolutions and matmuls, which the
+  pipeline has none of).
+  """
   import logging as std_logging  # noqa: PLC0415
 
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
   if verbose:
     return
   # On the loggers too, not only their current handlers: a library may add a

@@ -100,6 +100,21 @@ class MainErrorTest(absltest.TestCase):
     self.assertTrue(f.filter(progress))
     self.assertEqual(progress.msg, 'progress: %s')
 
+  def test_quiet_sets_tensorflow_env_unless_the_user_did(self):
+    keys = ('TF_CPP_MIN_LOG_LEVEL', 'TF_ENABLE_ONEDNN_OPTS')
+    saved = {k: os.environ.pop(k, None) for k in keys}
+    try:
+      pfa_main.quiet_third_party_logs(verbose=True)  # env only, no filters
+      self.assertEqual([os.environ[k] for k in keys], ['2', '0'])
+      os.environ['TF_ENABLE_ONEDNN_OPTS'] = '1'
+      pfa_main.quiet_third_party_logs(verbose=True)
+      self.assertEqual(os.environ['TF_ENABLE_ONEDNN_OPTS'], '1')
+    finally:
+      for k, v in saved.items():
+        os.environ.pop(k, None)
+        if v is not None:
+          os.environ[k] = v
+
   def test_compress_without_checkpoint(self):
     c = _config(job='compress')
     with self.assertRaisesRegex(FileNotFoundError, 'checkpoint'):
