@@ -1,5 +1,6 @@
 """Shared benchmark plumbing: timing, machine info, JSON output."""
 
+import argparse
 import contextlib
 import datetime
 import json
@@ -33,6 +34,13 @@ def env(name: str, value: str):
       os.environ.pop(name)
     else:
       os.environ[name] = old
+
+
+def file_stem(name: str) -> str:
+  """argparse ``type`` of a ``--name`` option: a file stem under RESULTS."""
+  if not name or os.sep in name or name.startswith('.'):
+    raise argparse.ArgumentTypeError(f'a file stem, got {name!r}')
+  return name
 
 
 def cpu_model() -> str:

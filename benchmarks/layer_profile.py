@@ -33,7 +33,6 @@ import collections
 import glob
 import gzip
 import json
-import os
 import re
 import tempfile
 
@@ -132,8 +131,9 @@ def _trace_events(run, repeats: int) -> list[dict]:
       return json.load(f)['traceEvents']
 
 
-def profile(model, variables, batch: int, repeats: int) -> dict:
-  """Per-class times of one network's jitted inference forward pass."""
+def profiler(model, variables, batch: int, repeats: int):
+  """A function that profiles one network's jitted inference forward pass
+  (per-class times, see `profile`); compiled and warmed up once, here."""
   fwd = jax.jit(
     lambda v, x: models.for_inference(model).apply(v, x, train=False)
   )
@@ -146,6 +146,15 @@ def profile(model, variables, batch: int, repeats: int) -> dict:
   calls = custom_calls(fwd.lower(variables, x).compile().as_text())
   for _ in range(3):
     run()
+  return lambda: _profile_round(run, calls, repeats)
+
+
+def profile(model, variables, batch: int, repeats: int) -> dict:
+  """Per-class times of one network's jitted inference forward pass."""
+  return profiler(model, variables, batch, repeats)()
+
+
+def _profile_round(run, calls: dict, repeats: int) -> dict:
   untraced = common.median_time(run, repeats)
   per_op = collections.Counter()
   for e in _trace_events(run, repeats):
@@ -232,12 +241,11 @@ def main(argv=None) -> dict:
   )
   p.add_argument(
     '--name',
+    type=common.file_stem,
     default='layer_profile',
     help='results file stem under benchmarks/results/',
   )
   a = p.parse_args(argv)
-  if not a.name or os.sep in a.name or a.name.startswith('.'):
-    p.error(f'--name is a file stem, got {a.name!r}')
   hostmem.retain_freed_memory()  # before the first JAX computation
   model, variables, _, _, variants, unreachable = (
     pruned_speedup.pruned_variants(a.model, a.mode, (a.factor,), (a.round_to,))
@@ -246,10 +254,13 @@ def main(argv=None) -> dict:
     raise SystemExit(unreachable[0]['why'])
   ((variant, (pm, pv, _)),) = variants.items()
   nets = {'full': (model, variables), variant: (pm, pv)}
+  profilers = {
+    k: profiler(m, v, a.batch, a.repeats) for k, (m, v) in nets.items()
+  }
   runs = {k: [] for k in nets}
   for _ in range(a.rounds):  # interleaved: the machine's states hit both
-    for k, (m, v) in nets.items():
-      runs[k].append(profile(m, v, a.batch, a.repeats))
+    for k, prof in profilers.items():
+      runs[k].append(prof())
   res = {k: median_of(r) for k, r in runs.items()}
   if not res['full']['conv_flops']:
     raise SystemExit(

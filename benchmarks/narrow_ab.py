@@ -122,10 +122,8 @@ def main(argv=None) -> list[dict]:
   p.add_argument('--batch', type=int, default=128)
   p.add_argument('--rounds', type=int, default=11)
   p.add_argument('--buffers', default='1,8')
-  p.add_argument('--name', default='narrow_ab')
+  p.add_argument('--name', type=common.file_stem, default='narrow_ab')
   a = p.parse_args(argv)
-  if not a.name or os.sep in a.name or a.name.startswith('.'):
-    p.error(f'--name is a file stem, got {a.name!r}')
   try:
     a_text = source_at(a.base)
   except ValueError as e:

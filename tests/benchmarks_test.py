@@ -256,8 +256,12 @@ class BenchmarksTest(absltest.TestCase):
       ),
       mock.patch.object(
         layer_profile,
-        'profile',
-        return_value={'untraced_ms': 1.0, 'other_ms': 1.0, 'classes': []},
+        'profiler',
+        return_value=lambda: {
+          'untraced_ms': 1.0,
+          'other_ms': 1.0,
+          'classes': [],
+        },
       ),
       self.assertRaisesRegex(SystemExit, 'No native convolution'),
     ):

@@ -405,7 +405,8 @@ void RowConv(const Shape& s, const float* x, const float* k, float* y,
         if (hi1 >= 0 && hi1 < s.h) {
           const char* p = reinterpret_cast<const char*>(
               x + (n1 * s.h + hi1) * s.w * s.c);
-          for (int64_t b = 0; b < s.w * s.c * 4; b += 64)
+          const int64_t bytes = s.w * s.c * int64_t{sizeof(float)};
+          for (int64_t b = 0; b < bytes; b += 64)
             _mm_prefetch(p + b, _MM_HINT_T0);
         }
       }
