@@ -47,6 +47,9 @@ def base(dataset: str, model: str) -> ml_collections.ConfigDict:
 
   c.input = ml_collections.ConfigDict()
   c.input.dataset = dataset
+  # 'tfds' (TFDS + tf.data), or 'npz': CIFAR from decoded arrays in NumPy,
+  # no TensorFlow (data_dir/<dataset>_arrays.npz; pfa_jax/array_input.py).
+  c.input.source = 'tfds'
   c.input.data_dir = ''  # '' = TFDS default / $TFDS_DATA_DIR
   c.input.batch_size = 128
   c.input.eval_batch_size = 512

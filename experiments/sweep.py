@@ -112,9 +112,24 @@ def apply_overrides(config, overrides: Mapping[str, Any]):
   return config
 
 
+# Fields added after sweeps had run: at these values they are left out of
+# the hash, so a point keeps its name and an existing workdir resumes.
+HASH_NEUTRAL = {('input', 'source'): 'tfds'}
+
+
 def config_hash(config) -> str:
-  """Short SHA-256 of the resolved config's canonical JSON."""
-  text = json.dumps(config.to_dict(), sort_keys=True, default=repr)
+  """Short SHA-256 of the resolved config's canonical JSON.
+
+  Fields of ``HASH_NEUTRAL`` at their listed value are left out.
+  """
+  tree = config.to_dict()
+  for (*parents, leaf), neutral in HASH_NEUTRAL.items():
+    node = tree
+    for key in parents:
+      node = node.get(key, {})
+    if leaf in node and node[leaf] == neutral:
+      del node[leaf]
+  text = json.dumps(tree, sort_keys=True, default=repr)
   return hashlib.sha256(text.encode()).hexdigest()[:HASH_LEN]
 
 

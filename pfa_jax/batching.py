@@ -15,16 +15,11 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from pfa_jax.array_input import Batch
+from pfa_jax.array_input import epoch_seed
+from pfa_jax.array_input import pad_batch
 from pfa_jax.datasets import data_options
 from pfa_jax.preprocess import PreprocessFn
-
-Batch = dict[str, np.ndarray]
-
-
-def epoch_seed(seed: int, epoch: int) -> int:
-  """A 31-bit seed for epoch ``epoch`` (a pure function of both)."""
-  state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(epoch)])
-  return int(state.generate_state(1)[0] & 0x7FFFFFFF)
 
 
 def _seeded(preprocess_fn: PreprocessFn, seed: int):
@@ -95,19 +90,6 @@ def train_batches(
     for batch in tfds.as_numpy(d):
       batch['mask'] = np.ones([batch_size], bool)
       yield batch
-
-
-def pad_batch(batch: Batch, batch_size: int) -> Batch:
-  """Pads a host batch with zeros to ``batch_size``; padding has mask False."""
-  n = len(batch['label'])
-  mask = batch.get('mask', np.ones([n], bool)).astype(bool)
-  out = {k: v for k, v in batch.items() if k != 'mask'}
-  out = {
-    k: np.concatenate([v, np.zeros((batch_size - n, *v.shape[1:]), v.dtype)])
-    for k, v in out.items()
-  }
-  out['mask'] = np.concatenate([mask, np.zeros([batch_size - n], bool)])
-  return out
 
 
 def eval_batches(

@@ -10,7 +10,6 @@ fine-tunes reuse them instead of decoding the split again. ImageNet streams
 encoded JPEGs. Call ``load_arrays.cache_clear()`` to free the memory.
 """
 
-import dataclasses
 import functools
 import logging as py_logging
 import os
@@ -21,69 +20,13 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-
-@dataclasses.dataclass(frozen=True)
-class DatasetSpec:
-  """Static facts about a supported dataset."""
-
-  train_split: str
-  eval_split: str
-  num_classes: int
-  mean: tuple[float, float, float]  # RGB, on [0, 1] pixels
-  std: tuple[float, float, float]
-  in_memory: bool  # small enough to decode once and keep in host RAM
-
-
-DATASETS = {
-  'cifar10': DatasetSpec(
-    'train',
-    'test',
-    10,
-    (0.4914, 0.4822, 0.4465),
-    (0.2470, 0.2435, 0.2616),
-    True,
-  ),
-  'cifar100': DatasetSpec(
-    'train',
-    'test',
-    100,
-    (0.5071, 0.4865, 0.4409),
-    (0.2673, 0.2564, 0.2762),
-    True,
-  ),
-  'imagenet2012': DatasetSpec(
-    'train',
-    'validation',
-    1000,
-    (0.485, 0.456, 0.406),
-    (0.229, 0.224, 0.225),
-    False,
-  ),
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetInfo:
-  """What the train loop needs to know about the data.
-
-  Example counts are global (all hosts); with a class subset they count only
-  the kept classes. ``steps_per_epoch`` is the same on every host.
-  """
-
-  num_train_examples: int
-  num_eval_examples: int
-  num_classes: int
-  steps_per_epoch: int
-  num_eval_batches: int
-  image_shape: tuple[int, int, int]  # (H, W, C)
-
-
-def get_spec(dataset: str) -> DatasetSpec:
-  if dataset not in DATASETS:
-    raise ValueError(
-      f'Unknown dataset {dataset!r}; expected one of {sorted(DATASETS)}.'
-    )
-  return DATASETS[dataset]
+# Re-exported: callers reach the specs through this module (and
+# input_pipeline) as before.
+from pfa_jax.dataspec import DATASETS  # noqa: F401
+from pfa_jax.dataspec import DatasetInfo  # noqa: F401
+from pfa_jax.dataspec import DatasetSpec  # noqa: F401
+from pfa_jax.dataspec import check_classes
+from pfa_jax.dataspec import get_spec
 
 
 @functools.cache
@@ -113,25 +56,6 @@ def data_options() -> tf.data.Options:
 
 # ----------------------------------------------------------------------------
 # Classes.
-
-
-def check_classes(classes: Sequence[int], num_classes: int) -> tuple[int, ...]:
-  """Validates a class subset; returns it as a tuple (empty = all classes).
-
-  Raises:
-    ValueError: naming any id outside ``[0, num_classes)`` or repeated.
-  """
-  classes = tuple(int(c) for c in classes)
-  unknown = sorted({c for c in classes if not 0 <= c < num_classes})
-  if unknown:
-    raise ValueError(
-      f'Unknown class ids {unknown}: the dataset has classes '
-      f'0..{num_classes - 1}.'
-    )
-  dups = sorted({c for c in classes if classes.count(c) > 1})
-  if dups:
-    raise ValueError(f'Repeated class ids {dups} in the class subset.')
-  return classes
 
 
 def select_classes(

@@ -50,6 +50,7 @@ def run(config, workdir: str) -> dict:
   if config.job not in JOBS:
     raise ValueError(f'config.job must be one of {JOBS}, got {config.job!r}.')
   input_pipeline.get_spec(config.input.dataset)  # Unknown dataset: fail now.
+  tfds_source = input_pipeline.source(config) == 'tfds'  # Bad source: now.
   if config.job in ('compress', 'all'):
     compress.validate(config)  # Bad method/recipe/option: fail now.
   if config.job == 'schedule':
@@ -65,7 +66,8 @@ def run(config, workdir: str) -> dict:
   train.distill_settings(config)  # Bad distill.weight/temperature: fail now.
   if config.job in ('train', 'all'):
     check_model_config(config)
-  input_pipeline.configure_tf()
+  if tfds_source:  # The npz source never imports TensorFlow.
+    input_pipeline.configure_tf()
   out = {}
   if config.job in ('train', 'all'):
     train_dir = os.path.join(workdir, 'train')

@@ -9,7 +9,8 @@
   ``(step, name)`` the file already holds, no step appears twice.
 * ``create_writer(workdir)``: clu's default writer (TensorBoard + logging)
   combined with a ``JsonlWriter`` through clu's ``MultiWriter``; hosts other
-  than process 0 only log.
+  than process 0 only log, and so does process 0 without TensorFlow
+  (:mod:`pfa_jax.clu_compat`).
 * ``write_config(config, workdir)``: dumps the config to ``config.json``.
 * ``eval_summary(sums)``: masked eval sums -> mean loss and accuracy.
 """
@@ -22,7 +23,9 @@ from typing import Any
 
 import jax
 import numpy as np
-from clu import metric_writers
+
+from pfa_jax import clu_compat
+from pfa_jax.clu_compat import metric_writers
 
 METRICS_FILE = 'metrics.jsonl'
 CONFIG_FILE = 'config.json'
@@ -163,10 +166,14 @@ def truncate_jsonl(path: str | os.PathLike, last_step: int) -> int:
 
 
 def create_writer(workdir: str | os.PathLike) -> metric_writers.MetricWriter:
-  """TensorBoard + logging + ``workdir/metrics.jsonl`` (process 0 only)."""
+  """TensorBoard + logging + ``workdir/metrics.jsonl`` (process 0 only).
+
+  Without TensorFlow (``clu_compat.TENSORBOARD`` False): logging and
+  ``metrics.jsonl`` only.
+  """
   lead = jax.process_index() == 0
   default = metric_writers.create_default_writer(
-    os.fspath(workdir), just_logging=not lead
+    os.fspath(workdir), just_logging=not (lead and clu_compat.TENSORBOARD)
   )
   if not lead:
     return default

@@ -28,9 +28,6 @@ import flax.linen as nn
 import jax
 import numpy as np
 from absl import logging
-from clu import metric_writers
-from clu import parameter_overview
-from clu import periodic_actions
 
 from pfa_jax import checkpoint
 from pfa_jax import evaluation
@@ -38,6 +35,9 @@ from pfa_jax import input_pipeline
 from pfa_jax import metrics
 from pfa_jax import models
 from pfa_jax import steps as steps_lib
+from pfa_jax.clu_compat import metric_writers
+from pfa_jax.clu_compat import parameter_overview
+from pfa_jax.clu_compat import periodic_actions
 from pfa_jax.evaluation import _to_host
 from pfa_jax.evaluation import evaluate
 from pfa_jax.evaluation import evaluate_model

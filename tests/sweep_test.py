@@ -6,6 +6,7 @@ through ``pfa_jax.main.run`` on tfds mock data.
 """
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -16,6 +17,7 @@ import tempfile
 import textwrap
 from contextlib import redirect_stdout
 
+import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 from absl.testing import absltest
@@ -102,6 +104,18 @@ class SweepTest(absltest.TestCase):
     other = sweep.expand(module, '1')
     self.assertNotEqual(other[0]['hash'], points[0]['hash'])
     self.assertEqual(sweep.expand(module, '0')[0]['hash'], points[0]['hash'])
+
+  def test_a_field_added_later_keeps_old_hashes_at_its_neutral_value(self):
+    old = {'input': {'dataset': 'cifar10'}, 'seed': 1}
+    text = json.dumps(old, sort_keys=True, default=repr)
+    before = hashlib.sha256(text.encode()).hexdigest()[: sweep.HASH_LEN]
+    config = ml_collections.ConfigDict(old)
+    self.assertEqual(sweep.config_hash(config), before)
+    config.input.source = 'tfds'  # the field's neutral value
+    self.assertEqual(sweep.config_hash(config), before)
+    config.input.source = 'npz'
+    self.assertNotEqual(sweep.config_hash(config), before)
+    self.assertEqual(config.input.source, 'npz')  # the config is not edited
 
   def test_unknown_override_key_raises_naming_it(self):
     module, _ = sweep.load_config_module(self.config)
