@@ -19,7 +19,11 @@ import jax
 START_LOAD = os.getloadavg()
 QUIET_LOAD = 1.0
 
-RESULTS = os.path.join(os.path.dirname(__file__), 'results')
+# Where ``write`` puts results: benchmarks/results/, or the folder that
+# PFA_JAX_BENCH_RESULTS names (a device run writes under its $OUT).
+RESULTS = os.environ.get('PFA_JAX_BENCH_RESULTS') or os.path.join(
+  os.path.dirname(__file__), 'results'
+)
 
 
 @contextlib.contextmanager
@@ -75,6 +79,7 @@ def machine() -> dict:
     'jax': jax.__version__,
     'backend': jax.default_backend(),
     'devices': [str(d) for d in jax.devices()],
+    'device_kind': jax.devices()[0].device_kind,
     'date': datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds'),
   }
 
