@@ -27,10 +27,30 @@ within-run ratios still comparable. Also measures a plain
 float32 matmul's GFLOP/s (the peak reference) and each model's achieved
 GFLOP/s (XLA's forward FLOP count x 3 for training, x 1 for eval).
 
-Writes ``benchmarks/results/train_throughput.json``.
+``--device gpu`` times the same on one GPU: JAX with ``conv_impl='xla'``
+only (XLA:GPU's convolutions are cuDNN's; 'fast' and 'onednn' are CPU
+kernels), PyTorch eager on ``cuda`` (channels_last, ``cudnn.benchmark``),
+each side synchronised around its timed region, with 50 steps per cell, 5
+repetitions and no ``--gap`` by default; no CPU levers (thread count,
+retained memory). ``--precision`` is the same on both sides: 'highest'
+(JAX ``default_matmul_precision('highest')``, torch TF32 off for matmuls and
+cuDNN) or 'tf32' (JAX's default precision, torch TF32 on); on CPU it is
+'highest'. There is no bfloat16 mode: the models have no compute-dtype
+option, and bfloat16 JAX against float32 PyTorch would compare nothing. JAX
+initialises the GPU first and keeps its default memory preallocation (75%);
+PyTorch's process uses what is left. The peak reference is an 8192^2 matmul
+there. Without a CUDA-enabled PyTorch, ``--device gpu`` stops with an error
+(``--no-torch`` times JAX alone)::
+
+  PFA_JAX_BENCH_RESULTS=$OUT python -m benchmarks.train_throughput --device gpu
+
+Writes ``train_throughput.json`` (``train_throughput_gpu.json`` with
+``--device gpu``) under ``benchmarks/results/``, or under the folder that
+``PFA_JAX_BENCH_RESULTS`` names; ``--out`` overrides.
 """
 
 import argparse
+import contextlib
 import datetime
 import functools
 import json
@@ -57,9 +77,29 @@ from pfa_jax import sharding
 from pfa_jax import steps
 
 MODEL_NAMES = ('simple_cnn', 'vgg16_cifar', 'resnet56')
-_OUT = os.path.join(
-  os.path.dirname(__file__), 'results', 'train_throughput.json'
-)
+# Per device: the defaults of the options left unset, the JSON's file name,
+# the peak reference matmul's size and PyTorch's device. A GPU step takes
+# milliseconds: more steps per cell, and no idle gap (no spinning CPU pools
+# to wait out; an idle GPU would clock down).
+_DEVICE = {
+  'cpu': {
+    'defaults': {
+      'impls': 'xla,fast,onednn',
+      'steps': 2,
+      'repeats': 3,
+      'gap': 3.0,
+    },
+    'out': 'train_throughput.json',
+    'matmul_n': 2048,
+    'torch': 'cpu',
+  },
+  'gpu': {
+    'defaults': {'impls': 'xla', 'steps': 50, 'repeats': 5, 'gap': 0.0},
+    'out': 'train_throughput_gpu.json',
+    'matmul_n': 8192,
+    'torch': 'cuda',
+  },
+}
 _LR, _MOMENTUM, _WD = 0.05, 0.9, 5e-4
 
 # --------------------------------------------------------------------------
@@ -80,8 +120,10 @@ def _optim_config():
   )
 
 
-def conv_path(impl):
+def conv_path(impl, device='cpu'):
   """What computes the convolutions for ``impl`` (for the JSON)."""
+  if device == 'gpu':
+    return {'xla': 'lax.conv_general_dilated (XLA:GPU, cuDNN)'}.get(impl, impl)
   if impl == 'onednn':
     if onednn.available():
       return 'oneDNN 3.2 (onednn-cpu-gomp) via XLA FFI, custom_vjp'
@@ -200,7 +242,14 @@ def forward_flops(name, variables, batch, num_classes=10):
 # PyTorch reference (same architectures, channels_last, eager)
 
 
-def make_torch_runner(name, batch, num_classes=10, seed=0):
+def make_torch_runner(name, batch, num_classes=10, seed=0, device='cpu'):
+  """Returns {'train': fn(steps) -> s, 'eval': ..., 'num_params': int}.
+
+  ``device`` is torch's ('cpu' or 'cuda'); on 'cuda' each timed region
+  starts and ends with ``torch.cuda.synchronize()``. ``num_params`` counts
+  the trainable parameters (BN running statistics are buffers), to compare
+  with the JAX model's ``params``.
+  """
   import torch  # noqa: PLC0415
   from torch import nn as tnn  # noqa: PLC0415
 
@@ -280,16 +329,19 @@ def make_torch_runner(name, batch, num_classes=10, seed=0):
 
   torch.manual_seed(seed)
   net = {'simple_cnn': simple_cnn, 'vgg16_cifar': vgg16, 'resnet56': resnet56}
-  model = net[name]().to(memory_format=torch.channels_last)
+  model = net[name]().to(device=device, memory_format=torch.channels_last)
   opt = torch.optim.SGD(
     model.parameters(), lr=_LR, momentum=_MOMENTUM, weight_decay=_WD
   )
-  x = torch.randn(batch, 3, 32, 32).to(memory_format=torch.channels_last)
-  y = torch.randint(0, num_classes, (batch,))
+  x = torch.randn(batch, 3, 32, 32, device=device)
+  x = x.to(memory_format=torch.channels_last)
+  y = torch.randint(0, num_classes, (batch,), device=device)
   loss_fn = tnn.CrossEntropyLoss()
+  sync = _torch_sync(torch, device)
 
   def run_train(steps):
     model.train()
+    sync()
     t0 = time.perf_counter()
     for _ in range(steps):
       opt.zero_grad(set_to_none=True)
@@ -297,18 +349,32 @@ def make_torch_runner(name, batch, num_classes=10, seed=0):
       loss.backward()
       opt.step()
     loss.item()
+    sync()
     return time.perf_counter() - t0
 
   def run_eval(steps):
     model.eval()
+    sync()
     t0 = time.perf_counter()
     with torch.no_grad():
       for _ in range(steps):
         out = (model(x).argmax(-1) == y).sum()
     out.item()
+    sync()
     return time.perf_counter() - t0
 
-  return {'train': run_train, 'eval': run_eval}
+  return {
+    'train': run_train,
+    'eval': run_eval,
+    'num_params': sum(p.numel() for p in model.parameters()),
+  }
+
+
+def _torch_sync(torch, device):
+  """Waits for ``device``'s queued work (CUDA); a no-op on the CPU."""
+  if device == 'cuda':
+    return torch.cuda.synchronize
+  return lambda: None
 
 
 # --------------------------------------------------------------------------
@@ -328,15 +394,19 @@ def matmul_gflops(n=2048, reps=3):
   return 2 * n**3 / statistics.median(ts) / 1e9
 
 
-def torch_matmul_gflops(n=2048, reps=3):
+def torch_matmul_gflops(n=2048, reps=3, device='cpu'):
+  """`matmul_gflops` in PyTorch on ``device`` ('cpu' or 'cuda')."""
   import torch  # noqa: PLC0415
 
-  a = torch.randn(n, n)
+  sync = _torch_sync(torch, device)
+  a = torch.randn(n, n, device=device)
   a @ a
+  sync()
   ts = []
   for _ in range(reps):
     t0 = time.perf_counter()
     a @ a
+    sync()
     ts.append(time.perf_counter() - t0)
   return 2 * n**3 / statistics.median(ts) / 1e9
 
@@ -346,12 +416,23 @@ def torch_matmul_gflops(n=2048, reps=3):
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument('--device', choices=tuple(_DEVICE), default='cpu')
+  p.add_argument(
+    '--precision',
+    choices=('highest', 'tf32'),
+    default='highest',
+    help="float32 matmuls and convs on the GPU, both sides ('highest' on CPU)",
+  )
   p.add_argument('--models', default=','.join(MODEL_NAMES))
-  p.add_argument('--impls', default='xla,fast,onednn')
+  p.add_argument(
+    '--impls', default=None, help="default: xla,fast,onednn (gpu: 'xla')"
+  )
   p.add_argument('--modes', default='train,eval')
   p.add_argument('--batch', type=int, default=128)
-  p.add_argument('--steps', type=int, default=2, help='steps per repetition')
-  p.add_argument('--repeats', type=int, default=3)
+  p.add_argument(
+    '--steps', type=int, default=None, help='steps per repetition (2; gpu: 50)'
+  )
+  p.add_argument('--repeats', type=int, default=None, help='3 (gpu: 5)')
   p.add_argument(
     '--warmup-rounds',
     type=int,
@@ -361,11 +442,11 @@ def parse_args(argv=None):
   p.add_argument(
     '--gap',
     type=float,
-    default=3.0,
+    default=None,
     help="idle seconds before each cell, so that the other process's "
     'spinning thread pools are asleep (session 11: with 1 s, 2 of 6 JAX '
     'ResNet-56 training repetitions ran at ~100 instead of ~330 img/s; '
-    'results/train_throughput_session11.log)',
+    'results/train_throughput_session11.log). Default 3 (gpu: 0)',
   )
   p.add_argument('--no-torch', action='store_true')
   p.add_argument(
@@ -374,7 +455,11 @@ def parse_args(argv=None):
     help="leave PyTorch's process on glibc's default malloc settings "
     '(default: the same retain_freed_memory as the JAX side)',
   )
-  p.add_argument('--out', default=_OUT, help="JSON path ('' = don't write)")
+  p.add_argument(
+    '--out',
+    default=None,
+    help="JSON path ('' = don't write; default: see the module docstring)",
+  )
   p.add_argument('--note', action='append', default=[])
   # Levers (see benchmarks/conv_levers.py).
   p.add_argument('--no-donate', action='store_true')
@@ -386,7 +471,17 @@ def parse_args(argv=None):
   )
   p.add_argument('--chunk-bytes', type=int, default=None)
   p.add_argument('--small-map', type=int, default=None)
-  return p.parse_args(argv)
+  args = p.parse_args(argv)
+  for key, value in _DEVICE[args.device]['defaults'].items():
+    if getattr(args, key) is None:
+      setattr(args, key, value)
+  if args.out is None:
+    args.out = os.path.join(common.RESULTS, _DEVICE[args.device]['out'])
+  if args.device == 'gpu' and set(args.impls.split(',')) - {'xla', ''}:
+    p.error(
+      f"--device gpu times conv_impl 'xla' only, got --impls {args.impls}"
+    )
+  return args
 
 
 def _load():
@@ -396,21 +491,65 @@ def _load():
     return None
 
 
-def _torch_info(torch):
-  """Torch's conv library as its build config reports it."""
+def _torch_info(torch, device='cpu'):
+  """Torch's conv library as its build config reports it (and its GPU)."""
   cfg = torch.__config__.show()
   dnn = [
     ln.strip() for ln in cfg.splitlines() if 'oneDNN' in ln or 'MKL-DNN' in ln
   ]
-  return {
+  info = {
     'version': torch.__version__,
+    'device': device,
+    'dtype': str(torch.get_default_dtype()).removeprefix('torch.'),
     'threads': torch.get_num_threads(),
     'mkldnn_enabled': bool(torch.backends.mkldnn.is_available()),
     'onednn': dnn[0][:120] if dnn else None,
   }
+  if device == 'cuda':
+    info.update(
+      cuda_device=torch.cuda.get_device_name(),
+      cuda=torch.version.cuda,
+      cudnn=torch.backends.cudnn.version(),
+      cudnn_benchmark=torch.backends.cudnn.benchmark,
+      matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32,
+      cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
+    )
+  return info
 
 
-def _torch_worker(conn, names, batch, modes, retain_memory=True):
+def _torch_conv_path(info):
+  """What computes PyTorch's convolutions, from `_torch_info` (for the JSON)."""
+  if info['device'] == 'cuda':
+    bench = info['cudnn_benchmark']
+    return f'torch eager, cuDNN {info["cudnn"]} (benchmark: {bench})'
+  return f'torch eager, {info["onednn"]}'
+
+
+def set_torch_precision(torch, precision):
+  """Sets torch's TF32 switches for ``precision``; returns the one now set.
+
+  'highest': TF32 off for CUDA matmuls and cuDNN convolutions, 'tf32': on.
+  The switches are read back: 'mixed' if they disagree. They act on CUDA
+  only; the CPU's float32 is full precision either way.
+  """
+  torch.backends.cuda.matmul.allow_tf32 = precision == 'tf32'
+  torch.backends.cudnn.allow_tf32 = precision == 'tf32'
+  matmul = torch.backends.cuda.matmul.allow_tf32
+  if matmul != torch.backends.cudnn.allow_tf32:
+    return 'mixed'
+  return 'tf32' if matmul else 'highest'
+
+
+def _torch_worker(
+  conn,
+  names,
+  batch,
+  modes,
+  retain_memory=True,
+  device='cpu',
+  precision='highest',
+  matmul_n=2048,
+):
   """PyTorch's side, in its own process: builds the runners, then times cells.
 
   With ``retain_memory`` it gets the same glibc setting as the JAX side
@@ -422,34 +561,63 @@ def _torch_worker(conn, names, batch, modes, retain_memory=True):
   pool of whichever ran last keeps spinning while the other runs (measured:
   JAX's ResNet-56 training at 127 img/s with torch imported and interleaved
   in-process, 181 img/s without). Here the idle side blocks on a pipe.
+
+  On 'cuda' (``device`` is torch's) it sets ``cudnn.benchmark`` and the TF32
+  switches for ``precision`` instead of the CPU's thread count; it reports
+  an error if torch has no CUDA.
   """
   retained = hostmem.retain_freed_memory() if retain_memory else False
   try:
     import torch  # noqa: PLC0415
   except ImportError as e:
-    conn.send(('error', str(e)))
+    conn.send(('import_error', str(e)))
     return
-  torch.set_num_threads(2)
-  cells = {name: make_torch_runner(name, batch) for name in names}
+  if device == 'cuda':
+    if not torch.cuda.is_available():
+      msg = (
+        f'torch {torch.__version__} (CUDA build: {torch.version.cuda}) sees '
+        'no CUDA device: torch.cuda.is_available() is False'
+      )
+      conn.send(('error', msg))
+      return
+    torch.backends.cudnn.benchmark = True
+    precision = set_torch_precision(torch, precision)
+  else:
+    torch.set_num_threads(2)
+  cells = {
+    name: make_torch_runner(name, batch, device=device) for name in names
+  }
   for runners in cells.values():  # warm up
     for mode in modes:
       runners[mode](1)
-  conn.send(('ready', {**_torch_info(torch), 'retain_freed_memory': retained}))
+  info = {
+    **_torch_info(torch, device),
+    'precision': precision,
+    'num_params': {name: r['num_params'] for name, r in cells.items()},
+    'retain_freed_memory': retained,
+  }
+  conn.send(('ready', info))
   while True:
     msg = conn.recv()
     if msg is None:
       return
     if msg == 'matmul':
-      conn.send(torch_matmul_gflops())
+      conn.send(torch_matmul_gflops(matmul_n, device=device))
     else:
       name, mode, steps = msg
       conn.send(cells[name][mode](steps))
 
 
 class _TorchProcess:
-  """Runners of a `_torch_worker` process: ``runner(name)[mode](steps) -> s``."""
+  """Runners of a `_torch_worker` process: ``runner(name)[mode](steps) -> s``.
 
-  def __init__(self, names, batch, modes, retain_memory=True):
+  Started with 'spawn', never 'fork': CUDA cannot be initialised in a
+  forked child once the parent has touched it (JAX has, on the GPU).
+  Raises ImportError if torch is missing, RuntimeError if it has no CUDA
+  for ``device='cuda'``.
+  """
+
+  def __init__(self, names, batch, modes, retain_memory=True, **kw):
     import multiprocessing  # noqa: PLC0415
 
     ctx = multiprocessing.get_context('spawn')
@@ -457,12 +625,14 @@ class _TorchProcess:
     self._proc = ctx.Process(
       target=_torch_worker,
       args=(child, names, batch, modes, retain_memory),
+      kwargs=kw,
       daemon=True,
     )
     self._proc.start()
     kind, self.info = self._conn.recv()
-    if kind == 'error':
-      raise ImportError(self.info)
+    if kind != 'ready':
+      self._proc.join(timeout=30)
+      raise (ImportError if kind == 'import_error' else RuntimeError)(self.info)
 
   def _ask(self, msg):
     self._conn.send(msg)
@@ -485,13 +655,51 @@ class _TorchProcess:
     self._proc.join(timeout=30)
 
 
+def _check_torch_setup(torch_info, device, precision):
+  """Raises unless PyTorch's process runs as the JAX side does."""
+  want = {
+    'device': _DEVICE[device]['torch'],
+    'dtype': 'float32',
+    'precision': precision,
+  }
+  got = {k: torch_info.get(k) for k in want}
+  if got != want:
+    raise RuntimeError(f'PyTorch runs with {got}, the JAX side with {want}')
+
+
 def main(argv=None):
-  retained = hostmem.retain_freed_memory()  # before the first JAX computation
   args = parse_args(argv)
+  gpu = args.device == 'gpu'
+  # Before the first JAX computation; a CPU lever, not applied on the GPU.
+  retained = False if gpu else hostmem.retain_freed_memory()
+  if gpu and jax.default_backend() != 'gpu':
+    raise SystemExit(
+      f"--device gpu: JAX's default backend is {jax.default_backend()!r}, "
+      f'not a GPU (jax {jax.__version__}, devices {jax.devices()}). '
+      'Install jax with CUDA, or run with --device cpu.'
+    )
+  precision = args.precision if gpu else 'highest'
+  # A trace-time setting: it must cover every call of a jitted step, or the
+  # step is traced again with the default.
+  with (
+    jax.default_matmul_precision('highest')
+    if gpu and precision == 'highest'
+    else contextlib.nullcontext()
+  ):
+    return _benchmark(args, argv, precision, retained)
+
+
+def _benchmark(args, argv, precision, retained):
+  """`main` once the device is checked and JAX's precision set."""
+  gpu = args.device == 'gpu'
   names = [m for m in args.models.split(',') if m]
   impls = [i for i in args.impls.split(',') if i]
   modes = [m for m in args.modes.split(',') if m]
   notes = list(args.note)
+  if precision != args.precision:
+    notes.append(f'--precision {args.precision} ignored on the CPU.')
+  jax_precision = jax.config.jax_default_matmul_precision  # None: default
+  matmul_n = _DEVICE[args.device]['matmul_n']
   if args.chunk_bytes is not None:
     conv.CHUNK_BYTES = args.chunk_bytes
   if args.small_map is not None:
@@ -505,20 +713,41 @@ def main(argv=None):
   if not args.no_torch:
     try:
       torch_proc = _TorchProcess(
-        names, args.batch, modes, retain_memory=not args.torch_default_malloc
+        names,
+        args.batch,
+        modes,
+        retain_memory=not (args.torch_default_malloc or gpu),
+        device=_DEVICE[args.device]['torch'],
+        precision=precision,
+        matmul_n=matmul_n,
       )
       torch_info = torch_proc.info
-    except ImportError:
+    except ImportError as e:
+      if gpu:
+        raise SystemExit(
+          f'--device gpu: torch not importable ({e}); --no-torch times JAX '
+          'alone.'
+        ) from e
       notes.append('torch not importable: PyTorch columns skipped.')
       print('NOTE: torch not importable (run `make bench-deps`); skipping.')
+    except RuntimeError as e:  # torch without CUDA
+      raise SystemExit(f'--device gpu: {e}; --no-torch times JAX alone.') from e
+    if torch_info:
+      _check_torch_setup(torch_info, args.device, precision)
 
   load_start = _load()
-  cells, flops = {}, {}  # (model, fw) -> runners
+  cells, flops, num_params = {}, {}, {}  # (model, fw) -> runners
   t_setup = time.perf_counter()
   for name in names:
     # conv_impl does not change the variables: initialise once per model.
     model = models.get_model(name, num_classes=10)
     variables = models.init(model, jax.random.PRNGKey(0), (32, 32, 3))
+    num_params[name] = {
+      'jax': sum(x.size for x in jax.tree.leaves(variables['params'])),
+      'torch': torch_info and torch_info['num_params'][name],
+    }
+    if torch_info and len(set(num_params[name].values())) != 1:
+      raise RuntimeError(f'{name}: unequal parameter counts {num_params[name]}')
     flops[name] = forward_flops(name, variables, args.batch)
     for impl in impls:
       cells[(name, f'jax_{impl}')] = make_jax_runner(
@@ -551,7 +780,7 @@ def main(argv=None):
   peak = {'jax_matmul_gflops': [], 'torch_matmul_gflops': []}
   load = [_load()]
   for rep in range(args.repeats):
-    peak['jax_matmul_gflops'].append(matmul_gflops())
+    peak['jax_matmul_gflops'].append(matmul_gflops(matmul_n))
     if torch_info:
       peak['torch_matmul_gflops'].append(torch_proc.matmul_gflops())
     for key, runners in cells.items():
@@ -607,7 +836,7 @@ def main(argv=None):
         line += ' ' + ' '.join(f'{r[i]:8.2f}' for i in impls)
       print(line)
   print(
-    'matmul 2048^2 GFLOP/s: '
+    f'matmul {matmul_n}^2 GFLOP/s: '
     + ', '.join(f'{k} {v:.1f}' for k, v in peak_med.items())
   )
   print(
@@ -626,6 +855,8 @@ def main(argv=None):
       'platform': platform.platform(),
       'processor': platform.processor(),
       'cpu_count': os.cpu_count(),
+      'device': args.device,
+      'device_kind': jax.devices()[0].device_kind,
       'jax_devices': [str(d) for d in jax.devices()],
       'load_average_start': load_start,
       'load_average_end': load_end,
@@ -644,13 +875,16 @@ def main(argv=None):
       'steps_per_repetition': args.steps,
       'repetitions': args.repeats,
       'warmup_rounds': args.warmup_rounds,
-      'dtype': {'jax': 'float32', 'torch': 'float32'},
+      'device': args.device,
+      'precision': precision,
+      'jax_default_matmul_precision': jax_precision,
+      'dtype': {'jax': 'float32', 'torch': torch_info and torch_info['dtype']},
       'input': '32x32x3 float32 NHWC (torch: NCHW channels_last)',
       'step': 'pfa_jax.steps.train_step / eval_step (jit, donate)',
       'optimizer': f'SGD lr={_LR} momentum={_MOMENTUM} wd={_WD}',
       'conv_path': {
-        **{f'jax_{i}': conv_path(i) for i in impls},
-        'torch': torch_info and f'torch eager, {torch_info["onednn"]}',
+        **{f'jax_{i}': conv_path(i, args.device) for i in impls},
+        'torch': torch_info and _torch_conv_path(torch_info),
       },
       'onednn_threads': onednn.THREADS or 'OpenMP default',
       'retain_freed_memory': {
@@ -667,13 +901,15 @@ def main(argv=None):
       'conv_small_map': conv.SMALL_MAP,
     },
     'peak_reference_gflops': {k: round(v, 1) for k, v in peak_med.items()},
+    'peak_reference_matmul_n': matmul_n,
+    'num_params': num_params,
     'forward_gflop_per_image': {k: round(v / 1e9, 4) for k, v in flops.items()},
     'results_img_s': results,
     'ratios_jax_over_torch': ratios,
     'notes': notes,
   }
   if args.out:
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)
     with open(args.out, 'w') as f:
       json.dump(report, f, indent=1)
     print(f'wrote {args.out}')
