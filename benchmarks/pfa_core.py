@@ -3,10 +3,12 @@
 Run from the repository root::
 
   python -m benchmarks.pfa_core [--at-scale] [--at-scale-samples 1200000]
+    [--reference ssyrk|device] [--name pfa_core]
 
-Prints a table and writes ``benchmarks/results/pfa_core.json`` with machine
-info, versions, load averages (``loaded`` when the machine was busy at the
-start, ``benchmarks.common.loaded``), each target and what was achieved:
+Prints a table and writes ``benchmarks/results/pfa_core.json`` (the folder:
+``benchmarks.common.RESULTS``; the stem: ``--name``) with machine info,
+versions, load averages (``loaded`` when the machine was busy at the start,
+``benchmarks.common.loaded``), each target and what was achieved:
 
 1. ``analyze()`` (spectra, KL + 8 energy recipes, unit selection) for the 14
    VGG-16-CIFAR layers with M = 10,000 correlated synthetic responses: <= 1 s.
@@ -26,6 +28,16 @@ start, ``benchmarks.common.loaded``), each target and what was achieved:
    cycled, so generation is not timed), plus C = 64/128/256/512. Each batch
    is fed to the donating update and to SSYRK, interleaved; the target is
    <= 1.2x SSYRK's time over the same batches.
+
+Off the CPU (``jax.default_backend()`` 'gpu'), a host BLAS is no yardstick
+for the device: sections 3 and 5 take ``--reference device`` (the default
+there), a jitted, donated ``acc + x.T @ x`` (float32, ``Precision.HIGHEST``;
+in section 3 also as one ``lax.dot_general``) over the same device-resident
+batches, interleaved with ``stats.update``; the figure is ``stats.update``'s
+time over the reference's (``device_add``). Sections 1 and 2 are NumPy/LAPACK
+code and still run on the host CPU (``measured_on``); section 4 runs
+anywhere. The results go to ``pfa_core_gpu.json`` unless ``--name`` says
+otherwise.
 """
 
 import argparse
@@ -40,6 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.linalg.blas
+from jax import lax
 
 from benchmarks import common
 from pfa_jax import analysis
@@ -49,7 +62,10 @@ from pfa_jax import select
 from pfa_jax import stats
 
 VGG_WIDTHS = (64, 64, 128, 128, 256, 256, 256) + (512,) * 7
-_OUT = os.path.join(os.path.dirname(__file__), 'results', 'pfa_core.json')
+THROUGHPUT = ((512, 20), (4096, 8))  # section 3: (units, batches)
+REFERENCES = ('ssyrk', 'device')
+# Sections 1 and 2 are NumPy/LAPACK code, whatever JAX's backend is.
+_HOST = 'host CPU (NumPy/LAPACK)'
 
 
 def _synthetic(rng, m, c):
@@ -85,6 +101,7 @@ def bench_analyze(reps=3):
     'note': 'wall time after one warm-up call (jit compile of stats.update '
     'per distinct width is in the cold time); CPU seconds summed over threads',
     'kl_widths': kl_widths,
+    'measured_on': _HOST,
     'pass': bool(np.median(times) <= 1.0),
   }
 
@@ -109,6 +126,7 @@ def bench_selection(reps=3):
     'target_s': 2.0,
     'median_s': med,
     'times_s': times,
+    'measured_on': _HOST,
     'pass': med <= 2.0,
   }
 
@@ -126,12 +144,62 @@ def _ssyrk_acc(c):
   return add
 
 
-def bench_throughput(c, num_batches, reps, batch=2048):
+_DEVICE_GRAMS = {
+  'matmul': lambda x: jnp.matmul(x.T, x, precision=lax.Precision.HIGHEST),
+  'dot_general': lambda x: lax.dot_general(
+    x, x, (((0,), (0,)), ((), ())), precision=lax.Precision.HIGHEST
+  ),
+}
+
+
+def device_add(kind='matmul'):
+  """The device yardstick: a jitted ``acc + x^T x`` donating ``acc``.
+
+  Args:
+    kind: 'matmul' (``x.T @ x``) or 'dot_general' (one ``lax.dot_general``
+      contracting the batch axes); float32 at ``Precision.HIGHEST`` (no
+      TF32), as ``stats.update`` computes its product off the CPU.
+
+  Returns:
+    ``add(acc [C, C], x [N, C]) -> acc + x^T x``, ``acc`` donated.
+  """
+  gram = _DEVICE_GRAMS[kind]
+  return jax.jit(lambda acc, x: acc + gram(x), donate_argnums=0)
+
+
+def _device_zeros(c):
+  return jnp.zeros((c, c), jnp.float32)
+
+
+def _device_acc(c, add_fn):
+  """``add(x)``: ``add_fn`` into a [C, C] device accumulator, blocking."""
+  acc = _device_zeros(c)
+
+  def add(x):
+    nonlocal acc
+    acc = jax.block_until_ready(add_fn(acc, x))
+    return acc
+
+  return add
+
+
+def _throughput_batches(c, num_batches, batch):
   rng = np.random.default_rng(2)
-  xs = [
+  return [
     (50.0 + rng.standard_normal((batch, c), dtype=np.float32))
     for _ in range(num_batches)
   ]
+
+
+def bench_throughput(c, num_batches, reps, batch=2048, reference='ssyrk'):
+  """Section 3 against ``reference``: 'ssyrk' (host BLAS) or 'device'."""
+  if reference not in REFERENCES:
+    raise ValueError(
+      f'reference must be one of {REFERENCES}, got {reference!r}'
+    )
+  if reference == 'device':
+    return _throughput_device(c, num_batches, reps, batch)
+  xs = _throughput_batches(c, num_batches, batch)
   xs_dev = [jnp.asarray(x) for x in xs]
   donated = jax.jit(stats.update.__wrapped__, donate_argnums=0)
   jax.block_until_ready(stats.update(stats.init(c), xs_dev[0]))  # compile
@@ -180,42 +248,111 @@ def bench_throughput(c, num_batches, reps, batch=2048):
   }
 
 
-def bench_at_scale(c, m, batch=2048):
+def _throughput_device(c, num_batches, reps, batch):
+  """Section 3 on the JAX device: ``stats.update`` against ``device_add``.
+
+  The batches are on the device before any timing; each timed pass starts
+  from a fresh state made outside the clock and feeds every batch, so all
+  sides see the same samples. Passes are interleaved; medians.
+  """
+  xs = jax.block_until_ready(
+    jax.device_put(_throughput_batches(c, num_batches, batch))
+  )
+  fns = {
+    'update': stats.update,
+    'update_donated': jax.jit(stats.update.__wrapped__, donate_argnums=0),
+    **{f'device_{k}': device_add(k) for k in _DEVICE_GRAMS},
+  }
+
+  def fresh(name):
+    return stats.init(c) if name.startswith('update') else _device_zeros(c)
+
+  for name, fn in fns.items():  # compile
+    jax.block_until_ready(fn(fresh(name), xs[0]))
+  times = {k: [] for k in fns}
+  load0 = os.getloadavg()
+  for _ in range(reps):
+    for name, fn in fns.items():
+      state = jax.block_until_ready(fresh(name))
+      t0 = time.perf_counter()
+      for x in xs:
+        state = fn(state, x)
+      jax.block_until_ready(state)
+      times[name].append(time.perf_counter() - t0)
+  med = {k: float(np.median(v)) for k, v in times.items()}
+  flops = float(c) * c * batch * num_batches  # SYRK: C^2 N multiply-adds / 2
+  target = 1.0 if c >= 4096 else 0.8  # section 3's, as time ratios below
+  ratio = med['update_donated'] / med['device_matmul']
+  load = os.getloadavg()
+  return {
+    'units': c,
+    'batch': batch,
+    'num_batches': num_batches,
+    'samples_both_sides': batch * num_batches,
+    'reference': 'device',
+    'reference_what': 'jitted, donated acc + x.T @ x (float32, Precision.'
+    'HIGHEST) on the JAX device over the same device-resident batches; '
+    'fresh states made outside the clock',
+    'median_s': med,
+    'times_s': times,
+    'gflops_syrk': {k: flops / v / 1e9 for k, v in med.items()},
+    'update_over_reference': med['update'] / med['device_matmul'],
+    'update_donated_over_reference': ratio,
+    'update_donated_over_dot_general': (
+      med['update_donated'] / med['device_dot_general']
+    ),
+    'target_update_donated_over_reference': 1 / target,
+    'load_avg': [load0, load],
+    'loaded': common.loaded(),
+    'pass': bool(ratio <= 1 / target),
+  }
+
+
+def bench_at_scale(c, m, batch=2048, reference='ssyrk'):
+  """Section 5 against ``reference``: 'ssyrk' (host BLAS) or 'device'."""
+  if reference not in REFERENCES:
+    raise ValueError(
+      f'reference must be one of {REFERENCES}, got {reference!r}'
+    )
   rng = np.random.default_rng(3)
   pool = [
     50.0 + rng.standard_normal((batch, c), dtype=np.float32) for _ in range(8)
   ]
-  pool_dev = [jnp.asarray(x) for x in pool]
+  pool_dev = jax.block_until_ready([jnp.asarray(x) for x in pool])
   donated = jax.jit(stats.update.__wrapped__, donate_argnums=0)
   state = donated(stats.init(c), pool_dev[0])
   jax.block_until_ready(state)
-  add = _ssyrk_acc(c)
-  add(pool[0])
+  if reference == 'device':  # the same batches, on the device
+    add, ref_pool = _device_acc(c, device_add('matmul')), pool_dev
+  else:
+    add, ref_pool = _ssyrk_acc(c), pool
+  add(ref_pool[0])
   num_batches = -(-m // batch)
   load0 = os.getloadavg()
   ours = ref = 0.0
   state = stats.init(c)
   for i in range(num_batches):
-    x, xd = pool[i % 8], pool_dev[i % 8]
     t0 = time.perf_counter()
-    state = donated(state, xd)
+    state = donated(state, pool_dev[i % 8])
     jax.block_until_ready(state)
     ours += time.perf_counter() - t0
     t0 = time.perf_counter()
-    add(x)
+    add(ref_pool[i % 8])
     ref += time.perf_counter() - t0
   load = os.getloadavg()
   flops = float(c) * c * batch * num_batches
+  key = 'ssyrk' if reference == 'ssyrk' else 'reference'
   return {
     'units': c,
     'samples': batch * num_batches,
     'batch': batch,
+    **({'reference': 'device'} if reference == 'device' else {}),
     'ours_s': ours,
-    'ssyrk_s': ref,
-    'ours_over_ssyrk': ours / ref,
-    'gflops_syrk': {'ours': flops / ours / 1e9, 'ssyrk': flops / ref / 1e9},
+    f'{key}_s': ref,
+    f'ours_over_{key}': ours / ref,
+    'gflops_syrk': {'ours': flops / ours / 1e9, key: flops / ref / 1e9},
     'paper_one_core_s': 127.5 if c == 4096 else None,
-    'target_ours_over_ssyrk': 1.2,
+    f'target_ours_over_{key}': 1.2,
     'load_avg': [load0, load],
     'loaded': common.loaded(),
     'pass': bool(ours / ref <= 1.2),
@@ -285,14 +422,34 @@ def main(argv=None):
     help='M for the C = 4096 point only (default: --at-scale-samples); '
     'lets a loaded machine run a shorter stream at the widest layer',
   )
+  p.add_argument(
+    '--reference',
+    choices=REFERENCES,
+    default=None,
+    help='yardstick of sections 3 and 5: host SciPy SSYRK or a jitted '
+    'x.T @ x on the JAX device (default: ssyrk on the CPU backend, device '
+    'elsewhere)',
+  )
+  p.add_argument(
+    '--name',
+    type=common.file_stem,
+    default=None,
+    help='results file stem (default: pfa_core on the CPU backend, '
+    'pfa_core_<backend> elsewhere, e.g. pfa_core_gpu)',
+  )
   a = p.parse_args(argv)
   only = set(a.only.split(',')) | ({'at_scale'} if a.at_scale else set())
   unknown = only - set(SECTIONS)
   if unknown:
     p.error(f'unknown sections {sorted(unknown)}; known: {SECTIONS}')
+  backend = jax.default_backend()
+  cpu = backend == 'cpu'
+  reference = a.reference or ('ssyrk' if cpu else 'device')
+  stem = a.name or ('pfa_core' if cpu else f'pfa_core_{backend}')
+  out = os.path.join(common.RESULTS, f'{stem}.json')
   results = {}
-  if os.path.exists(_OUT):
-    with open(_OUT) as f:
+  if os.path.exists(out):
+    with open(out) as f:
       results = json.load(f)
     for stale in ('date', 'versions', 'devices', 'notes'):
       results.pop(stale, None)
@@ -303,6 +460,9 @@ def main(argv=None):
     'python': sys.version.split()[0],
     'versions': {'jax': jax.__version__, 'numpy': np.__version__},
     'devices': [str(d) for d in jax.devices()],
+    'backend': backend,
+    'device_kind': jax.devices()[0].device_kind,
+    'reference': reference,
     'sections_run': sorted(only),
     'load_avg_at_start': os.getloadavg(),
   }
@@ -324,10 +484,22 @@ def main(argv=None):
     )
   if 'throughput' in only:
     results['3_throughput'] = {
-      '512': bench_throughput(512, num_batches=20, reps=5),
-      '4096': bench_throughput(4096, num_batches=8, reps=5),
+      str(c): bench_throughput(c, num_batches=n, reps=5, reference=reference)
+      for c, n in THROUGHPUT
     }
     for c, r in results['3_throughput'].items():
+      if reference == 'device':
+        rows.append(
+          (
+            f'3 update C={c} (donated)',
+            f'<= {r["target_update_donated_over_reference"]:.2f}x dev. time',
+            f'{r["update_donated_over_reference"]:.2f}x x.T @ x (plain '
+            f'{r["update_over_reference"]:.2f}x; '
+            f'{r["update_donated_over_dot_general"]:.2f}x dot_general)',
+            r['pass'],
+          )
+        )
+        continue
       rows.append(
         (
           f'3 update C={c} (donated)',
@@ -352,25 +524,26 @@ def main(argv=None):
     m = a.at_scale_samples
     m_wide = a.at_scale_4096_samples or m
     results['5_at_scale'] = {
-      str(c): bench_at_scale(c, m_wide if c == 4096 else m)
+      str(c): bench_at_scale(c, m_wide if c == 4096 else m, reference=reference)
       for c in (64, 128, 256, 512, 4096)
     }
+    key = 'ssyrk' if reference == 'ssyrk' else 'reference'
     for c, r in results['5_at_scale'].items():
       rows.append(
         (
           f'5 at scale C={c} M={r["samples"]}',
-          '<= 1.2x SSYRK',
-          f'{r["ours_over_ssyrk"]:.2f}x ({r["ours_s"]:.1f} s)',
+          '<= 1.2x SSYRK' if key == 'ssyrk' else '<= 1.2x dev. time',
+          f'{r[f"ours_over_{key}"]:.2f}x ({r["ours_s"]:.1f} s)',
           r['pass'],
         )
       )
   results['machine']['load_avg_at_end'] = os.getloadavg()
   for name, target, got, ok in rows:
     print(f'{name:<32} {target:<16} {got:<36} {"PASS" if ok else "FAIL"}')
-  os.makedirs(os.path.dirname(_OUT), exist_ok=True)
-  with open(_OUT, 'w') as f:
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+  with open(out, 'w') as f:
     json.dump(results, f, indent=2)
-  print(f'wrote {_OUT}')
+  print(f'wrote {out}')
 
 
 if __name__ == '__main__':

@@ -1,6 +1,7 @@
 """Do PFA-pruned networks really run faster? (issue 12 section 3)
 
   python -m benchmarks.pruned_speedup [--batches 1,128] [--repeats 5]
+    [--name pruned_speedup]
 
 VGG-16 (CIFAR) and ResNet-56 (residual modes ``inner`` and
 ``inner+stream``) are pruned with the PFA pipeline on synthetic statistics
@@ -20,10 +21,17 @@ the memory-traffic ratio (:func:`bytes_accessed`); target
 at batch 128: time speed-up >= 0.8x the FLOPs reduction. Writes
 ``benchmarks/results/pruned_speedup.json`` (``loaded`` when the machine was busy at the
 start, ``benchmarks.common.loaded``).
+
+Off the CPU (``jax.default_backend()`` 'gpu'): ``conv_impl='auto'`` is XLA's
+convolutions (recorded as ``conv_path``), the CPU-only narrow-kernel check is
+skipped, each batch is put on the device before it is timed, and the results
+go to ``pruned_speedup_gpu.json`` unless ``--name`` says otherwise
+(``PFA_JAX_BENCH_RESULTS`` names the folder, ``benchmarks.common.RESULTS``).
 """
 
 import argparse
 import bisect
+import math
 import os
 import time
 
@@ -31,6 +39,7 @@ import jax
 import numpy as np
 
 from benchmarks import common
+from pfa_jax import conv
 from pfa_jax import costs
 from pfa_jax import hostmem
 from pfa_jax import models
@@ -111,7 +120,8 @@ def bytes_accessed(model, variables, batch):
   lowered = jax.jit(lambda v, x: m.apply(v, x, train=False)).lower(variables, x)
   cost = lowered.compile().cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
-  return float(cost['bytes accessed'])
+  # NaN where a backend's cost analysis has no count: not a lost run.
+  return float((cost or {}).get('bytes accessed', math.nan))
 
 
 def pruned_variants(name, mode, factors, multiples=(1, 8, 16)):
@@ -167,7 +177,14 @@ def bench_case(
   multiples=(1, 8, 16),
   rounds=7,
   fold=True,
+  device_inputs=False,
 ):
+  """Rows of FLOPs, time and bytes ratios, pruned against full.
+
+  ``device_inputs``: each batch is put on the device before it is timed
+  (off the CPU, where a host-to-device copy in every call would be timed);
+  False passes the NumPy batch to every call, as the CPU results always did.
+  """
   model, variables, groups, full_flops, variants, unreachable = pruned_variants(
     name, mode, factors, multiples
   )
@@ -183,6 +200,8 @@ def bench_case(
   rng = np.random.default_rng(1)
   for b in batches:
     x = rng.standard_normal((b, *SHAPE)).astype(np.float32)
+    if device_inputs:
+      x = jax.block_until_ready(jax.device_put(x))
     t_full = []
     t_var = {k: [] for k in variants}
     for _ in range(rounds):  # interleave full and pruned
@@ -219,7 +238,9 @@ def bench_case(
 
 
 def main(argv=None):
-  hostmem.retain_freed_memory()  # before the first JAX computation
+  # Before the first JAX computation. Host malloc settings only: on a GPU
+  # they touch no device buffer (XLA's allocator holds those), so they stay.
+  hostmem.retain_freed_memory()
   p = argparse.ArgumentParser()
   p.add_argument('--batches', default='1,128')
   p.add_argument('--factors', default='2,4')
@@ -243,7 +264,16 @@ def main(argv=None):
     action='store_true',
     help='time conv -> BN as separate calls (models.for_inference off)',
   )
+  p.add_argument(
+    '--name',
+    type=common.file_stem,
+    default=None,
+    help='results file stem (default: pruned_speedup on the CPU backend, '
+    'pruned_speedup_<backend> elsewhere, e.g. pruned_speedup_gpu)',
+  )
   a = p.parse_args(argv)
+  backend = jax.default_backend()
+  cpu = backend == 'cpu'
   batches = [int(b) for b in a.batches.split(',')]
   factors = [int(f) for f in a.factors.split(',')]
   load0 = os.getloadavg()
@@ -259,6 +289,7 @@ def main(argv=None):
       tuple(int(m) for m in a.round_to.split(',')),
       a.rounds,
       fold=not a.no_fold,
+      device_inputs=not cpu,
     )
   load = os.getloadavg()
   common.print_table(
@@ -288,15 +319,22 @@ def main(argv=None):
     ),
   )
   at128 = [r for r in rows if r.get('batch') == 128]
+  # The narrow kernel is CPU code: not even looked for elsewhere.
+  narrow = cpu and onednn.narrow_available() and onednn.narrow_max() > 0
   path = common.write(
-    'pruned_speedup',
+    a.name or ('pruned_speedup' if cpu else f'pruned_speedup_{backend}'),
     {
-      'target': 'batch 128, CPU: speed-up >= 0.8 x FLOPs reduction',
+      'target': f'batch 128, {backend.upper()}: speed-up >= 0.8 x FLOPs '
+      'reduction',
       'load_avg': [load0, load],
       'loaded': common.loaded(),
       'conv_impl': 'default (auto)',
+      'conv_path': conv.resolve('auto'),
+      'matmul_precision': jax.config.jax_default_matmul_precision or 'default',
+      'inputs_on_device': not cpu,
+      'retain_freed_memory': hostmem.retain_freed_memory(),
       'fold_bn': not a.no_fold,
-      'narrow_kernel': onednn.narrow_available() and onednn.narrow_max() > 0,
+      'narrow_kernel': narrow,
       'rounds': a.rounds,
       'repeats': a.repeats,
       'dtype': 'float32',

@@ -12,6 +12,7 @@ import tempfile
 from unittest import mock
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest
 
@@ -23,6 +24,7 @@ from benchmarks import eig_levers
 from benchmarks import layer_profile
 from benchmarks import narrow_ab
 from benchmarks import native_levers
+from benchmarks import pfa_core
 from benchmarks import pruned_speedup
 from benchmarks import stats_overhead
 from pfa_jax import models
@@ -361,6 +363,109 @@ class BenchmarksTest(absltest.TestCase):
       self.assertTrue(leaves)
       for leaf in leaves:
         self.assertIsInstance(leaf, jax.Array)
+
+  def test_pruned_speedup_gpu_path_skips_the_cpu_levers(self):
+    # jax.default_backend() 'gpu' is what every GPU branch reads; on these
+    # host devices it runs XLA's convolutions, as a GPU does.
+    tiny = ['--cases', 'resnet8:inner', '--batches', '2', '--factors', '2']
+    tiny += ['--round-to', '1', '--rounds', '1', '--repeats', '1']
+    with (
+      tempfile.TemporaryDirectory() as d,
+      mock.patch.object(common, 'RESULTS', d),
+      mock.patch.object(jax, 'default_backend', return_value='gpu'),
+      mock.patch.object(onednn, 'available', side_effect=AssertionError),
+      mock.patch.object(jax, 'device_put', wraps=jax.device_put) as put,
+    ):
+      pruned_speedup.main(tiny)
+      self.assertEqual(os.listdir(d), ['pruned_speedup_gpu.json'])
+      with open(os.path.join(d, 'pruned_speedup_gpu.json')) as f:
+        res = json.load(f)
+    self.assertEqual(res['conv_path'], 'xla')
+    self.assertFalse(res['narrow_kernel'])
+    self.assertTrue(res['inputs_on_device'])
+    self.assertTrue(res['target'].startswith('batch 128, GPU:'))
+    # The timed batch went to the device before the clock started.
+    self.assertTrue(
+      any(
+        isinstance(c.args[0], np.ndarray) and c.args[0].shape == (2, 32, 32, 3)
+        for c in put.call_args_list
+      )
+    )
+    (r,) = res['results']
+    self.assertEqual((r['variant'], r['batch']), ('2x_round1', 2))
+    self.assertGreater(r['flops_reduction'], 1.5)
+    self.assertAlmostEqual(r['efficiency'], r['speedup'] / r['flops_reduction'])
+    self.assertTrue(math.isfinite(r['bytes_reduction_xla_count']))
+    with self.assertRaises(SystemExit), mock.patch('sys.stderr'):
+      pruned_speedup.main(['--name', '../elsewhere'])
+
+  def test_pfa_core_device_reference_sums_the_gram(self):
+    rng = np.random.default_rng(0)
+    xs = [
+      50 + rng.standard_normal((64, 24), dtype=np.float32) for _ in range(3)
+    ]
+    want = sum(x.astype(np.float64).T @ x for x in xs)
+    for kind in ('matmul', 'dot_general'):
+      add = pfa_core.device_add(kind)
+      acc = jnp.zeros((24, 24), jnp.float32)
+      # HIGHEST: float32 on a GPU too (its default would be TF32).
+      jaxpr = str(jax.make_jaxpr(add)(acc, xs[0]))
+      self.assertIn('precision=(Precision.HIGHEST, Precision.HIGHEST)', jaxpr)
+      for x in xs:
+        old, acc = acc, add(acc, jnp.asarray(x))
+        self.assertTrue(old.is_deleted(), kind)  # donated
+      np.testing.assert_allclose(np.asarray(acc), want, rtol=1e-5, err_msg=kind)
+
+  def test_pfa_core_device_reference_times_the_same_batches(self):
+    with mock.patch.object(pfa_core, '_ssyrk_acc', side_effect=AssertionError):
+      r = pfa_core.bench_throughput(
+        16, num_batches=3, reps=2, batch=32, reference='device'
+      )
+      s = pfa_core.bench_at_scale(16, 100, batch=32, reference='device')
+    med = r['median_s']
+    self.assertEqual(
+      set(med),
+      {'update', 'update_donated', 'device_matmul', 'device_dot_general'},
+    )
+    self.assertEqual(r['samples_both_sides'], 96)
+    for times in r['times_s'].values():
+      self.assertLen(times, 2)
+      self.assertTrue(all(t > 0 for t in times))
+    self.assertAlmostEqual(
+      r['update_donated_over_reference'],
+      med['update_donated'] / med['device_matmul'],
+    )
+    self.assertEqual(r['target_update_donated_over_reference'], 1.25)
+    self.assertEqual((s['samples'], s['reference']), (128, 'device'))
+    self.assertAlmostEqual(
+      s['ours_over_reference'], s['ours_s'] / s['reference_s']
+    )
+    self.assertNotIn('ssyrk_s', s)
+    with self.assertRaisesRegex(ValueError, 'reference must be one of'):
+      pfa_core.bench_throughput(16, 1, 1, batch=8, reference='blas')
+
+  def test_pfa_core_names_its_file_and_reference_by_backend(self):
+    with (
+      tempfile.TemporaryDirectory() as d,
+      mock.patch.object(common, 'RESULTS', d),
+      mock.patch.object(pfa_core, 'THROUGHPUT', ((16, 2),)),
+    ):
+      with mock.patch.object(jax, 'default_backend', return_value='gpu'):
+        pfa_core.main(['--only', 'throughput'])
+      pfa_core.main(['--only', 'throughput'])
+      pfa_core.main(['--only', 'throughput', '--name', 'mine'])
+      stems = ('mine', 'pfa_core', 'pfa_core_gpu')
+      self.assertEqual(sorted(os.listdir(d)), [f'{s}.json' for s in stems])
+      res = {}
+      for stem in stems:
+        with open(os.path.join(d, f'{stem}.json')) as f:
+          res[stem] = json.load(f)['3_throughput']['16']
+    self.assertEqual(res['pfa_core_gpu']['reference'], 'device')
+    for stem in ('mine', 'pfa_core'):  # the CPU's SSYRK, as always
+      self.assertNotIn('reference', res[stem])
+      self.assertIn('ratio_update_donated', res[stem])
+    with self.assertRaises(SystemExit), mock.patch('sys.stderr'):
+      pfa_core.main(['--name', 'a/b'])
 
   def test_cpu_model_names_the_family_and_model(self):
     cpuinfo = (
