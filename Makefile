@@ -7,7 +7,7 @@ TFDS_DATA_DIR ?= $(HOME)/tensorflow_datasets
 SHARED ?= ../shared
 DEMO_DIR ?= workdirs/demo
 
-.PHONY: install demo test test-all lint format data bench bench-deps figures clean
+.PHONY: install demo test test-all lint format data bench bench-deps gpu-prepare figures clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -45,6 +45,10 @@ format: $(STAMP)
 	$(BIN)/ruff format pfa_jax tests configs experiments benchmarks
 
 # Benchmark-only dependency; never in requirements.txt (an unpinned torch pulls CUDA).
+# Wheels and data for the GPU device run (benchmarks/gpu/run.sh).
+gpu-prepare:
+	bash benchmarks/gpu/prepare.sh $(SHARED)
+
 bench-deps: $(STAMP)
 	$(BIN)/pip install -q torch==2.13.0
 

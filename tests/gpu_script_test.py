@@ -1,0 +1,89 @@
+"""The GPU device run (benchmarks/gpu/run.sh) at toy sizes on the CPU.
+
+As on the GPU image, TensorFlow and TFDS cannot be imported by any Python
+process the script starts (a ``sitecustomize`` on ``PYTHONPATH`` blocks
+them): every step must still run and leave its file in ``$OUT``.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+from absl.testing import absltest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_BLOCK = (
+  'import sys\n'
+  "for name in ('tensorflow', 'tensorflow_datasets'):\n"
+  '  sys.modules[name] = None\n'
+)
+
+
+class GpuScriptTest(absltest.TestCase):
+  def test_smoke_run_writes_every_result_without_tensorflow(self):
+    if shutil.which('timeout') is None:
+      self.skipTest('needs coreutils timeout')
+    with tempfile.TemporaryDirectory() as d:
+      out, arrays, site = (os.path.join(d, k) for k in ('out', 'arr', 'site'))
+      for path in (out, arrays, site):
+        os.makedirs(path)
+      with open(os.path.join(site, 'sitecustomize.py'), 'w') as f:
+        f.write(_BLOCK)
+      rng = np.random.default_rng(0)
+      img = lambda n: rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)  # noqa: E731
+      np.savez(
+        os.path.join(arrays, 'cifar10_arrays.npz'),
+        x_train=img(128),
+        y_train=rng.integers(0, 10, 128),
+        x_test=img(32),
+        y_test=rng.integers(0, 10, 32),
+      )
+      env = dict(
+        os.environ,
+        OUT=out,
+        PFA_JAX_DEVICE='cpu',
+        PFA_JAX_GPU_SMOKE='1',
+        PFA_JAX_GPU_ARRAYS=arrays,
+        PFA_JAX_GPU_RUN_DIR=os.path.join(d, 'run'),
+        PYTHONPATH=site,
+        PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ['PATH'],
+      )
+      p = subprocess.run(
+        ['bash', 'benchmarks/gpu/run.sh'],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+      )
+      log = p.stdout + p.stderr
+      self.assertEqual(p.returncode, 0, log[-3000:])
+      for step in ('throughput', 'stats', 'speedup', 'train'):
+        self.assertIn(f'== {step}: exit 0', log, log[-3000:])
+      files = set(os.listdir(out))
+      with open(os.path.join(out, 'train_result.json')) as f:
+        result = json.load(f)
+      with open(os.path.join(out, 'train_throughput.json')) as f:
+        throughput = json.load(f)
+    self.assertContainsSubset(
+      {
+        'gpu_run.log',
+        'train_throughput.json',
+        'pfa_core.json',
+        'pruned_speedup.json',
+        'train_config.json',
+        'train_metrics.jsonl',
+        'train_result.json',
+      },
+      files,
+    )
+    self.assertEqual(result['num_eval_examples'], 32)
+    self.assertEqual(throughput['settings']['device'], 'cpu')
+
+
+if __name__ == '__main__':
+  absltest.main()
