@@ -224,18 +224,11 @@ def bench_throughput(c, num_batches, reps, batch=2048, reference='ssyrk'):
     for x in xs:
       x.T @ x
     times['numpy_xtx'].append(time.perf_counter() - t0)
-  med = {k: float(np.median(v)) for k, v in times.items()}
-  flops = float(c) * c * batch * num_batches  # SYRK: C^2 N multiply-adds / 2
+  med, sizes = _timed_sizes(c, batch, num_batches, times)
   target = 1.0 if c >= 4096 else 0.8
   load = os.getloadavg()
   return {
-    'units': c,
-    'batch': batch,
-    'num_batches': num_batches,
-    'samples_both_sides': batch * num_batches,
-    'median_s': med,
-    'times_s': times,
-    'gflops_syrk': {k: flops / v / 1e9 for k, v in med.items()},
+    **sizes,
     'ratio_update': med['ssyrk'] / med['update'],
     'ratio_update_donated': med['ssyrk'] / med['update_donated'],
     'ratio_update_donated_vs_numpy_xtx': (
@@ -246,6 +239,21 @@ def bench_throughput(c, num_batches, reps, batch=2048, reference='ssyrk'):
     'loaded': common.loaded(),
     'native_kernel': native.status(),
     'pass': bool(med['ssyrk'] / med['update_donated'] >= target),
+  }
+
+
+def _timed_sizes(c, batch, num_batches, times):
+  """Medians and the fields both references report: sizes, times, GFLOP/s."""
+  med = {k: float(np.median(v)) for k, v in times.items()}
+  flops = float(c) * c * batch * num_batches  # SYRK: C^2 N multiply-adds / 2
+  return med, {
+    'units': c,
+    'batch': batch,
+    'num_batches': num_batches,
+    'samples_both_sides': batch * num_batches,
+    'median_s': med,
+    'times_s': times,
+    'gflops_syrk': {k: flops / v / 1e9 for k, v in med.items()},
   }
 
 
@@ -280,23 +288,16 @@ def _throughput_device(c, num_batches, reps, batch):
         state = fn(state, x)
       jax.block_until_ready(state)
       times[name].append(time.perf_counter() - t0)
-  med = {k: float(np.median(v)) for k, v in times.items()}
-  flops = float(c) * c * batch * num_batches  # SYRK: C^2 N multiply-adds / 2
+  med, sizes = _timed_sizes(c, batch, num_batches, times)
   target = 1.0 if c >= 4096 else 0.8  # section 3's, as time ratios below
   ratio = med['update_donated'] / med['device_matmul']
   load = os.getloadavg()
   return {
-    'units': c,
-    'batch': batch,
-    'num_batches': num_batches,
-    'samples_both_sides': batch * num_batches,
+    **sizes,
     'reference': 'device',
     'reference_what': 'jitted, donated acc + x.T @ x (float32, Precision.'
     'HIGHEST) on the JAX device over the same device-resident batches; '
     'fresh states made outside the clock',
-    'median_s': med,
-    'times_s': times,
-    'gflops_syrk': {k: flops / v / 1e9 for k, v in med.items()},
     'update_over_reference': med['update'] / med['device_matmul'],
     'update_donated_over_reference': ratio,
     'update_donated_over_dot_general': (

@@ -146,17 +146,27 @@ def _dataset_info(
   return info
 
 
-def _host_arrays(config, split: str, subset: int, **kw):
+def _host_arrays(
+  config,
+  split: str,
+  subset: int,
+  *,
+  drop_remainder: bool = False,
+  process_index: int | None = None,
+):
   """One host's (images, labels) of the npz source (see ``array_input``)."""
   inp = config.input
+  if process_index is None:
+    process_index = jax.process_index()
   return array_input.load_arrays(
     inp.dataset,
     split,
     data_dir=inp.data_dir or None,
     subset=int(subset),
     classes=tuple(inp.classes),
+    drop_remainder=drop_remainder,
+    process_index=process_index,
     process_count=jax.process_count(),
-    **{'process_index': jax.process_index(), **kw},
   )
 
 

@@ -215,34 +215,27 @@ class BatchesTest(absltest.TestCase):
     self.assertGreater(len({(y, x) for y, x, _ in found}), 10)
     self.assertEqual({f for _, _, f in found}, {False, True})
 
-  def test_eval_pass_counts_each_example_once_and_pads(self):
-    batches = list(
+  def _eval(self, **kw):
+    return list(
       array_input.eval_batches(
         self.images,
         self.ids,
         mean=(0.0, 0.0, 0.0),
         std=(1.0, 1.0, 1.0),
         batch_size=16,
-        num_batches=5,
+        **kw,
       )
     )
+
+  def test_eval_pass_counts_each_example_once_and_pads(self):
+    batches = self._eval(num_batches=5)
     self.assertLen(batches, 5)
     seen = np.concatenate([b['label'][b['mask']] for b in batches])
     np.testing.assert_array_equal(seen, self.ids)
     self.assertEqual(
       [int(b['mask'].sum()) for b in batches], [16, 16, 16, 2, 0]
     )
-    truncated = list(
-      array_input.eval_batches(
-        self.images,
-        self.ids,
-        mean=(0.0, 0.0, 0.0),
-        std=(1.0, 1.0, 1.0),
-        batch_size=16,
-        num_batches=2,
-        shuffle_seed=4,
-      )
-    )
+    truncated = self._eval(num_batches=2, shuffle_seed=4)
     ids = np.concatenate([b['label'] for b in truncated])
     self.assertLen(set(ids.tolist()), 32)
     self.assertFalse(np.array_equal(ids, self.ids[:32]))
