@@ -42,7 +42,19 @@ if [ -d .whl ]; then # clu and ml_collections, which the image lacks
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 export PFA_JAX_BENCH_RESULTS=$OUT
-python3 -c 'import sys, jax; print(sys.version.split()[0], "jax", jax.__version__, jax.devices())'
+# Preflight: what the image must provide beside the carried wheels (clu
+# needs wrapt and etils; the decoder Pillow), before any GPU time is spent.
+python3 - <<'PY' || exit 1
+import importlib.util, sys
+need = ('jax', 'flax', 'optax', 'orbax.checkpoint', 'numpy', 'scipy', 'PIL',
+        'torch', 'clu', 'ml_collections', 'wrapt', 'etils', 'absl', 'yaml',
+        'threadpoolctl')
+missing = [m for m in need if importlib.util.find_spec(m) is None]
+if missing:
+  sys.exit(f'missing Python packages: {missing}; carry them as wheels')
+import jax
+print(sys.version.split()[0], 'jax', jax.__version__, jax.devices())
+PY
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 
 if [ ! -f "$arrays/cifar10_arrays.npz" ]; then
