@@ -2,7 +2,8 @@
 
 As on the GPU image, TensorFlow and TFDS cannot be imported by any Python
 process the script starts (a ``sitecustomize`` on ``PYTHONPATH`` blocks
-them): every step must still run and leave its file in ``$OUT``.
+them, and torch, which CI's venv lacks): every step must still run and
+leave its file in ``$OUT``.
 """
 
 import json
@@ -16,9 +17,11 @@ import numpy as np
 from absl.testing import absltest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# TensorFlow and TFDS as on the image; torch as in CI's venv (the smoke run
+# times JAX alone, and must not need it).
 _BLOCK = (
   'import sys\n'
-  "for name in ('tensorflow', 'tensorflow_datasets'):\n"
+  "for name in ('tensorflow', 'tensorflow_datasets', 'torch'):\n"
   '  sys.modules[name] = None\n'
 )
 

@@ -43,12 +43,15 @@ fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 export PFA_JAX_BENCH_RESULTS=$OUT
 # Preflight: what the image must provide beside the carried wheels (clu
-# needs wrapt and etils; the decoder Pillow), before any GPU time is spent.
-python3 - <<'PY' || exit 1
-import importlib.util, sys
+# needs wrapt and etils; the decoder Pillow; the throughput part PyTorch,
+# which the smoke run leaves out), before any GPU time is spent.
+PFA_JAX_GPU_SMOKE=$smoke python3 - <<'PY' || exit 1
+import importlib.util, os, sys
 need = ('jax', 'flax', 'optax', 'orbax.checkpoint', 'numpy', 'scipy', 'PIL',
-        'torch', 'clu', 'ml_collections', 'wrapt', 'etils', 'absl', 'yaml',
+        'clu', 'ml_collections', 'wrapt', 'etils', 'absl', 'yaml',
         'threadpoolctl')
+if os.environ['PFA_JAX_GPU_SMOKE'] != '1':
+  need += ('torch',)
 missing = [m for m in need if importlib.util.find_spec(m) is None]
 if missing:
   sys.exit(f'missing Python packages: {missing}; carry them as wheels')
