@@ -19,11 +19,46 @@ from absl.testing import absltest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # TensorFlow and TFDS as on the image; torch as in CI's venv (the smoke run
 # times JAX alone, and must not need it).
-_BLOCK = (
-  'import sys\n'
-  "for name in ('tensorflow', 'tensorflow_datasets', 'torch'):\n"
-  '  sys.modules[name] = None\n'
-)
+_ABSENT = ('tensorflow', 'tensorflow_datasets', 'torch')
+
+
+def _run_script(d, absent=_ABSENT):
+  """Runs run.sh at toy sizes in ``d``; ``absent`` modules cannot import."""
+  out, arrays, site = (os.path.join(d, k) for k in ('out', 'arr', 'site'))
+  for path in (out, arrays, site):
+    os.makedirs(path)
+  with open(os.path.join(site, 'sitecustomize.py'), 'w') as f:
+    f.write(
+      f'import sys\nfor name in {absent!r}:\n  sys.modules[name] = None\n'
+    )
+  rng = np.random.default_rng(0)
+  img = lambda n: rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)  # noqa: E731
+  np.savez(
+    os.path.join(arrays, 'cifar10_arrays.npz'),
+    x_train=img(128),
+    y_train=rng.integers(0, 10, 128),
+    x_test=img(32),
+    y_test=rng.integers(0, 10, 32),
+  )
+  env = dict(
+    os.environ,
+    OUT=out,
+    PFA_JAX_DEVICE='cpu',
+    PFA_JAX_GPU_SMOKE='1',
+    PFA_JAX_GPU_ARRAYS=arrays,
+    PFA_JAX_GPU_RUN_DIR=os.path.join(d, 'run'),
+    PYTHONPATH=site,
+    PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ['PATH'],
+  )
+  p = subprocess.run(
+    ['bash', 'benchmarks/gpu/run.sh'],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  return p.returncode, p.stdout + p.stderr, out
 
 
 class GpuScriptTest(absltest.TestCase):
@@ -31,40 +66,8 @@ class GpuScriptTest(absltest.TestCase):
     if shutil.which('timeout') is None:
       self.skipTest('needs coreutils timeout')
     with tempfile.TemporaryDirectory() as d:
-      out, arrays, site = (os.path.join(d, k) for k in ('out', 'arr', 'site'))
-      for path in (out, arrays, site):
-        os.makedirs(path)
-      with open(os.path.join(site, 'sitecustomize.py'), 'w') as f:
-        f.write(_BLOCK)
-      rng = np.random.default_rng(0)
-      img = lambda n: rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)  # noqa: E731
-      np.savez(
-        os.path.join(arrays, 'cifar10_arrays.npz'),
-        x_train=img(128),
-        y_train=rng.integers(0, 10, 128),
-        x_test=img(32),
-        y_test=rng.integers(0, 10, 32),
-      )
-      env = dict(
-        os.environ,
-        OUT=out,
-        PFA_JAX_DEVICE='cpu',
-        PFA_JAX_GPU_SMOKE='1',
-        PFA_JAX_GPU_ARRAYS=arrays,
-        PFA_JAX_GPU_RUN_DIR=os.path.join(d, 'run'),
-        PYTHONPATH=site,
-        PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ['PATH'],
-      )
-      p = subprocess.run(
-        ['bash', 'benchmarks/gpu/run.sh'],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-      )
-      log = p.stdout + p.stderr
-      self.assertEqual(p.returncode, 0, log[-3000:])
+      rc, log, out = _run_script(d)
+      self.assertEqual(rc, 0, log[-3000:])
       for step in ('throughput', 'stats', 'speedup', 'train'):
         self.assertIn(f'== {step}: exit 0', log, log[-3000:])
       files = set(os.listdir(out))
@@ -86,6 +89,15 @@ class GpuScriptTest(absltest.TestCase):
     )
     self.assertEqual(result['num_eval_examples'], 32)
     self.assertEqual(throughput['settings']['device'], 'cpu')
+
+  def test_preflight_names_a_missing_package_before_any_part_runs(self):
+    with tempfile.TemporaryDirectory() as d:
+      rc, log, out = _run_script(d, absent=(*_ABSENT, 'ml_collections'))
+      files = os.listdir(out)
+    self.assertNotEqual(rc, 0)
+    self.assertIn("missing Python packages: ['ml_collections']", log)
+    self.assertNotIn('== throughput', log)
+    self.assertEqual(files, ['gpu_run.log'])
 
 
 if __name__ == '__main__':
