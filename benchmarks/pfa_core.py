@@ -192,12 +192,16 @@ def _throughput_batches(c, num_batches, batch):
   ]
 
 
-def bench_throughput(c, num_batches, reps, batch=2048, reference='ssyrk'):
-  """Section 3 against ``reference``: 'ssyrk' (host BLAS) or 'device'."""
+def _check_reference(reference):
   if reference not in REFERENCES:
     raise ValueError(
       f'reference must be one of {REFERENCES}, got {reference!r}'
     )
+
+
+def bench_throughput(c, num_batches, reps, batch=2048, reference='ssyrk'):
+  """Section 3 against ``reference``: 'ssyrk' (host BLAS) or 'device'."""
+  _check_reference(reference)
   if reference == 'device':
     return _throughput_device(c, num_batches, reps, batch)
   xs = _throughput_batches(c, num_batches, batch)
@@ -312,10 +316,7 @@ def _throughput_device(c, num_batches, reps, batch):
 
 def bench_at_scale(c, m, batch=2048, reference='ssyrk'):
   """Section 5 against ``reference``: 'ssyrk' (host BLAS) or 'device'."""
-  if reference not in REFERENCES:
-    raise ValueError(
-      f'reference must be one of {REFERENCES}, got {reference!r}'
-    )
+  _check_reference(reference)
   rng = np.random.default_rng(3)
   pool = [
     50.0 + rng.standard_normal((batch, c), dtype=np.float32) for _ in range(8)

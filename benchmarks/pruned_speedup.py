@@ -240,7 +240,7 @@ def bench_case(
 def main(argv=None):
   # Before the first JAX computation. Host malloc settings only: on a GPU
   # they touch no device buffer (XLA's allocator holds those), so they stay.
-  hostmem.retain_freed_memory()
+  retained = hostmem.retain_freed_memory()
   p = argparse.ArgumentParser()
   p.add_argument('--batches', default='1,128')
   p.add_argument('--factors', default='2,4')
@@ -332,7 +332,7 @@ def main(argv=None):
       'conv_path': conv.resolve('auto'),
       'matmul_precision': jax.config.jax_default_matmul_precision or 'default',
       'inputs_on_device': not cpu,
-      'retain_freed_memory': hostmem.retain_freed_memory(),
+      'retain_freed_memory': retained,
       'fold_bn': not a.no_fold,
       'narrow_kernel': narrow,
       'rounds': a.rounds,
