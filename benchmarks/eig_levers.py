@@ -5,17 +5,23 @@
 On the synthetic 4096-unit job of ``benchmarks.analyze_cold`` (issue 12
 section 0), times each phase of ``analysis.analyze`` for one layer (the
 covariance SSYRK, the Pearson removal order, the float64 eigenvalues), then
-two levers on the eigenvalues, against the library's
+three levers on the eigenvalues, against the library's
 ``spectra.eigvalsh`` in the same run:
 
 * ``kd``: LAPACK's two stages called directly (``dsytrd_sy2sb``,
   ``dsytrd_sb2st``, ``dsterf``) with band widths other than
   ``ilaenv2stage``'s default;
 * ``float32``: ``ssyevd_2stage`` on the float32 covariance, and its largest
-  eigenvalue error relative to the top float64 eigenvalue.
+  eigenvalue error relative to the top float64 eigenvalue;
+* ``lda``: the eigensolver on the covariance in a C-order [C, C] array
+  (``unpadded``) against the library's padded rows (``padded``,
+  :func:`spectra.square`), same driver and threads, alternating first.
+
+``--only`` picks the levers (``kd,float32,lda``; default all); the phases
+are always timed. ``--name`` names the JSON (default ``eig_levers``).
 
 Needs NumPy's bundled OpenBLAS (``pfa_jax.openblas.available``). Writes
-``benchmarks/results/eig_levers.json``.
+``benchmarks/results/<name>.json``.
 """
 
 import argparse
@@ -33,6 +39,7 @@ from pfa_jax import select
 from pfa_jax import spectra
 
 _I64 = ctypes.c_int64
+_ALL = ('kd', 'float32', 'lda')
 
 
 def _ref(v):
@@ -77,22 +84,25 @@ def _timed(fn, *args, **kw):
   return time.perf_counter() - t, out
 
 
-def run(m: int, c: int, repeats: int, kds=(32, 64, 128)) -> dict:
+def run(m: int, c: int, repeats: int, kds=(32, 64, 128), only=_ALL) -> dict:
   bound = openblas._lib()  # noqa: SLF001  (the module's own loaded library)
   if bound is None:
     raise SystemExit("NumPy's bundled OpenBLAS is not here: nothing to time.")
   lib = bound.cdll
-  kds = tuple(kd for kd in kds if kd < c)
+  kds = tuple(kd for kd in kds if kd < c) if 'kd' in only else ()
   rng = np.random.default_rng(0)
   x = pfa_core._synthetic(rng, m, c)  # noqa: SLF001
   times = {k: [] for k in ('covariance', 'order', 'eigvalsh')}
-  times.update({f'kd{kd}': [] for kd in kds}, float32=[])
+  times.update({f'kd{kd}': [] for kd in kds})
+  times.update({k: [] for k in ('float32',) if k in only})
+  times.update({k: [] for k in ('unpadded', 'padded') if 'lda' in only})
   ssyevd = lib.scipy_LAPACKE_ssyevd_2stage64_
   ssyevd.restype = _I64
   ssyevd.argtypes = [ctypes.c_int, ctypes.c_char, ctypes.c_char, _I64]
   ssyevd.argtypes += [ctypes.c_void_p, _I64, ctypes.c_void_p]
-  err32 = 0.0
-  for _ in range(repeats):  # interleaved: drift hits every variant alike
+  err32 = None
+  two_stage = c >= spectra.TWO_STAGE_MIN_C
+  for i in range(repeats):  # interleaved: drift hits every variant alike
     t, cov = _timed(analysis.covariance, x.copy(), overwrite=True)
     times['covariance'].append(t)
     times['order'].append(_timed(select.removal_order, cov)[0])
@@ -104,24 +114,43 @@ def run(m: int, c: int, repeats: int, kds=(32, 64, 128)) -> dict:
         times[f'kd{kd}'].append(t)
         if np.max(np.abs(d - w)) > 1e-10 * w.max():
           raise RuntimeError(f'kd={kd}: eigenvalues differ from eigvalsh')
-      a32, w32 = cov.astype(np.float32), np.empty(c, np.float32)
-      t = time.perf_counter()
-      info = ssyevd(102, b'N', b'L', c, _ptr(a32), c, _ptr(w32))
-      times['float32'].append(time.perf_counter() - t)
-      if info:
-        raise RuntimeError(f'ssyevd_2stage info={info}')
-    err32 = max(err32, float(np.max(np.abs(w32 - w)) / w.max()))
+      if 'float32' in only:
+        a32, w32 = cov.astype(np.float32), np.empty(c, np.float32)
+        t = time.perf_counter()
+        info = ssyevd(102, b'N', b'L', c, _ptr(a32), c, _ptr(w32))
+        times['float32'].append(time.perf_counter() - t)
+        if info:
+          raise RuntimeError(f'ssyevd_2stage info={info}')
+        err = float(np.max(np.abs(w32 - w)) / w.max())
+        err32 = max(err32 or 0.0, err)
+      if 'lda' in only:
+        for pad in (False, True)[:: 1 if i % 2 else -1]:
+          a = spectra.square(c) if pad else np.empty((c, c))
+          a[...] = cov  # touched before the clock starts
+          t, d = _timed(openblas.eigvalsh_upper, a, two_stage=two_stage)
+          times['padded' if pad else 'unpadded'].append(t)
+          if np.max(np.abs(d - w)) > 1e-12 * w.max():
+            raise RuntimeError(f'lda pad={pad}: eigenvalues differ')
   med = {k: statistics.median(v) for k, v in times.items()}
-  return {
+  out = {
     'm': m,
     'c': c,
+    'lda': spectra.lda(c),
     'repeats': repeats,
+    'times_s': times,
     'median_s': med,
     'ratio_to_eigvalsh': {
       k: med[k] / med['eigvalsh'] for k in med if k.startswith(('kd', 'f'))
     },
     'float32_max_rel_error': err32,
   }
+  if 'lda' in only:
+    pairs = [p / u for p, u in zip(times['padded'], times['unpadded'])]
+    out['padded_to_unpadded'] = {
+      'median': med['padded'] / med['unpadded'],
+      'pairs': pairs,
+    }
+  return out
 
 
 def main(argv=None) -> dict:
@@ -129,14 +158,23 @@ def main(argv=None) -> dict:
   p.add_argument('--m', type=int, default=8192)
   p.add_argument('--c', type=int, default=4096)
   p.add_argument('--repeats', type=int, default=3)
+  p.add_argument('--only', default=','.join(_ALL))
+  p.add_argument('--name', default='eig_levers')
   a = p.parse_args(argv)
-  r = run(a.m, a.c, a.repeats)
+  only = tuple(a.only.split(','))
+  unknown = set(only) - set(_ALL)
+  if unknown:
+    p.error(f'unknown --only {sorted(unknown)}; choose from {_ALL}')
+  r = run(a.m, a.c, a.repeats, only=only)
   common.print_table(
     [(k, f'{v:.3f}') for k, v in r['median_s'].items()], ('phase', 'median s')
   )
-  print(f'float32 max relative error: {r["float32_max_rel_error"]:.1e}')
+  if r['float32_max_rel_error'] is not None:
+    print(f'float32 max relative error: {r["float32_max_rel_error"]:.1e}')
+  if 'padded_to_unpadded' in r:
+    print(f'padded / unpadded: {r["padded_to_unpadded"]["median"]:.3f}')
   path = common.write(
-    'eig_levers',
+    a.name,
     {
       'load_average_start': list(common.START_LOAD),
       'loaded': common.loaded(),

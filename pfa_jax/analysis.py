@@ -35,6 +35,7 @@ where each array of the ``.npz`` is a layer.
 import argparse
 import json
 import sys
+import zipfile
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -100,7 +101,11 @@ def pool_responses(x: np.typing.ArrayLike, *, name: str | None = None):
 
 
 def covariance(
-  x: np.ndarray, amax: float | None = None, *, overwrite: bool = False
+  x: np.ndarray,
+  amax: float | None = None,
+  *,
+  overwrite: bool = False,
+  out: np.ndarray | None = None,
 ) -> np.ndarray:
   """Unbiased float64 covariance of float32 (M, C) responses, on the host.
 
@@ -111,13 +116,30 @@ def covariance(
   caller has it) saves two reads; ``overwrite`` lets ``x``'s memory serve
   as scratch (``y``, then the result when M >= 2C): one [M, C] buffer
   fewer, and ``x`` holds no responses afterwards.
+
+  The result is a [C, C] view whose rows are :func:`spectra.lda` long (the
+  layout LAPACK is fastest on, taken in place by ``spectrum(...,
+  overwrite=True)``): in ``out`` when given (a writeable float64 [C, C]
+  array, e.g. from :func:`spectra.square`; it may share memory with ``x``
+  when ``overwrite``, since ``x`` is dead by the time it is written), else in
+  the centred buffer's memory when it fits, else in a new buffer.
   """
   x = np.ascontiguousarray(x, np.float32)
   m, c = x.shape
   if amax is None:
     amax = max(float(x.max()), -float(x.min()))
+  if out is not None and (
+    out.shape != (c, c) or out.dtype != np.float64 or not out.flags.writeable
+  ):
+    raise ValueError(
+      f'out must be a writeable float64 ({c}, {c}) array, got {out.dtype} '
+      f'{out.shape}.'
+    )
   if amax == 0.0:
-    return np.zeros((c, c))
+    if out is None:
+      return np.zeros((c, c))
+    out[...] = 0.0
+    return out
   p = float(np.ldexp(1.0, np.frexp(amax)[1] - 1))
   mean = x.mean(axis=0, dtype=np.float64)
   y = x if overwrite else np.empty_like(x)
@@ -132,11 +154,11 @@ def covariance(
   # y is dead now: when it is large enough (M >= 2C) the float64 result
   # takes its memory, not another [C, C] of fresh pages (in a cold process
   # their first touch costs ~0.3 s per 128 MB here).
-  flat = y.reshape(-1)
-  if flat.size >= 2 * c * c and flat.ctypes.data % 8 == 0:
-    cov = flat[: 2 * c * c].view(np.float64).reshape(c, c)
-  else:
-    cov = np.empty((c, c))
+  cov = out
+  if cov is None:
+    cov = spectra_lib.square(c, y)
+  if cov is None:
+    cov = spectra_lib.square(c)
   scale = p * p / (m - 1)
   sm = s / m
   for i in range(0, c, 256):  # block rows: convert and finish the upper
@@ -176,6 +198,11 @@ def analyze(
     ValueError: for an empty mapping, bad shapes, fewer than 2 samples,
       NaN/Inf values (naming the layer), or tau outside (0, 1].
   """
+  return _analyze(responses, energies, kl, overwrite_responses, {})
+
+
+def _analyze(responses, energies, kl, overwrite_responses, outs):
+  """:func:`analyze`, with optional per-layer ``covariance(..., out=)``."""
   if not isinstance(responses, Mapping) or not responses:
     raise ValueError('responses must be a non-empty dict layer -> array.')
   energies = [float(t) for t in energies]
@@ -186,7 +213,8 @@ def analyze(
   pooled = {k: _validate(x, k) for k, x in responses.items()}
   spectra, orders = {}, {}
   for name, (x, amax) in pooled.items():
-    cov = covariance(x, amax, overwrite=overwrite_responses)
+    out = outs.get(name)
+    cov = covariance(x, amax, overwrite=overwrite_responses, out=out)
     orders[name] = select.removal_order(cov, name=name)
     spectra[name] = spectra_lib.spectrum(cov, name=name, overwrite=True)
 
@@ -205,6 +233,79 @@ def analyze(
     'spectra': {k: v.tolist() for k, v in spectra.items()},
     'recipes': out_recipes,
   }
+
+
+_READ_CHUNK = 1 << 20  # bytes per read from a (possibly compressed) member
+
+
+def load_npz(path: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+  """Reads an ``.npz`` as :func:`numpy.load` does, with room for the results.
+
+  Each (M, C) or (M, H, W, C) array is read into a buffer large enough to
+  hold the layer's float64 [C, C] covariance with padded rows
+  (:func:`spectra.square`) as well; the statistics write that over the
+  responses once they are done with them. The result then lands in memory
+  the process has already touched (in a cold process fresh pages cost ~0.3 s
+  per 128 MB here), and LAPACK gets its faster layout even when M = 2C
+  leaves the responses' own memory a few rows short of it.
+
+  Returns:
+    ``(responses, outs)``: layer -> array as ``numpy.load`` gives it, and
+    layer -> float64 [C, C] view of that array's buffer, for
+    ``covariance(..., overwrite=True, out=...)`` (it overwrites the
+    responses). Arrays of another rank, Fortran order or object dtype are
+    read by NumPy itself and get no entry in ``outs``.
+
+  Raises:
+    ValueError: for a missing file, one that is not an ``.npz`` (zip)
+      archive, or a member that ends early.
+  """
+  responses, outs = {}, {}
+  try:
+    archive = zipfile.ZipFile(path)
+  except (OSError, zipfile.BadZipFile) as e:
+    raise ValueError(f'cannot read {path!r} as an .npz archive: {e}') from e
+  with archive:
+    for member in archive.namelist():
+      name = member[:-4] if member.endswith('.npy') else member
+      with archive.open(member) as f:
+        buf, x = _read_with_room(f, f'{path}: array {name!r}')
+      if buf is None:  # not a response layout: NumPy reads it
+        with archive.open(member) as f:
+          x = np.lib.format.read_array(f, allow_pickle=False)
+      else:
+        outs[name] = spectra_lib.square(x.shape[-1], buf)
+      responses[name] = x
+  return responses, outs
+
+
+def _read_with_room(f, where):
+  """Reads one ``.npy`` stream into a buffer with room for its covariance.
+
+  Returns ``(buffer, array)``, or ``(None, None)`` for a format version,
+  rank, order or dtype :func:`load_npz` leaves to NumPy.
+  """
+  fmt = np.lib.format
+  version = fmt.read_magic(f)
+  if version == (1, 0):
+    shape, fortran, dtype = fmt.read_array_header_1_0(f)
+  elif version == (2, 0):
+    shape, fortran, dtype = fmt.read_array_header_2_0(f)
+  else:
+    return None, None
+  if fortran or len(shape) not in (2, 4) or dtype.hasobject:
+    return None, None
+  c = shape[-1]
+  nbytes = int(np.prod(shape)) * dtype.itemsize
+  buf = np.empty(max(nbytes, 8 * c * spectra_lib.lda(c)), np.uint8)
+  view = memoryview(buf)[:nbytes]
+  done = 0
+  while done < nbytes:
+    got = f.readinto(view[done : done + _READ_CHUNK])
+    if not got:
+      raise ValueError(f'{where} ends after {done} of {nbytes} bytes.')
+    done += got
+  return buf, buf[:nbytes].view(dtype).reshape(shape)
 
 
 def _parse_energies(text: str) -> list[float]:
@@ -231,15 +332,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument('--indent', type=int, default=None, help='JSON indent')
   args = parser.parse_args(argv)
   hostmem.retain_freed_memory()  # a freed [C, C] buffer is reused, not unmapped
-  with np.load(args.npz) as data:
-    responses = {k: data[k] for k in data.files}
   try:
-    result = analyze(
-      responses,
-      energies=args.energies,
-      kl=not args.no_kl,
-      overwrite_responses=True,
-    )
+    responses, outs = load_npz(args.npz)
+    result = _analyze(responses, args.energies, not args.no_kl, True, outs)
   except ValueError as e:
     parser.exit(2, f'error: {e}\n')
   sys.stdout.write(json.dumps(result, indent=args.indent) + '\n')

@@ -133,23 +133,45 @@ def syrk_upper(z: np.ndarray) -> np.ndarray:
 def eigvalsh_upper(a: np.ndarray, *, two_stage: bool) -> np.ndarray | None:
   """Ascending eigenvalues of the symmetric matrix in ``a``'s upper triangle.
 
-  ``a`` is a C-order float64 [C, C] array; LAPACK destroys it. A C-order
-  upper triangle is the column-major lower one, so no layout copy is made.
+  ``a`` is a float64 [C, C] array with unit column stride and any row stride
+  of at least C (a view of a padded [C, LDA] buffer); LAPACK destroys it.
+  A C-order upper triangle is the column-major lower one, so no layout copy
+  is made, and the row stride is LAPACK's leading dimension.
   Returns None where the library is absent (the caller falls back).
 
   Raises:
+    ValueError: for another dtype, shape or layout.
     numpy.linalg.LinAlgError: if LAPACK reports a failure.
   """
   lib = _lib()
   if lib is None:
     return None
-  if a.dtype != np.float64 or not a.flags.c_contiguous or a.ndim != 2:
-    raise ValueError('eigvalsh_upper needs a C-order float64 square matrix.')
+  if not lapack_layout(a):
+    raise ValueError(
+      'eigvalsh_upper needs a float64 square matrix with unit column stride '
+      f'and a row stride of at least its size, got {a.dtype} {a.shape} with '
+      f'strides {a.strides}.'
+    )
   n = a.shape[0]
   w = np.empty(n, np.float64)
   fn = lib.dsyevd_2stage if two_stage else lib.dsyevd
-  info = fn(_COL_MAJOR, b'N', b'L', n, a.ctypes.data, n, w.ctypes.data)
+  lda = max(1, a.strides[0] // 8)
+  info = fn(_COL_MAJOR, b'N', b'L', n, a.ctypes.data, lda, w.ctypes.data)
   if info != 0:
     name = 'dsyevd_2stage' if two_stage else 'dsyevd'
     raise np.linalg.LinAlgError(f'LAPACK {name} failed (info={info}).')
   return w
+
+
+def lapack_layout(a: np.ndarray) -> bool:
+  """Whether :func:`eigvalsh_upper` can take ``a`` in place (see there)."""
+  if a.dtype != np.float64 or a.ndim != 2 or a.shape[0] != a.shape[1]:
+    return False
+  rows, cols = a.strides
+  return (
+    a.flags.writeable
+    and a.flags.aligned
+    and cols == 8
+    and rows % 8 == 0
+    and rows >= 8 * a.shape[0]
+  )

@@ -1,5 +1,7 @@
 """Tests for pfa_jax.analysis (the one-call API) and its CLI."""
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -158,6 +160,130 @@ class AnalyzeTest(parameterized.TestCase):
     np.testing.assert_array_equal(
       analysis.covariance(np.zeros((3, 2), np.float32)), np.zeros((2, 2))
     )
+
+  def test_covariance_result_layout_and_out(self):
+    """The result has LAPACK's padded rows, lands in the centred buffer's
+    memory when that fits, and in ``out`` when given, with equal values."""
+    from pfa_jax import spectra
+
+    rng = np.random.default_rng(8)
+    x = (3.0 + rng.standard_normal((60, 10))).astype(np.float32)
+    ref = np.cov(x.astype(np.float64), rowvar=False)
+    with mock.patch.multiple(spectra, TWO_STAGE_MIN_C=8, PAD_MULTIPLE=1):
+      # lda(10) = 18
+      roomy = x.copy()  # M = 60 >= 2 * 18: padded rows in its memory
+      got = analysis.covariance(roomy, overwrite=True)
+      self.assertEqual(got.strides, (144, 8))
+      self.assertTrue(np.shares_memory(got, roomy))
+      tight = x[:20].copy()  # M = 2C: room for unpadded rows only
+      got_tight = analysis.covariance(tight, overwrite=True)
+      self.assertEqual(got_tight.strides, (80, 8))
+      self.assertTrue(np.shares_memory(got_tight, tight))
+      small = x[:19].copy()  # M < 2C: a new, padded buffer
+      got_small = analysis.covariance(small, overwrite=True)
+      self.assertEqual(got_small.strides, (144, 8))
+      self.assertFalse(np.shares_memory(got_small, small))
+      out = spectra.square(10)
+      got_out = analysis.covariance(x.copy(), out=out)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(got_out, got)
+    self.assertIs(got_out, out)
+    np.testing.assert_allclose(
+      got_tight, np.cov(x[:20].astype(np.float64), rowvar=False), atol=1e-5
+    )
+    zero = np.full((10, 10), np.nan)
+    analysis.covariance(np.zeros((4, 10), np.float32), out=zero)
+    np.testing.assert_array_equal(zero, 0.0)
+    with self.assertRaisesRegex(ValueError, r'out must be .*\(10, 10\)'):
+      analysis.covariance(x, out=np.zeros((10, 9)))
+
+  def test_load_npz_matches_numpy_load(self):
+    """Same arrays as numpy.load (plain, compressed, other dtypes and byte
+    orders, arrays it leaves to NumPy), each response array followed in its
+    buffer by room for the layer's padded float64 covariance."""
+    from pfa_jax import spectra
+
+    rng = np.random.default_rng(9)
+    arrays = {
+      'fc': rng.standard_normal((12, 6)).astype(np.float32),
+      'conv': rng.standard_normal((5, 2, 3, 7)),  # float64, M < 2C
+      'big_endian': rng.standard_normal((9, 4)).astype('>f4'),
+      'vector': np.arange(5.0),  # another rank: NumPy reads it
+      'fortran': np.asfortranarray(rng.standard_normal((8, 3))),
+    }
+    for save in (np.savez, np.savez_compressed):
+      with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, 'r.npz')
+        save(path, **arrays)
+        with np.load(path) as ref:
+          expected = {k: ref[k] for k in ref.files}
+        with mock.patch.multiple(spectra, TWO_STAGE_MIN_C=4, PAD_MULTIPLE=1):
+          got, outs = analysis.load_npz(path)
+      self.assertEqual(list(got), list(expected))
+      for k, v in expected.items():
+        np.testing.assert_array_equal(got[k], v)
+        self.assertEqual(got[k].dtype, v.dtype)
+      self.assertEqual(set(outs), {'fc', 'conv', 'big_endian'})
+      for k, out in outs.items():
+        c = arrays[k].shape[-1]
+        self.assertEqual((out.shape, out.dtype), ((c, c), np.float64))
+        self.assertEqual(out.strides, (8 * (c + spectra.LDA_PAD), 8))
+        self.assertTrue(np.shares_memory(out, got[k]))
+
+  def test_load_npz_names_a_truncated_array(self):
+    import zipfile
+
+    data = np.ones((4, 3), np.float32)
+    with tempfile.TemporaryDirectory() as d:
+      whole = os.path.join(d, 'whole.npy')
+      np.save(whole, data)
+      with open(whole, 'rb') as f:
+        raw = f.read()
+      path = os.path.join(d, 'cut.npz')
+      with zipfile.ZipFile(path, 'w') as z:
+        z.writestr('fc.npy', raw[:-5])
+      with self.assertRaisesRegex(ValueError, r"'fc' ends after 43 of 48"):
+        analysis.load_npz(path)
+      proc = subprocess.run(
+        [sys.executable, '-m', 'pfa_jax.analyze', path],
+        cwd=_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+      )
+    self.assertEqual(proc.returncode, 2)
+    self.assertIn('error: ', proc.stderr)
+    self.assertIn("'fc' ends after", proc.stderr)
+    self.assertNotIn('Traceback', proc.stderr)
+
+  def test_load_npz_names_a_missing_or_foreign_file(self):
+    with tempfile.TemporaryDirectory() as d:
+      npy = os.path.join(d, 'r.npy')
+      np.save(npy, np.ones((3, 2), np.float32))
+      for path in (os.path.join(d, 'missing.npz'), npy):
+        with self.assertRaisesRegex(ValueError, f'cannot read .*{path}'):
+          analysis.load_npz(path)
+
+  def test_cli_path_matches_analyze_with_padded_rows(self):
+    """The CLI's route (load_npz, results in the responses' buffers, padded
+    rows, two-stage solver) gives what analyze gives on numpy.load."""
+    from pfa_jax import spectra
+
+    resp = _responses(seed=11, m=40)
+    with tempfile.TemporaryDirectory() as d:
+      path = os.path.join(d, 'r.npz')
+      np.savez(path, **resp)
+      with mock.patch.multiple(spectra, TWO_STAGE_MIN_C=4, PAD_MULTIPLE=1):
+        expected = analysis.analyze(resp)
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+          self.assertEqual(analysis.main([path]), 0)
+    got = json.loads(buf.getvalue())
+    self.assertEqual(
+      got['recipes'], json.loads(json.dumps(expected))['recipes']
+    )
+    for k, lam in expected['spectra'].items():
+      np.testing.assert_allclose(got['spectra'][k], lam, rtol=1e-12, atol=1e-15)
 
   def test_cli_imports_neither_jax_nor_scipy(self):
     resp = _responses(m=16)

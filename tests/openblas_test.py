@@ -47,12 +47,43 @@ class OpenblasTest(parameterized.TestCase):
     w = openblas.eigvalsh_upper(b, two_stage=two_stage)
     np.testing.assert_allclose(w, ref, rtol=1e-10, atol=1e-10)
 
-  def test_eigvalsh_rejects_fortran_order_and_float32(self):
+  @parameterized.parameters(True, False)
+  def test_eigvalsh_takes_rows_longer_than_the_matrix(self, two_stage):
+    """A view of a padded [n, n + 7] buffer: LAPACK gets the row length as
+    its leading dimension, reads the upper triangle only and leaves the
+    padding alone."""
+    _needs_lib(self)
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((90, 40))
+    a = x.T @ x
+    ref = np.linalg.eigvalsh(a)
+    buf = np.full((40, 47), np.nan)
+    view = buf[:, :40]
+    view[...] = np.triu(a) + np.tril(np.full_like(a, np.nan), -1)
+    self.assertTrue(openblas.lapack_layout(view))
+    w = openblas.eigvalsh_upper(view, two_stage=two_stage)
+    np.testing.assert_allclose(w, ref, rtol=1e-10, atol=1e-10)
+    self.assertTrue(np.isnan(buf[:, 40:]).all())
+
+  def test_eigvalsh_rejects_layouts_lapack_cannot_take(self):
     _needs_lib(self)
     a = np.eye(4)
-    for bad in (np.asfortranarray(a[:, ::-1]), a.astype(np.float32)):
-      with self.assertRaisesRegex(ValueError, 'C-order float64'):
-        openblas.eigvalsh_upper(bad, two_stage=False)
+    short_rows = np.lib.stride_tricks.as_strided(np.zeros(20), (4, 4), (24, 8))
+    unaligned = np.zeros(8 * 16 + 8, np.uint8)[1:129].view(np.float64)
+    readonly = np.eye(4)
+    readonly.flags.writeable = False
+    bad = (
+      np.asfortranarray(a[:, ::-1]),  # column stride != 8
+      a.astype(np.float32),
+      np.ones((3, 4)),
+      short_rows,  # rows overlap: leading dimension 3 < 4
+      unaligned.reshape(4, 4),
+      readonly,
+    )
+    for b in bad:
+      self.assertFalse(openblas.lapack_layout(b))
+      with self.assertRaisesRegex(ValueError, 'unit column stride'):
+        openblas.eigvalsh_upper(b, two_stage=False)
 
   def test_threads_sets_and_restores(self):
     _needs_lib(self)

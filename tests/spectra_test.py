@@ -89,6 +89,63 @@ class SpectraTest(parameterized.TestCase):
       np.testing.assert_allclose(lam, ref[::-1] / ref.sum(), atol=1e-12)
       np.testing.assert_array_equal(lam2, lam)
 
+  def test_square_pads_rows_from_the_two_stage_size(self):
+    big = spectra.TWO_STAGE_MIN_C
+    self.assertEqual(spectra.lda(big - 64), big - 64)
+    self.assertEqual(spectra.lda(big), big + spectra.LDA_PAD)
+    self.assertEqual(spectra.lda(4096), 4096 + spectra.LDA_PAD)
+    self.assertEqual(spectra.lda(3000), 3000)  # not a multiple of 64
+    a = spectra.square(big)
+    self.assertEqual((a.shape, a.strides), ((big, big), (8 * (big + 8), 8)))
+    self.assertEqual(spectra.square(5).strides, (40, 8))
+
+  def test_square_in_a_buffer(self):
+    # lda(5) = 13
+    with mock.patch.multiple(spectra, TWO_STAGE_MIN_C=4, PAD_MULTIPLE=1):
+      padded = np.zeros(8 * 5 * 13, np.uint8)
+      a = spectra.square(5, padded)
+      self.assertEqual((a.shape, a.strides, a.dtype), ((5, 5), (104, 8), 'f8'))
+      self.assertTrue(np.shares_memory(a, padded))
+      # too short for padded rows: unpadded; too short for those: None
+      self.assertEqual(spectra.square(5, padded[:-1]).strides, (40, 8))
+      self.assertEqual(spectra.square(5, np.zeros(25)).strides, (40, 8))
+      self.assertIsNone(spectra.square(5, np.zeros(24)))
+      readonly = np.zeros(200)
+      readonly.flags.writeable = False
+      self.assertIsNone(spectra.square(5, readonly))
+      self.assertIsNone(spectra.square(5, np.zeros((200, 2))[:, 0]))
+      self.assertIsNone(spectra.square(5, np.zeros(1000, np.uint8)[1:]))
+
+  @parameterized.parameters(True, False)
+  def test_eigvalsh_hands_lapack_padded_rows(self, overwrite):
+    """In place where the layout allows it, else a copy with padded rows."""
+    if not openblas.available():
+      self.skipTest("NumPy here does not bundle OpenBLAS's LAPACKE")
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((50, 20))
+    cov = x.T @ x
+    ref = np.linalg.eigvalsh(cov)
+    seen = []
+    real = openblas.eigvalsh_upper
+
+    def spy(a, *, two_stage):
+      seen.append(a)
+      return real(a, two_stage=two_stage)
+
+    with (
+      mock.patch.multiple(spectra, TWO_STAGE_MIN_C=8, PAD_MULTIPLE=1),
+      mock.patch.object(openblas, 'eigvalsh_upper', spy),
+    ):
+      mine = spectra.square(20)
+      mine[...] = cov
+      w = spectra.eigvalsh(mine, overwrite=overwrite)
+      w2 = spectra.eigvalsh(np.array(cov), overwrite=overwrite)  # C order
+    np.testing.assert_allclose(w, ref, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(w2, ref, rtol=1e-10, atol=1e-10)
+    self.assertEqual(seen[0] is mine, overwrite)
+    self.assertTrue(all(a.strides == (8 * 28, 8) for a in seen[:1]))
+    self.assertEqual(seen[1].strides, (160, 8) if overwrite else (224, 8))
+
   def test_solver_threads_rule(self):
     big = spectra.TWO_STAGE_MIN_C
     self.assertEqual(spectra.solver_threads(big - 1), 1)
