@@ -1,6 +1,7 @@
 """``analyze`` from a cold process, as a user runs it (issue 12 section 0).
 
   python -m benchmarks.analyze_cold [--repeats 3] [--dnikit-python PATH]
+      [--jobs vgg16,wide4096] [--name analyze_cold]
 
 Two jobs on synthetic correlated responses (``benchmarks.pfa_core``):
 
@@ -18,7 +19,7 @@ the first (cold) ``analysis.analyze`` call inside it. With
 interleaved with ours. Targets: <= 1 s inside ``analyze`` for the first job,
 >= 10x DNIKit process to process on both (the issue's quiet-machine DNIKit
 times, 6.2 s and 43.9 s, are the fallback reference). Writes
-``benchmarks/results/analyze_cold.json``; ``loaded`` marks a run started on a busy
+``benchmarks/results/<name>.json``; ``loaded`` marks a run started on a busy
 machine (``benchmarks.common.loaded``).
 """
 
@@ -89,6 +90,7 @@ def main(argv=None):
   p.add_argument('--repeats', type=int, default=3)
   p.add_argument('--dnikit-python', default='')
   p.add_argument('--jobs', default='vgg16,wide4096')
+  p.add_argument('--name', default='analyze_cold', help='JSON file name')
   a = p.parse_args(argv)
   py = sys.executable
   results = {}
@@ -152,7 +154,7 @@ def main(argv=None):
     rows, ('job', 'process s', 'in analyze s', 'DNIKit s', 'speed-up', 'load')
   )
   path = common.write(
-    'analyze_cold',
+    a.name,
     {
       'targets': '<= 1 s inside analyze (vgg16, cold); >= 10x DNIKit '
       'process to process on both jobs',

@@ -29,6 +29,7 @@ from benchmarks import pruned_speedup
 from benchmarks import stats_overhead
 from pfa_jax import models
 from pfa_jax import onednn
+from pfa_jax import spectra
 
 
 class BenchmarksTest(absltest.TestCase):
@@ -111,8 +112,8 @@ class BenchmarksTest(absltest.TestCase):
       mock.patch.object(analyze_cold, 'VGG_M', 64),
       mock.patch.object(analyze_cold, 'WIDE', (96, 48)),
     ):
-      analyze_cold.main(['--repeats', '1'])
-      with open(os.path.join(d, 'analyze_cold.json')) as f:
+      analyze_cold.main(['--repeats', '1', '--name', 'cold_run'])
+      with open(os.path.join(d, 'cold_run.json')) as f:
         res = json.load(f)['results']
     for job in ('vgg16', 'wide4096'):
       r = res[job]
@@ -307,6 +308,20 @@ class BenchmarksTest(absltest.TestCase):
     self.assertEqual(set(r['ratio_to_eigvalsh']), {'kd8', 'kd16', 'float32'})
     self.assertGreater(r['float32_max_rel_error'], 0)
     self.assertLess(r['float32_max_rel_error'], 1e-4)
+
+  def test_eig_levers_lda_lever_times_padded_rows(self):
+    # run() raises if either layout's eigenvalues leave eigvalsh's.
+    with mock.patch.multiple(spectra, TWO_STAGE_MIN_C=16, PAD_MULTIPLE=16):
+      r = eig_levers.run(m=200, c=48, repeats=2, only=('lda',))
+    self.assertEqual(r['lda'], 48 + spectra.LDA_PAD)
+    self.assertEqual(
+      set(r['median_s']),
+      {'covariance', 'order', 'eigvalsh', 'unpadded', 'padded'},
+    )
+    self.assertLen(r['padded_to_unpadded']['pairs'], 2)
+    self.assertIsNone(r['float32_max_rel_error'])
+    with self.assertRaises(SystemExit), mock.patch('sys.stderr'):
+      eig_levers.main(['--only', 'lda,fast'])
 
   def test_native_levers_ops_run(self):
     rows = native_levers.ops(repeats=1)
