@@ -268,12 +268,18 @@ def load_npz(path: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
   with archive:
     for member in archive.namelist():
       name = member[:-4] if member.endswith('.npy') else member
-      with archive.open(member) as f:
-        buf, x = _read_with_room(f, f'{path}: array {name!r}')
-      if buf is None:  # not a response layout: NumPy reads it
+      where = f'{path}: array {name!r}'
+      try:
         with archive.open(member) as f:
-          x = np.lib.format.read_array(f, allow_pickle=False)
-      else:
+          buf, x = _read_with_room(f, where)
+        if buf is None:  # not a response layout: NumPy reads it
+          with archive.open(member) as f:
+            x = np.lib.format.read_array(f, allow_pickle=False)
+      except ValueError as e:  # NumPy's format errors name no member
+        if where in str(e):
+          raise
+        raise ValueError(f'{where}: {e}') from e
+      if buf is not None:
         outs[name] = spectra_lib.square(x.shape[-1], buf)
       responses[name] = x
   return responses, outs

@@ -256,6 +256,16 @@ class AnalyzeTest(parameterized.TestCase):
     self.assertIn("'fc' ends after", proc.stderr)
     self.assertNotIn('Traceback', proc.stderr)
 
+  def test_load_npz_names_a_member_that_is_not_an_array(self):
+    import zipfile
+
+    with tempfile.TemporaryDirectory() as d:
+      path = os.path.join(d, 'odd.npz')
+      with zipfile.ZipFile(path, 'w') as z:
+        z.writestr('notes.txt', b'not an array')
+      with self.assertRaisesRegex(ValueError, r"odd.npz: array 'notes.txt'"):
+        analysis.load_npz(path)
+
   def test_load_npz_names_a_missing_or_foreign_file(self):
     with tempfile.TemporaryDirectory() as d:
       npy = os.path.join(d, 'r.npy')
