@@ -90,7 +90,9 @@ def main(argv=None):
   p.add_argument('--repeats', type=int, default=3)
   p.add_argument('--dnikit-python', default='')
   p.add_argument('--jobs', default='vgg16,wide4096')
-  p.add_argument('--name', default='analyze_cold', help='JSON file name')
+  p.add_argument(
+    '--name', type=common.file_stem, default='analyze_cold', help='JSON stem'
+  )
   a = p.parse_args(argv)
   py = sys.executable
   results = {}

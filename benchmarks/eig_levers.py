@@ -159,7 +159,7 @@ def main(argv=None) -> dict:
   p.add_argument('--c', type=int, default=4096)
   p.add_argument('--repeats', type=int, default=3)
   p.add_argument('--only', default=','.join(_ALL))
-  p.add_argument('--name', default='eig_levers')
+  p.add_argument('--name', type=common.file_stem, default='eig_levers')
   a = p.parse_args(argv)
   only = tuple(a.only.split(','))
   unknown = set(only) - set(_ALL)

@@ -320,8 +320,11 @@ class BenchmarksTest(absltest.TestCase):
     )
     self.assertLen(r['padded_to_unpadded']['pairs'], 2)
     self.assertIsNone(r['float32_max_rel_error'])
+    for bad in (['--only', 'lda,fast'], ['--name', '/tmp/eig']):
+      with self.assertRaises(SystemExit), mock.patch('sys.stderr'):
+        eig_levers.main(bad)
     with self.assertRaises(SystemExit), mock.patch('sys.stderr'):
-      eig_levers.main(['--only', 'lda,fast'])
+      analyze_cold.main(['--name', 'sub/dir'])
 
   def test_native_levers_ops_run(self):
     rows = native_levers.ops(repeats=1)
