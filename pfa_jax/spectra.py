@@ -82,7 +82,7 @@ def square(n: int, buffer: np.ndarray | None = None) -> np.ndarray | None:
   flat = buffer.reshape(-1).view(np.uint8)
   if flat.ctypes.data % 8:
     return None
-  for row in dict.fromkeys((lda(n), n)):
+  for row in (lda(n), n):  # padded rows if they fit, else unpadded
     if flat.size >= 8 * n * row:
       return flat[: 8 * n * row].view(np.float64).reshape(n, row)[:, :n]
   return None

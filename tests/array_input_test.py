@@ -11,12 +11,12 @@ import sys
 import tempfile
 import textwrap
 
-import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 from absl.testing import absltest
 from absl.testing import parameterized
 
+from configs import common
 from pfa_jax import array_input
 from pfa_jax import datasets
 from pfa_jax import input_pipeline
@@ -38,21 +38,13 @@ def _random_npz(d, n_train=96, n_test=40, seed=0):
 
 
 def _config(source, data_dir, **input_kw):
-  inp = dict(
-    source=source,
-    dataset='cifar10',
-    data_dir=data_dir,
-    batch_size=16,
-    eval_batch_size=16,
-    train_subset=0,
-    eval_subset=0,
-    classes=[],
-    augment=True,
-    shuffle_buffer=100,
-    image_size=32,
-  )
-  inp.update(input_kw)
-  return ml_collections.ConfigDict({'seed': 3, 'input': inp})
+  """The project's CIFAR-10 input defaults with small batches, seed 3."""
+  config = common.base('cifar10', 'simple_cnn')
+  config.seed = 3
+  small = dict(batch_size=16, eval_batch_size=16, shuffle_buffer=100)
+  config.input.update({**small, 'source': source, 'data_dir': data_dir})
+  config.input.update(input_kw)
+  return config
 
 
 class SameExamplesAsTfdsTest(parameterized.TestCase):

@@ -5,13 +5,13 @@ from unittest import mock
 
 import flax.linen as nn
 import jax
-import ml_collections
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl.testing import absltest
 from absl.testing import parameterized
 
+from configs import common
 from pfa_jax import input_pipeline
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
@@ -45,20 +45,12 @@ def _equal(a, b):
 
 
 def _config(**input_kw):
-  inp = dict(
-    dataset='cifar10',
-    data_dir='',
-    batch_size=16,
-    eval_batch_size=16,
-    train_subset=0,
-    eval_subset=0,
-    classes=[],
-    augment=True,
-    shuffle_buffer=100,
-    image_size=32,
-  )
-  inp.update(input_kw)
-  return ml_collections.ConfigDict({'seed': 3, 'input': inp})
+  """The project's CIFAR-10 input defaults with small batches, seed 3."""
+  config = common.base('cifar10', 'simple_cnn')
+  config.seed = 3
+  small = dict(batch_size=16, eval_batch_size=16, shuffle_buffer=100)
+  config.input.update({**small, **input_kw})
+  return config
 
 
 class TrainBatchesTest(parameterized.TestCase):
