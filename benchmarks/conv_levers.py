@@ -34,7 +34,12 @@ it times 4-16-channel outputs on oneDNN and on the narrow kernel, plain
 forward and folded inference (`conv_bias_act`: bias + ReLU) on inputs of
 both signs, and the narrow kernel's folded call again on inputs of one
 sign (a data-dependent epilogue shows as a gap), in
-``benchmarks/results/conv_narrow_wide.json``.
+``benchmarks/results/conv_narrow_wide.json``. With ``--part tail_split``
+it times the folded call (`conv_bias_act`: bias + ReLU) of layers of
+16 m + t outputs with the channel tail split off
+(`pfa_jax.onednn.tail_split`: oneDNN on 16 m channels, the narrow kernel on
+t) against the whole layer on oneDNN, interleaved, in
+``benchmarks/results/conv_tail_split.json``.
 
 Writes ``benchmarks/results/conv_levers.json``.
 """
@@ -572,6 +577,86 @@ def narrow_wide_table(reps=7, batch=128, layers=NARROW_WIDE, path=None):
   return _write_rows('conv_narrow_wide', 'narrow_wide', batch, rows, path)
 
 
+# (H=W, Cin, Cout) of --part tail_split: VGG-16 4x (PFA, no rounding) and
+# ResNet-56 2x layers, and tails 1-12 at 32 x 32.
+TAIL_SPLIT = (
+  (32, 56, 52),
+  (16, 52, 87),
+  (16, 87, 85),
+  (32, 56, 49),
+  (32, 56, 50),
+  (32, 56, 54),
+  (32, 56, 56),
+  (32, 64, 60),
+  (32, 64, 36),
+  (32, 16, 23),
+  (16, 16, 17),
+  (16, 24, 23),
+  (16, 24, 24),
+  (16, 13, 24),
+)
+
+
+def tail_split_table(reps=7, batch=128, layers=TAIL_SPLIT, path=None):
+  """The folded call with its channel tail split off, against it whole.
+
+  Each setting is a fresh trace (read at trace time):
+  ``PFA_JAX_ONEDNN_TAIL_MAX`` 15 (split) and 0 (whole, oneDNN). Inputs as
+  in :func:`narrow_wide_table` (post-ReLU maps, weights of both signs).
+  """
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+
+  from benchmarks import common  # noqa: PLC0415
+  from pfa_jax import onednn  # noqa: PLC0415
+
+  if not onednn.narrow_available():
+    raise SystemExit(f'narrow kernel not built: {onednn.status()}')
+  pads = ((1, 1), (1, 1))
+  rows = []
+  for hw, cin, cout in layers:
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(
+      np.maximum(rng.standard_normal((batch, hw, hw, cin)), 0), np.float32
+    )
+    w = jnp.asarray(rng.standard_normal((3, 3, cin, cout)) / (3 * cin**0.5))
+    w = w.astype(np.float32)
+    b = jnp.asarray(rng.standard_normal(cout), np.float32)
+    calls = {}
+    for name, env in (('whole', '0'), ('split', '15')):
+      with common.env('PFA_JAX_ONEDNN_TAIL_MAX', env):
+        fold = jax.jit(
+          lambda x, w, b: onednn.conv_bias_act(
+            x, w, b, (1, 1), 'SAME', relu=True
+          )
+        ).lower(x, w, b)
+        target = 'split_conv' if name == 'split' else 'dnnl_conv'
+        if target not in fold.as_text():
+          raise RuntimeError(f'{hw}x{hw} {cin}->{cout}: no {target} call')
+        fold = fold.compile()
+      calls[name] = functools.partial(_block, fold, x, w, b)
+    ms = _interleaved_ms(calls, reps)
+    flops = 2 * batch * hw * hw * 9 * cin * cout
+    rows.append(
+      {
+        'hw': hw,
+        'cin': cin,
+        'cout': cout,
+        'tail': cout % 16,
+        **{f'{k}_ms': round(v, 3) for k, v in ms.items()},
+        'split_over_whole': round(ms['split'] / ms['whole'], 3),
+        'whole_gflops': round(flops / ms['whole'] / 1e6, 1),
+        'split_gflops': round(flops / ms['split'] / 1e6, 1),
+        'chosen': 'split'
+        if onednn.tail_split(x.shape, w.shape, (1, 1), pads)
+        else 'whole',
+      }
+    )
+    print(rows[-1], flush=True)
+  return _write_rows('conv_tail_split', 'tail_split', batch, rows, path)
+
+
 def main(argv=None):
   hostmem.retain_freed_memory()  # before the first JAX computation
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -590,6 +675,7 @@ def main(argv=None):
       'pack',
       'narrow_kernel',
       'narrow_wide',
+      'tail_split',
     ),
   )
   args = p.parse_args(argv)
@@ -607,6 +693,9 @@ def main(argv=None):
     return
   if args.part == 'narrow_wide':
     narrow_wide_table()
+    return
+  if args.part == 'tail_split':
+    tail_split_table()
     return
 
   baselines = [_run('', [], args)]

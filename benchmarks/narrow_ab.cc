@@ -37,6 +37,7 @@ namespace ffi = xla::ffi;
 #define PfaNarrowConvFwd PfaNarrowConvFwd_A
 #define PfaNarrowConvFwdBias PfaNarrowConvFwdBias_A
 #define PfaNarrowConvFwdBiasRes PfaNarrowConvFwdBiasRes_A
+#define PfaNarrowTailMerge PfaNarrowTailMerge_A
 namespace a {
 ffi::Error PfaOnTeamThread(const std::function<ffi::Error()>& f) { return f(); }
 #include PFA_AB_A
@@ -45,10 +46,12 @@ ffi::Error PfaOnTeamThread(const std::function<ffi::Error()>& f) { return f(); }
 #undef PfaNarrowConvFwd
 #undef PfaNarrowConvFwdBias
 #undef PfaNarrowConvFwdBiasRes
+#undef PfaNarrowTailMerge
 #define PfaNarrowConvAvailable PfaNarrowConvAvailable_B
 #define PfaNarrowConvFwd PfaNarrowConvFwd_B
 #define PfaNarrowConvFwdBias PfaNarrowConvFwdBias_B
 #define PfaNarrowConvFwdBiasRes PfaNarrowConvFwdBiasRes_B
+#define PfaNarrowTailMerge PfaNarrowTailMerge_B
 namespace b {
 ffi::Error PfaOnTeamThread(const std::function<ffi::Error()>& f) { return f(); }
 #include PFA_AB_B

@@ -15,7 +15,10 @@ holds 16 float32) *inside* the target search, so the FLOPs budget still
 holds (``--round-to``). The jitted eval forward pass of the library's
 inference path (`models.for_inference`: BN folded into the convs;
 ``--no-fold`` for conv -> BN) is then timed, pruned against full,
-interleaved, at each batch size.
+interleaved, at each batch size. ``--tail-ab`` also times each pruned
+network compiled with the channel-tail split off
+(``PFA_JAX_ONEDNN_TAIL_MAX=0``, :func:`pfa_jax.onednn.tail_split`), in the
+same rounds, as variant ``<variant>_tailoff``.
 Reported: FLOPs ratio, time ratio and their quotient (1.0 = ideal), and
 the memory-traffic ratio (:func:`bytes_accessed`); target
 at batch 128: time speed-up >= 0.8x the FLOPs reduction. Writes
@@ -168,6 +171,27 @@ def pruned_variants(name, mode, factors, multiples=(1, 8, 16)):
   return model, variables, groups, full_flops, variants, unreachable
 
 
+def _tail_off(apply, fwd, variants, x) -> dict:
+  """Each pruned network compiled with the channel-tail split off.
+
+  ``tail_split`` is read at trace time: each network is lowered with
+  ``PFA_JAX_ONEDNN_TAIL_MAX=0`` through its own jit of ``apply`` (``fwd``,
+  the same function's jit, keeps the default traces), checked in the HLO;
+  one with no split layer is left out.
+  """
+  key = 'PFA_JAX_ONEDNN_TAIL_MAX'
+  off_fwd = jax.jit(lambda m, v, x: apply(m, v, x), static_argnums=0)
+  with common.env(key, '0'):
+    off = {k: off_fwd.lower(pm, pv, x) for k, (pm, pv, _) in variants.items()}
+  out = {}
+  for k, lowered in off.items():
+    if 'split_conv' in lowered.as_text():
+      raise RuntimeError(f'{k}: the split is still on with {key}=0')
+    if 'split_conv' in fwd.lower(*variants[k][:2], x).as_text():
+      out[k] = lowered.compile()
+  return out
+
+
 def bench_case(
   name,
   mode,
@@ -178,6 +202,7 @@ def bench_case(
   rounds=7,
   fold=True,
   device_inputs=False,
+  tail_ab=False,
 ):
   """Rows of FLOPs, time and bytes ratios, pruned against full.
 
@@ -191,9 +216,11 @@ def bench_case(
   # The library's inference path (BN folded into the convs) for both the
   # full and the pruned networks; fold=False: conv -> BN as separate calls.
   infer = models.for_inference if fold else (lambda m: m)
-  fwd = jax.jit(
-    lambda m, v, x: infer(m).apply(v, x, train=False), static_argnums=0
-  )
+
+  def apply(m, v, x):
+    return infer(m).apply(v, x, train=False)
+
+  fwd = jax.jit(apply, static_argnums=0)
   rows = [
     {'model': name, 'mode': mode, 'unreachable': True, **u} for u in unreachable
   ]
@@ -203,16 +230,27 @@ def bench_case(
     if device_inputs:
       x = jax.block_until_ready(jax.device_put(x))
     t_full = []
-    t_var = {k: [] for k in variants}
+    runs = {
+      k: (lambda v, x, pm=pm: fwd(pm, v, x))
+      for k, (pm, _, _) in variants.items()
+    }
+    if tail_ab:
+      runs.update(
+        {
+          f'{k}_tailoff': c
+          for k, c in _tail_off(apply, fwd, variants, x).items()
+        }
+      )
+    t_var = {k: [] for k in runs}
     for _ in range(rounds):  # interleave full and pruned
       t_full.append(_time(lambda v, x: fwd(model, v, x), variables, x, repeats))
-      for k, (pm, pv, _) in variants.items():
-        t_var[k].append(
-          _time(lambda v, x, pm=pm: fwd(pm, v, x), pv, x, repeats)
-        )
+      for k, run in runs.items():
+        pv = variants[k.removesuffix('_tailoff')][1]
+        t_var[k].append(_time(run, pv, x, repeats))
     tf = float(np.median(t_full))
     full_bytes = bytes_accessed(model, variables, b)
-    for k, (pm, pv, flops) in variants.items():
+    for k in runs:
+      pm, pv, flops = variants[k.removesuffix('_tailoff')]
       tv = float(np.median(t_var[k]))
       fr = full_flops / flops
       rows.append(
@@ -229,7 +267,7 @@ def bench_case(
           'pruned_s': tv,
           'widths': {
             g: int(pm_w)
-            for g, pm_w in models.widths_of(variants[k][0]).items()
+            for g, pm_w in models.widths_of(pm).items()
             if g in groups
           },
         }
@@ -265,6 +303,11 @@ def main(argv=None):
     help='time conv -> BN as separate calls (models.for_inference off)',
   )
   p.add_argument(
+    '--tail-ab',
+    action='store_true',
+    help='also time each pruned network with the channel-tail split off',
+  )
+  p.add_argument(
     '--name',
     type=common.file_stem,
     default=None,
@@ -290,6 +333,7 @@ def main(argv=None):
       a.rounds,
       fold=not a.no_fold,
       device_inputs=not cpu,
+      tail_ab=a.tail_ab,
     )
   load = os.getloadavg()
   common.print_table(
@@ -318,7 +362,11 @@ def main(argv=None):
       'bytes red.',
     ),
   )
-  at128 = [r for r in rows if r.get('batch') == 128]
+  at128 = [
+    r
+    for r in rows
+    if r.get('batch') == 128 and not r['variant'].endswith('_tailoff')
+  ]
   # The narrow kernel is CPU code: not even looked for elsewhere.
   narrow = cpu and onednn.narrow_available() and onednn.narrow_max() > 0
   path = common.write(
@@ -335,6 +383,7 @@ def main(argv=None):
       'retain_freed_memory': retained,
       'fold_bn': not a.no_fold,
       'narrow_kernel': narrow,
+      'tail_max': onednn.tail_max() if narrow else 0,
       'rounds': a.rounds,
       'repeats': a.repeats,
       'dtype': 'float32',

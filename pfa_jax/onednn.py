@@ -31,6 +31,14 @@ Decisions:
   * Narrow outputs (1-8 channels, a pruned network's) run a packed forward
     (`pack_factor`): oneDNN fills 16 lanes with output channels, so P
     adjacent output columns become one column of P*C channels.
+  * Channel tails (session 18, `tail_split`): a folded inference forward
+    of 16 m + t outputs (t <= 8) on the narrow kernel's row path runs
+    oneDNN on the first 16 m channels and the narrow kernel on the last t,
+    which merges both into the output pixel by pixel. oneDNN's partial last
+    vector of 16 channels costs a whole one and more: 0.78-1.00x the
+    layer's time on oneDNN alone, 0.84-0.86x for tails 1-4 at 32 x 32
+    (`benchmarks/conv_levers.py --part tail_split`, `conv_tail_split.json`;
+    tail 12: 0.98x, so not split). Training's convolutions are untouched.
   * vmap: `vmap_method='broadcast_all'`; the kernel loops over the leading
     (vmapped) dimensions, one convolution each (`pfa_jax.batched`).
   * Sharding: with an operand explicitly sharded in its type (jit +
@@ -78,11 +86,13 @@ _FWD, _BWD_DATA, _BWD_WEIGHTS = (
 )
 _MATERIALIZE = 'pfa_jax_materialize'
 _NARROW = 'pfa_jax_narrow_conv_fwd'
-_FUSED = {  # (narrow kernel, with a residual) -> target
-  (False, False): 'pfa_jax_dnnl_conv_fwd_bias',
-  (False, True): 'pfa_jax_dnnl_conv_fwd_bias_res',
-  (True, False): 'pfa_jax_narrow_conv_fwd_bias',
-  (True, True): 'pfa_jax_narrow_conv_fwd_bias_res',
+_FUSED = {  # (kernel, with a residual) -> target
+  ('dnnl', False): 'pfa_jax_dnnl_conv_fwd_bias',
+  ('dnnl', True): 'pfa_jax_dnnl_conv_fwd_bias_res',
+  ('narrow', False): 'pfa_jax_narrow_conv_fwd_bias',
+  ('narrow', True): 'pfa_jax_narrow_conv_fwd_bias_res',
+  ('split', False): 'pfa_jax_split_conv_fwd_bias',
+  ('split', True): 'pfa_jax_split_conv_fwd_bias_res',
 }
 _SYMBOLS = {
   _FWD: 'PfaDnnlConvFwd',
@@ -90,10 +100,12 @@ _SYMBOLS = {
   _BWD_WEIGHTS: 'PfaDnnlConvBwdWeights',
   _MATERIALIZE: 'PfaMaterialize',
   _NARROW: 'PfaNarrowConvFwd',
-  _FUSED[False, False]: 'PfaDnnlConvFwdBias',
-  _FUSED[False, True]: 'PfaDnnlConvFwdBiasRes',
-  _FUSED[True, False]: 'PfaNarrowConvFwdBias',
-  _FUSED[True, True]: 'PfaNarrowConvFwdBiasRes',
+  _FUSED['dnnl', False]: 'PfaDnnlConvFwdBias',
+  _FUSED['dnnl', True]: 'PfaDnnlConvFwdBiasRes',
+  _FUSED['narrow', False]: 'PfaNarrowConvFwdBias',
+  _FUSED['narrow', True]: 'PfaNarrowConvFwdBiasRes',
+  _FUSED['split', False]: 'PfaSplitConvFwdBias',
+  _FUSED['split', True]: 'PfaSplitConvFwdBiasRes',
   # Batch norm + residual + ReLU (pfa_jax.fused_bn), in the same library so
   # that it shares the convolutions' one-team-at-a-time lock.
   'pfa_jax_bn_train_fwd': 'PfaBnTrainFwd',
@@ -124,6 +136,7 @@ PACK_MAX = 8  # widest output `pack_factor` packs (PFA_JAX_ONEDNN_PACK_MAX)
 # Widest output `forward_algo` gives the narrow kernel
 # (PFA_JAX_ONEDNN_NARROW_MAX); its channel path takes at most 8.
 NARROW_MAX = 15
+TAIL_MAX = 8  # widest channel tail `tail_split` gives the narrow kernel
 _CHANNEL_PATH_MAX = 8
 TEAM_THREAD = os.environ.get('PFA_JAX_ONEDNN_TEAM_THREAD', '1') != '0'
 _status = {'built': False, 'reason': 'not tried'}
@@ -301,6 +314,34 @@ def forward_algo(x_shape, w_shape, strides, pads) -> int:
   return pack_factor(x_shape, w_shape, strides, pads)
 
 
+def tail_split(x_shape, w_shape, strides, pads) -> int:
+  """Output channels `conv_bias_act` gives the narrow kernel beside oneDNN.
+
+  oneDNN computes output channels in vectors of 16, and a partial last
+  vector costs a whole one. For a folded forward of
+  16 m + t outputs (m >= 1, 1 <= t <= `tail_max`) on the narrow kernel's row
+  path from at least 4 inputs, oneDNN computes the first 16 m channels and
+  the narrow kernel the last t, merging the two per pixel (the `split`
+  target; `native/narrow_conv.cc`, ``PfaNarrowTailMerge``). Returns t, or 0
+  where the layer runs whole (read at trace time; environment
+  `PFA_JAX_ONEDNN_TAIL_MAX`, default `TAIL_MAX` = 8, 0 turns it off). A
+  56 -> 52 layer at 32 x 32, batch 128: 41 ms whole, 35 ms split; tails
+  1-8: 0.78-1.00x the whole layer's time, a tail of 12: 0.98x
+  (`benchmarks/conv_levers.py --part tail_split`, `conv_tail_split.json`).
+  """
+  c, o = w_shape[2], w_shape[3]
+  t = o % 16
+  if o < 16 or not 0 < t <= tail_max() or c < 4 or not narrow_available():
+    return 0
+  _, wo = conv._out_hw(x_shape, w_shape[:2], strides, pads)
+  return t if strides[1] == 1 and wo >= 16 and w_shape[0] <= 16 else 0
+
+
+def tail_max() -> int:
+  """Widest channel tail `tail_split` splits off (read at trace time)."""
+  return min(_env_int('PFA_JAX_ONEDNN_TAIL_MAX', TAIL_MAX), 15)
+
+
 def _narrow(x, w, strides, pads):
   n, _, _, _ = x.shape
   ho, wo = conv._out_hw(x.shape, w.shape[:2], strides, pads)
@@ -440,19 +481,24 @@ def _bias_act_reference(x, w, b, residual, strides, pads, relu):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def _bias_act(x, w, b, residual, strides, pads, relu):
-  narrow = forward_algo(x.shape, w.shape, strides, pads) == 0
+  if forward_algo(x.shape, w.shape, strides, pads) == 0:
+    kernel = 'narrow'
+  elif tail_split(x.shape, w.shape, strides, pads):
+    kernel = 'split'
+  else:
+    kernel = 'dnnl'
   n, _, _, _ = x.shape
   ho, wo = conv._out_hw(x.shape, w.shape[:2], strides, pads)
   operands = (x, w, b) if residual is None else (x, w, b, residual)
   return jax.ffi.ffi_call(
-    _FUSED[narrow, residual is not None],
+    _FUSED[kernel, residual is not None],
     jax.ShapeDtypeStruct((n, ho, wo, w.shape[3]), jnp.float32),
     vmap_method='broadcast_all',
     # oneDNN's sum post-op adds into dst, so its output overwrites the
     # residual (XLA copies it first where the residual is still needed); the
     # narrow kernel reads the residual as an input.
     input_output_aliases={3: 0}
-    if residual is not None and not narrow
+    if residual is not None and kernel != 'narrow'
     else None,
   )(
     *operands,

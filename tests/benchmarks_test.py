@@ -29,6 +29,7 @@ from benchmarks import pruned_speedup
 from benchmarks import stats_overhead
 from pfa_jax import models
 from pfa_jax import onednn
+from pfa_jax import slicing
 from pfa_jax import spectra
 
 
@@ -104,6 +105,45 @@ class BenchmarksTest(absltest.TestCase):
     for r in rows:
       for k in ('onednn_fwd', 'narrow_fwd', 'onednn_fold', 'narrow_fold'):
         self.assertGreater(r[f'{k}_ms'], 0)
+
+  def test_conv_tail_split_table_runs(self):
+    rows = self._narrow_rows(
+      conv_levers.tail_split_table, ((16, 8, 20), (16, 8, 25))
+    )
+    # Tail 4: split by default; tail 9 is past TAIL_MAX (timed split anyway).
+    self.assertEqual([r['chosen'] for r in rows], ['split', 'whole'])
+    self.assertEqual([r['tail'] for r in rows], [4, 9])
+    for r in rows:
+      self.assertGreater(r['split_ms'], 0)
+      self.assertGreater(r['whole_ms'], 0)
+
+  def test_pruned_speedup_tail_ab_compiles_the_split_off(self):
+    # A SimpleCNN whose second conv (32 x 32, stride 1) keeps 20 filters
+    # (16 + a tail of 4): the default trace splits it, the --tail-ab one
+    # does not, and both compute the same network; a network with no tail
+    # is left out.
+    if not onednn.narrow_available():
+      self.skipTest(f'narrow kernel not built: {onednn.status()["reason"]}')
+    # (conv_impl 'auto' is XLA's under the tests' 8 host devices.)
+    model = models.get_model('simple_cnn', num_classes=10)
+    model = model.clone(conv_impl='onednn')
+    variables = models.init(model, jax.random.key(0), pruned_speedup.SHAPE)
+    pm, pv = slicing.prune(model, variables, {'conv2': np.arange(20)})
+    variants = {'odd': (pm, pv, 0), 'full': (model, variables, 0)}
+
+    def apply(m, v, x):
+      return models.for_inference(m).apply(v, x, train=False)
+
+    fwd = jax.jit(apply, static_argnums=0)
+    x = np.random.default_rng(0).standard_normal((2, *pruned_speedup.SHAPE))
+    x = x.astype(np.float32)
+    off = pruned_speedup._tail_off(apply, fwd, variants, x)
+    self.assertEqual(set(off), {'odd'})
+    self.assertIn('split_conv', fwd.lower(pm, pv, x).as_text())
+    self.assertNotIn('split_conv', off['odd'].as_text())
+    np.testing.assert_allclose(
+      off['odd'](pv, x), fwd(pm, pv, x), rtol=1e-4, atol=1e-4
+    )
 
   def test_analyze_cold_runs_both_jobs_and_variants(self):
     with (

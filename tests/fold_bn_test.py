@@ -94,6 +94,26 @@ class FoldBnTest(parameterized.TestCase):
     text = self._check(pm, pv, x)
     self.assertIn('pfa_jax_narrow_conv_fwd_bias', text)
 
+  def test_pruned_network_splits_channel_tails(self):
+    # Odd widths at 32 x 32 and 16 x 16 (36 = 32 + 4, 20 = 16 + 4, 41 = 32 +
+    # 9): the split target where the tail is at most TAIL_MAX (conv2's and
+    # conv3's), oneDNN whole elsewhere (conv1: 3 inputs; conv4: tail 9).
+    model = models.get_model('vgg16_cifar', num_classes=10, dropout=0.0)
+    variables = _perturbed(
+      models.init(model, jax.random.key(0), (32, 32, 3)), 3
+    )
+    keep = {
+      'conv1': np.arange(36),
+      'conv2': np.arange(1, 41, 2),
+      'conv3': np.arange(20),
+      'conv4': np.arange(41),
+    }
+    pm, pv = slicing.prune(model, variables, keep)
+    x = jax.random.normal(jax.random.key(4), (2, 32, 32, 3))
+    text = self._check(pm, pv, x)
+    if onednn.narrow_available():
+      self.assertEqual(text.count('pfa_jax_split_conv_fwd_bias('), 2)
+
   def test_gradients_flow_through_the_folded_call(self):
     model = models.get_model('resnet8', num_classes=10)
     variables = _perturbed(models.init(model, jax.random.key(0), _SHAPE), 2)

@@ -309,6 +309,144 @@ class OnednnConvTest(parameterized.TestCase):
             self.assertBetween(float(np.mean(np.asarray(want) == 0)), 0.2, 0.8)
           self.assertLess(_rel_err(got, want), _TOL)
 
+  # The channel-tail split (tail_split): oneDNN on the first 16 m outputs,
+  # the narrow row kernel on the last t, merged per pixel; against float64
+  # lax and against the same layer run whole by oneDNN (split off).
+  @parameterized.named_parameters(
+    ('o17_w32', (2, 4, 32, 16), 17, (1, 1)),
+    ('o20_c4_w21', (2, 5, 21, 4), 20, (1, 1)),  # a partial pixel vector
+    ('o36_c13_w16', (2, 3, 16, 13), 36, (1, 1)),
+    ('o24_w40_s21', (2, 7, 40, 8), 24, (2, 1)),
+  )
+  def test_tail_split_matches_lax(self, x_shape, out, strides):
+    if not onednn.narrow_available():
+      pytest.skip('narrow kernel not built (no AVX-512)')
+    k_shape = (3, 3, x_shape[3], out)
+    x = _normal(x_shape, 10)
+    k = _normal(k_shape, 11) / np.sqrt(np.prod(k_shape[:3]))
+    b = _normal((out,), 12)
+    y_shape = _out_shape(x_shape, k_shape, strides, 'SAME')
+    r = _normal(y_shape, 13)
+    pads = lax.padtype_to_pads(x_shape[1:3], (3, 3), strides, 'SAME')
+    self.assertEqual(
+      onednn.tail_split(x_shape, k_shape, strides, pads), out % 16
+    )
+    for residual in (None, r):
+      for relu in (False, True):
+        with self.subTest(residual=residual is not None, relu=relu):
+
+          def f(x, k, b, r, relu=relu):
+            return onednn.conv_bias_act(
+              x, k, b, strides, 'SAME', residual=r, relu=relu
+            )
+
+          text = jax.jit(f).lower(x, k, b, residual).as_text()
+          suffix = '_res' if residual is not None else ''
+          self.assertIn(f'pfa_jax_split_conv_fwd_bias{suffix}(', text)
+          got = jax.jit(f)(x, k, b, residual)
+          with mock.patch.dict(os.environ, {'PFA_JAX_ONEDNN_TAIL_MAX': '0'}):
+            whole = jax.jit(lambda *a: f(*a))  # a fresh trace
+            self.assertIn(
+              'pfa_jax_dnnl_conv_fwd_bias',
+              whole.lower(x, k, b, residual).as_text(),
+            )
+            whole = whole(x, k, b, residual)
+          with jax.enable_x64():
+            want = onednn._bias_act_reference(
+              *(
+                None if a is None else jnp.asarray(a, jnp.float64)
+                for a in (x, k, b, residual)
+              ),
+              strides,
+              pads,
+              relu,
+            )
+          if relu:
+            self.assertBetween(float(np.mean(np.asarray(want) == 0)), 0.2, 0.8)
+          self.assertLess(_rel_err(got, want), _TOL)
+          self.assertLess(_rel_err(got, whole), _TOL)
+
+  def test_tail_split_every_tail_width(self):
+    # Tails 1-8 (TAIL_MAX) of 16 + t outputs at 32 columns (two pixel
+    # vectors a row), residual and ReLU: every instantiated tail kernel.
+    if not onednn.narrow_available():
+      pytest.skip('narrow kernel not built (no AVX-512)')
+    for t in range(1, onednn.TAIL_MAX + 1):
+      out = 16 + t
+      x = _normal((1, 3, 32, 6), t)
+      k = _normal((3, 3, 6, out), t + 1) / 7
+      b = _normal((out,), t + 2)
+      r = _normal((1, 3, 32, out), t + 3)
+      pads = ((1, 1), (1, 1))
+      self.assertEqual(onednn.tail_split(x.shape, k.shape, (1, 1), pads), t)
+      got = jax.jit(
+        lambda x, k, b, r: onednn.conv_bias_act(
+          x, k, b, (1, 1), 'SAME', residual=r, relu=True
+        )
+      )(x, k, b, r)
+      with jax.enable_x64():
+        want = onednn._bias_act_reference(
+          *(jnp.asarray(a, jnp.float64) for a in (x, k, b, r)),
+          (1, 1),
+          pads,
+          True,
+        )
+      with self.subTest(tail=t):
+        self.assertLess(_rel_err(got, want), _TOL)
+
+  @parameterized.named_parameters(
+    ('no_tail', (1, 8, 32, 16), (3, 3, 16, 32), (1, 1)),
+    ('narrow_itself', (1, 8, 32, 16), (3, 3, 16, 12), (1, 1)),
+    ('tail_past_max', (1, 8, 32, 16), (3, 3, 16, 25), (1, 1)),
+    ('three_inputs', (1, 8, 32, 3), (3, 3, 3, 20), (1, 1)),
+    ('map_under_16', (1, 8, 8, 16), (3, 3, 16, 20), (1, 1)),
+    ('stride_across', (1, 8, 64, 16), (3, 3, 16, 20), (1, 2)),
+  )
+  def test_tail_split_only_where_it_applies(self, x_shape, k_shape, strides):
+    pads = ((1, 1), (1, 1))
+    self.assertEqual(onednn.tail_split(x_shape, k_shape, strides, pads), 0)
+
+  def test_tail_split_follows_its_setting(self):
+    shapes = ((1, 8, 32, 16), (3, 3, 16, 20), (1, 1), ((1, 1),) * 2)
+    if not onednn.narrow_available():
+      pytest.skip('narrow kernel not built (no AVX-512)')
+    self.assertEqual(onednn.tail_split(*shapes), 4)
+    for setting, want in (('0', 0), ('3', 0), ('4', 4), ('99', 4)):
+      with mock.patch.dict(os.environ, {'PFA_JAX_ONEDNN_TAIL_MAX': setting}):
+        self.assertEqual(onednn.tail_split(*shapes), want, setting)
+    with mock.patch.dict(os.environ, {'PFA_JAX_ONEDNN_TAIL_MAX': 'x'}):
+      with self.assertRaisesRegex(
+        ValueError, r"PFA_JAX_ONEDNN_TAIL_MAX must be an integer, got 'x'"
+      ):
+        onednn.tail_split(*shapes)
+
+  def test_tail_split_under_vmap_and_a_kept_residual(self):
+    # vmap: one split call per variant (the kernel's group loop). The
+    # residual is returned as well, so XLA must give the output its own
+    # buffer (the call copies the residual in) and keep the residual intact.
+    if not onednn.narrow_available():
+      pytest.skip('narrow kernel not built (no AVX-512)')
+    x = _normal((3, 2, 4, 16, 8), 20)
+    k = _normal((3, 3, 3, 8, 19), 21) / 8
+    b = _normal((3, 19), 22)
+    r = _normal((3, 2, 4, 16, 19), 23)
+
+    def f(x, k, b, r):
+      y = onednn.conv_bias_act(x, k, b, (1, 1), 'SAME', residual=r, relu=True)
+      return y, r
+
+    fn = jax.jit(jax.vmap(f))
+    self.assertIn(
+      'pfa_jax_split_conv_fwd_bias_res', fn.lower(x, k, b, r).as_text()
+    )
+    got, kept = fn(x, k, b, r)
+    np.testing.assert_array_equal(kept, r)
+    with jax.enable_x64():
+      want = jax.vmap(
+        lambda *a: onednn._bias_act_reference(*a, (1, 1), ((1, 1),) * 2, True)
+      )(*(jnp.asarray(a, jnp.float64) for a in (x, k, b, r)))
+    self.assertLess(_rel_err(got, want), _TOL)
+
   def test_row_path_stores_every_width(self):
     # The row path's NHWC store (native StoreRow): log2(P) interleave levels
     # for P = 1, 2, 4, 8, 16 and the compaction of O < P channels, for every

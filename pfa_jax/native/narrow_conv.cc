@@ -51,6 +51,14 @@ struct Epi {
   const float* bias = nullptr;  // [O] or null: no epilogue
   const float* res = nullptr;   // [N, Ho, Wo, O] or null
   bool relu = false;
+  // A channel tail (PfaNarrowTailMerge; the row kernel's kSplit): the O
+  // outputs are channels [mc, mc + O) of a wider layer whose kernel and
+  // output (and residual) have `wide` channels a pixel; `main` holds the
+  // other mc channels, [N, Ho, Wo, mc], computed by oneDNN with the bias
+  // (and the ReLU where there is no residual), and is merged in per pixel.
+  int64_t wide = 0;
+  const float* main = nullptr;
+  int64_t mc = 0;
 };
 
 // Sums each of a[0..15] across its 16 lanes: four levels of pairwise
@@ -361,9 +369,12 @@ __attribute__((noinline)) void StoreRow(__m512* c, int64_t np, float* y,
   }
 }
 
-template <int O, int NV>
+template <int O, int NV, bool kSplit = false>
 void RowConv(const Shape& s, const float* x, const float* k, float* y,
              const Epi& epi, int team) {
+  // Channels a pixel in the kernel, output and residual: O, or the wide
+  // layer's (k, y and res then point at channel mc of its first pixel).
+  const int64_t ks = kSplit ? epi.wide : O;
   const int64_t chunk = 16 * NV, chunks = (s.wo + chunk - 1) / chunk;
   // Row length: the padded input, and every chunk's reads (kw - 1 past).
   const int64_t ld = std::max(s.pl + s.w, chunks * chunk + s.kw - 1) + 16;
@@ -410,7 +421,7 @@ void RowConv(const Shape& s, const float* x, const float* k, float* y,
             _mm_prefetch(p + b, _MM_HINT_T0);
         }
       }
-      float* yrow = y + r * s.wo * O;
+      float* yrow = y + r * s.wo * ks;
       for (int64_t q = 0; q < chunks; ++q) {
         const int64_t wo0 = q * chunk;
         __m512 acc[O][NV];
@@ -420,7 +431,7 @@ void RowConv(const Shape& s, const float* x, const float* k, float* y,
           if (!rowp[i]) continue;
           for (int64_t j = 0; j < s.kw; ++j) {
             const float* xr = rowp[i] + wo0 + j;
-            const float* wr = k + (i * s.kw + j) * s.c * O;
+            const float* wr = k + (i * s.kw + j) * s.c * ks;
             for (int64_t c = 0; c < s.c; ++c) {
               __m512 xv[NV];
               for (int v = 0; v < NV; ++v) {
@@ -430,7 +441,7 @@ void RowConv(const Shape& s, const float* x, const float* k, float* y,
                 asm("" : "+v"(xv[v]));
               }
               for (int o = 0; o < O; ++o) {
-                const __m512 wb = _mm512_set1_ps(wr[c * O + o]);
+                const __m512 wb = _mm512_set1_ps(wr[c * ks + o]);
                 for (int v = 0; v < NV; ++v)
                   acc[o][v] = _mm512_fmadd_ps(xv[v], wb, acc[o][v]);
               }
@@ -441,9 +452,9 @@ void RowConv(const Shape& s, const float* x, const float* k, float* y,
         for (int v = 0; v < NV && 16 * v < valid; ++v) {
           const int64_t p0 = wo0 + 16 * v;
           const int64_t np = std::min<int64_t>(16, s.wo - p0);
-          float* yo = yrow + p0 * O;
-          const float* ro = epi.res ? epi.res + (r * s.wo + p0) * O : nullptr;
-          if constexpr (O <= 4) {
+          float* yo = yrow + p0 * ks;
+          const float* ro = epi.res ? epi.res + (r * s.wo + p0) * ks : nullptr;
+          if constexpr (O <= 4 && !kSplit) {
             __m512 c[16];
             for (int o = 0; o < O; ++o) c[o] = acc[o][v];
             StoreRow<O>(c, np, yo, ro, epi, tiles);
@@ -461,10 +472,23 @@ void RowConv(const Shape& s, const float* x, const float* k, float* y,
                 yv = _mm512_add_ps(yv, bias);
                 if (ro)
                   yv = _mm512_add_ps(
-                      yv, _mm512_maskz_loadu_ps(lanes, ro + p * O));
+                      yv, _mm512_maskz_loadu_ps(lanes, ro + p * ks));
                 if (epi.relu) yv = _mm512_max_ps(yv, _mm512_setzero_ps());
               }
-              _mm512_mask_storeu_ps(yo + p * O, lanes, yv);
+              _mm512_mask_storeu_ps(yo + p * ks, lanes, yv);
+              if constexpr (kSplit) {  // the pixel's other mc channels
+                const float* mp = epi.main + (r * s.wo + p0 + p) * epi.mc;
+                float* yp = yo + p * ks - epi.mc;
+                const float* rp = ro ? ro + p * ks - epi.mc : nullptr;
+                for (int64_t c = 0; c < epi.mc; c += 16) {
+                  __m512 v = _mm512_loadu_ps(mp + c);
+                  if (rp) {
+                    v = _mm512_add_ps(v, _mm512_loadu_ps(rp + c));
+                    if (epi.relu) v = _mm512_max_ps(v, _mm512_setzero_ps());
+                  }
+                  _mm512_storeu_ps(yp + c, v);
+                }
+              }
             }
           }
         }
@@ -498,6 +522,22 @@ using ConvFn = void (*)(const Shape&, const float*, const float*,
 constexpr std::array<ConvFn, kMaxOut> kConv = {
     Any<1>, Any<2>,  Any<3>,  Any<4>,  Any<5>,  Any<6>,  Any<7>,  Any<8>,
     Any<9>, Any<10>, Any<11>, Any<12>, Any<13>, Any<14>, Any<15>, Any<16>};
+
+// The channel tail of a wider layer (row path only; 1-15 outputs).
+template <int O>
+void Tail(const Shape& s, const float* x, const float* k, float* y,
+          const Epi& epi, int team) {
+  if constexpr (2 * O + 3 <= 32) {
+    if (s.wo >= 32) return RowConv<O, 2, true>(s, x, k, y, epi, team);
+  }
+  RowConv<O, 1, true>(s, x, k, y, epi, team);
+}
+
+using TailFn = void (*)(const Shape&, const float*, const float*, float*,
+                        const Epi&, int);
+constexpr std::array<TailFn, 15> kTail = {
+    Tail<1>, Tail<2>,  Tail<3>,  Tail<4>,  Tail<5>,  Tail<6>,  Tail<7>, Tail<8>,
+    Tail<9>, Tail<10>, Tail<11>, Tail<12>, Tail<13>, Tail<14>, Tail<15>};
 
 int64_t Prod(ffi::Span<const int64_t> d, size_t lo, size_t hi) {
   int64_t p = 1;
@@ -591,6 +631,35 @@ ffi::Error FwdBiasRes(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
 
 }  // namespace
 
+// Channels [mc, wide) of a convolution with its batch norm folded in, whose
+// channels [0, mc) oneDNN computed into `main` ([N, Ho, Wo, mc], mc a
+// multiple of 16; with the bias, and the ReLU unless there is a residual),
+// written with those into y ([N, Ho, Wo, wide]): y = [relu](conv + bias
+// [+ res]) on every channel. oneDNN computes output channels in vectors of
+// 16 and its tail vector costs a whole one (a 56 -> 52 layer at 32 x 32,
+// batch 128: 41 ms whole, 35 ms split, conv_tail_split.json), so
+// onednn_conv.cc's split forward gives the wide - mc tail channels to this
+// row kernel. geo: n, h, w, c, kh, kw, ho, wo, sh, sw, pt, pl of one
+// convolution (no vmap dims); the caller runs this on the team thread.
+// Returns 0, or -1 where the row path does not apply (the caller checked).
+extern "C" int PfaNarrowTailMerge(const int64_t* geo, int64_t wide, int64_t mc,
+                                  const float* x, const float* k,
+                                  const float* bias, const float* res,
+                                  float* y, const float* main, int relu,
+                                  int team) {
+  Shape s{geo[0], geo[1],  geo[2], geo[3], geo[4],  geo[5], wide - mc,
+          geo[6], geo[7],  geo[8], geo[9], geo[10], geo[11], 0};
+  s.icv = (s.c + 15) / 16;
+  if (!RowPath(s) || s.o < 1 || s.o > 15 || mc % 16 != 0) return -1;
+  Epi epi;
+  epi.bias = bias + mc;
+  epi.res = res ? res + mc : nullptr;
+  epi.relu = relu != 0;
+  epi.wide = wide, epi.main = main, epi.mc = mc;
+  kTail[s.o - 1](s, x, k + mc, y + mc, epi, team);
+  return 0;
+}
+
 extern "C" int PfaNarrowConvAvailable() { return 1; }
 
 #else  // no AVX-512: the Python side never calls the handler
@@ -614,6 +683,13 @@ ffi::Error FwdBiasRes(ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::F32>,
   return ffi::Error::InvalidArgument("narrow_conv: built without AVX-512");
 }
 }  // namespace
+
+extern "C" int PfaNarrowTailMerge(const int64_t*, int64_t, int64_t,
+                                  const float*, const float*, const float*,
+                                  const float*, float*, const float*, int,
+                                  int) {
+  return -1;
+}
 
 extern "C" int PfaNarrowConvAvailable() { return 0; }
 

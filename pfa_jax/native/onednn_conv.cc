@@ -105,6 +105,12 @@ ffi::Error PfaOnTeamThread(const std::function<ffi::Error()>& task) {
   return Team().Run(task);
 }
 
+extern "C" int PfaNarrowTailMerge(const int64_t* geo, int64_t wide, int64_t mc,
+                                  const float* x, const float* k,
+                                  const float* bias, const float* res,
+                                  float* y, const float* main, int relu,
+                                  int team);
+
 namespace {
 
 // kFwdFused: the inference forward with a bias, then optionally a residual
@@ -399,6 +405,98 @@ ffi::Error FwdBiasRes(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
              threads, f);
 }
 
+// The split forward (pfa_jax.onednn.tail_split): a layer of 16 m + t
+// outputs (1 <= t <= 15) as oneDNN's forward on its first 16 m channels,
+// into a scratch map, and the narrow row kernel on the last t, which also
+// merges the scratch channels into y pixel by pixel
+// (PfaNarrowTailMerge, narrow_conv.cc). oneDNN's last, partial vector of
+// 16 output channels costs a whole one.
+ffi::Error Split(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
+                 ffi::Buffer<ffi::F32> b, const float* res, float* y,
+                 ffi::Span<const int64_t> y_dims,
+                 ffi::Span<const int64_t> strides,
+                 ffi::Span<const int64_t> pads, bool relu, int64_t threads) {
+  if (auto e = CheckBias(k.dimensions(), b.dimensions()); e.failure())
+    return e;
+  const auto xd = x.dimensions(), kd = k.dimensions();
+  const size_t r = xd.size();
+  if (r < 4 || kd.size() != r || y_dims.size() != r || strides.size() != 2 ||
+      pads.size() != 4)
+    return ffi::Error::InvalidArgument("split_conv: bad ranks or attributes");
+  const int64_t o = kd[r - 1], mc = o - o % 16, groups = Prod(xd, 0, r - 4);
+  if (mc < 16 || mc == o)
+    return ffi::Error::InvalidArgument("split_conv: needs 16 m + t outputs");
+  const int64_t taps_c = kd[r - 4] * kd[r - 3] * kd[r - 2];
+  const int64_t n = xd[r - 4], ho = y_dims[r - 3], wo = y_dims[r - 2];
+  const int64_t x_sz = n * xd[r - 3] * xd[r - 2] * xd[r - 1],
+                y_sz = n * ho * wo * o, m_sz = n * ho * wo * mc;
+  thread_local std::vector<float> w_main, b_main, y_main;
+  w_main.resize(groups * taps_c * mc);
+  b_main.resize(groups * mc);
+  y_main.resize(groups * m_sz);
+  for (int64_t g = 0; g < groups; ++g) {
+    const float* kg = k.typed_data() + g * taps_c * o;
+    for (int64_t i = 0; i < taps_c; ++i)
+      std::memcpy(&w_main[(g * taps_c + i) * mc], kg + i * o,
+                  mc * sizeof(float));
+    std::memcpy(&b_main[g * mc], b.typed_data() + g * o, mc * sizeof(float));
+  }
+  std::vector<int64_t> k_main(kd.begin(), kd.end()),
+      y_main_dims(y_dims.begin(), y_dims.end());
+  k_main[r - 1] = y_main_dims[r - 1] = mc;
+  Fused f;
+  f.bias = b_main.data(), f.relu = relu && res == nullptr;
+  if (auto e = Run(kFwdFused, x.typed_data(), w_main.data(), y_main.data(),
+                   xd, k_main, y_main_dims, strides, pads, threads, f);
+      e.failure())
+    return e;
+  // Not y_main inside the lambda: a thread_local named there is the team
+  // thread's own.
+  const float* main_map = y_main.data();
+  return PfaOnTeamThread([&]() -> ffi::Error {
+    const int team =
+        threads > 0 ? static_cast<int>(threads) : omp_get_max_threads();
+    const int64_t geo[12] = {n,      xd[r - 3],  xd[r - 2],  xd[r - 1],
+                             kd[r - 4], kd[r - 3], ho,       wo,
+                             strides[0], strides[1], pads[0], pads[2]};
+    for (int64_t g = 0; g < groups; ++g) {
+      if (PfaNarrowTailMerge(geo, o, mc, x.typed_data() + g * x_sz,
+                             k.typed_data() + g * taps_c * o,
+                             b.typed_data() + g * o,
+                             res ? res + g * y_sz : nullptr, y + g * y_sz,
+                             main_map + g * m_sz, relu ? 1 : 0,
+                             team) != 0)
+        return ffi::Error::InvalidArgument("split_conv: unsupported shapes");
+    }
+    return ffi::Error::Success();
+  });
+}
+
+ffi::Error SplitBias(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
+                     ffi::Buffer<ffi::F32> b, ffi::ResultBuffer<ffi::F32> y,
+                     ffi::Span<const int64_t> strides,
+                     ffi::Span<const int64_t> pads, bool relu,
+                     int64_t threads) {
+  return Split(x, k, b, nullptr, y->typed_data(), y->dimensions(), strides,
+               pads, relu, threads);
+}
+
+ffi::Error SplitBiasRes(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
+                        ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> res,
+                        ffi::ResultBuffer<ffi::F32> y,
+                        ffi::Span<const int64_t> strides,
+                        ffi::Span<const int64_t> pads, bool relu,
+                        int64_t threads) {
+  if (res.element_count() != y->element_count())
+    return ffi::Error::InvalidArgument("split_conv: residual shape");
+  // y aliases res, as in FwdBiasRes; where XLA gave y its own buffer, it
+  // starts as the residual.
+  if (y->typed_data() != res.typed_data())
+    std::memcpy(y->typed_data(), res.typed_data(), res.size_bytes());
+  return Split(x, k, b, y->typed_data(), y->typed_data(), y->dimensions(),
+               strides, pads, relu, threads);
+}
+
 ffi::Error BwdData(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> k,
                    ffi::ResultBuffer<ffi::F32> dx,
                    ffi::Span<const int64_t> strides,
@@ -453,6 +551,27 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PfaDnnlConvFwdBias, FwdBias,
                                   .Attr<bool>("relu")
                                   .Attr<int64_t>("threads"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PfaDnnlConvFwdBiasRes, FwdBiasRes,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<ffi::Span<const int64_t>>("strides")
+                                  .Attr<ffi::Span<const int64_t>>("pads")
+                                  .Attr<bool>("relu")
+                                  .Attr<int64_t>("threads"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PfaSplitConvFwdBias, SplitBias,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<ffi::Span<const int64_t>>("strides")
+                                  .Attr<ffi::Span<const int64_t>>("pads")
+                                  .Attr<bool>("relu")
+                                  .Attr<int64_t>("threads"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PfaSplitConvFwdBiasRes, SplitBiasRes,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
