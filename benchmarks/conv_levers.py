@@ -509,6 +509,18 @@ def _block(fn, *args):
   return jax.block_until_ready(fn(*args))
 
 
+def _folded_inputs(batch, hw, cin, cout):
+  """A post-ReLU map (x >= 0), 3x3 weights and a bias of both signs."""
+  import jax.numpy as jnp  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+
+  rng = np.random.default_rng(0)
+  x = np.maximum(rng.standard_normal((batch, hw, hw, cin)), 0)
+  w = rng.standard_normal((3, 3, cin, cout)) / (3 * cin**0.5)
+  b = rng.standard_normal(cout)
+  return tuple(jnp.asarray(a, np.float32) for a in (x, w, b))
+
+
 def narrow_wide_table(reps=7, batch=128, layers=NARROW_WIDE, path=None):
   """oneDNN against the narrow kernel for 4-16 outputs, forward and folded.
 
@@ -520,7 +532,6 @@ def narrow_wide_table(reps=7, batch=128, layers=NARROW_WIDE, path=None):
   """
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
-  import numpy as np  # noqa: PLC0415
 
   from benchmarks import common  # noqa: PLC0415
   from pfa_jax import onednn  # noqa: PLC0415
@@ -530,13 +541,7 @@ def narrow_wide_table(reps=7, batch=128, layers=NARROW_WIDE, path=None):
   pads = ((1, 1), (1, 1))
   rows = []
   for hw, cin, cout in layers:
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(
-      np.maximum(rng.standard_normal((batch, hw, hw, cin)), 0), np.float32
-    )
-    w = jnp.asarray(rng.standard_normal((3, 3, cin, cout)) / (3 * cin**0.5))
-    w = w.astype(np.float32)
-    b = jnp.asarray(rng.standard_normal(cout), np.float32)
+    x, w, b = _folded_inputs(batch, hw, cin, cout)
     calls = {}
     for name, env in (('onednn', '0'), ('narrow', '16')):
       with common.env('PFA_JAX_ONEDNN_NARROW_MAX', env):
@@ -605,8 +610,6 @@ def tail_split_table(reps=7, batch=128, layers=TAIL_SPLIT, path=None):
   in :func:`narrow_wide_table` (post-ReLU maps, weights of both signs).
   """
   import jax  # noqa: PLC0415
-  import jax.numpy as jnp  # noqa: PLC0415
-  import numpy as np  # noqa: PLC0415
 
   from benchmarks import common  # noqa: PLC0415
   from pfa_jax import onednn  # noqa: PLC0415
@@ -616,13 +619,7 @@ def tail_split_table(reps=7, batch=128, layers=TAIL_SPLIT, path=None):
   pads = ((1, 1), (1, 1))
   rows = []
   for hw, cin, cout in layers:
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(
-      np.maximum(rng.standard_normal((batch, hw, hw, cin)), 0), np.float32
-    )
-    w = jnp.asarray(rng.standard_normal((3, 3, cin, cout)) / (3 * cin**0.5))
-    w = w.astype(np.float32)
-    b = jnp.asarray(rng.standard_normal(cout), np.float32)
+    x, w, b = _folded_inputs(batch, hw, cin, cout)
     calls = {}
     for name, env in (('whole', '0'), ('split', '15')):
       with common.env('PFA_JAX_ONEDNN_TAIL_MAX', env):

@@ -33,6 +33,27 @@ def _normal(shape, seed):
   return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 
 
+def _reference_bias_act(x, k, b, r, strides, pads, relu):
+  """`conv_bias_act`'s result from lax in float64 (``r`` may be None)."""
+  with jax.enable_x64():
+    args = (
+      None if a is None else jnp.asarray(a, jnp.float64) for a in (x, k, b, r)
+    )
+    return np.asarray(onednn._bias_act_reference(*args, strides, pads, relu))
+
+
+def _folded_relu_err(x, k, b, r):
+  """Relative error of `conv_bias_act` (stride 1, 'SAME', residual ``r``,
+  ReLU) against lax's in float64."""
+  got = jax.jit(
+    lambda x, k, b, r: onednn.conv_bias_act(
+      x, k, b, (1, 1), 'SAME', residual=r, relu=True
+    )
+  )(x, k, b, r)
+  want = _reference_bias_act(x, k, b, r, (1, 1), ((1, 1), (1, 1)), True)
+  return _rel_err(got, want)
+
+
 def _onednn_vjp(x, k, ct, strides, padding):
   def fn(x, k):
     return onednn.conv_general_dilated(
@@ -294,16 +315,7 @@ class OnednnConvTest(parameterized.TestCase):
           text = f.lower(x, k, b, residual).as_text()
           self.assertIn(f'pfa_jax_{target}_conv_fwd_bias', text)
           got = f(x, k, b, residual)
-          with jax.enable_x64():
-            want = onednn._bias_act_reference(
-              *(
-                None if a is None else jnp.asarray(a, jnp.float64)
-                for a in (x, k, b, residual)
-              ),
-              strides,
-              pads,
-              relu,
-            )
+          want = _reference_bias_act(x, k, b, residual, strides, pads, relu)
           self.assertEqual(got.shape, want.shape)
           if relu:  # about half cut: the ReLU is exercised
             self.assertBetween(float(np.mean(np.asarray(want) == 0)), 0.2, 0.8)
@@ -351,16 +363,7 @@ class OnednnConvTest(parameterized.TestCase):
               whole.lower(x, k, b, residual).as_text(),
             )
             whole = whole(x, k, b, residual)
-          with jax.enable_x64():
-            want = onednn._bias_act_reference(
-              *(
-                None if a is None else jnp.asarray(a, jnp.float64)
-                for a in (x, k, b, residual)
-              ),
-              strides,
-              pads,
-              relu,
-            )
+          want = _reference_bias_act(x, k, b, residual, strides, pads, relu)
           if relu:
             self.assertBetween(float(np.mean(np.asarray(want) == 0)), 0.2, 0.8)
           self.assertLess(_rel_err(got, want), _TOL)
@@ -379,20 +382,8 @@ class OnednnConvTest(parameterized.TestCase):
       r = _normal((1, 3, 32, out), t + 3)
       pads = ((1, 1), (1, 1))
       self.assertEqual(onednn.tail_split(x.shape, k.shape, (1, 1), pads), t)
-      got = jax.jit(
-        lambda x, k, b, r: onednn.conv_bias_act(
-          x, k, b, (1, 1), 'SAME', residual=r, relu=True
-        )
-      )(x, k, b, r)
-      with jax.enable_x64():
-        want = onednn._bias_act_reference(
-          *(jnp.asarray(a, jnp.float64) for a in (x, k, b, r)),
-          (1, 1),
-          pads,
-          True,
-        )
       with self.subTest(tail=t):
-        self.assertLess(_rel_err(got, want), _TOL)
+        self.assertLess(_folded_relu_err(x, k, b, r), _TOL)
 
   @parameterized.named_parameters(
     ('no_tail', (1, 8, 32, 16), (3, 3, 16, 32), (1, 1)),
@@ -461,20 +452,8 @@ class OnednnConvTest(parameterized.TestCase):
       r = _normal((2, 3, 21, out), out + 3)
       pads = ((1, 1), (1, 1))
       self.assertEqual(onednn.forward_algo(x.shape, k.shape, (1, 1), pads), 0)
-      got = jax.jit(
-        lambda x, k, b, r: onednn.conv_bias_act(
-          x, k, b, (1, 1), 'SAME', residual=r, relu=True
-        )
-      )(x, k, b, r)
-      with jax.enable_x64():
-        want = onednn._bias_act_reference(
-          *(jnp.asarray(a, jnp.float64) for a in (x, k, b, r)),
-          (1, 1),
-          pads,
-          True,
-        )
       with self.subTest(out=out):
-        self.assertLess(_rel_err(got, want), _TOL)
+        self.assertLess(_folded_relu_err(x, k, b, r), _TOL)
 
   def test_narrow_kernel_under_vmap(self):
     if not onednn.narrow_available():
