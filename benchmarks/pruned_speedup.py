@@ -381,6 +381,7 @@ def main(argv=None):
       'matmul_precision': jax.config.jax_default_matmul_precision or 'default',
       'inputs_on_device': not cpu,
       'retain_freed_memory': retained,
+      'glibc_tunables': os.environ.get('GLIBC_TUNABLES', ''),
       'fold_bn': not a.no_fold,
       'narrow_kernel': narrow,
       'tail_max': onednn.tail_max() if narrow else 0,
