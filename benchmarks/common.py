@@ -2,6 +2,7 @@
 
 import argparse
 import contextlib
+import ctypes
 import datetime
 import json
 import os
@@ -18,6 +19,7 @@ import jax
 # job held at least one core).
 START_LOAD = os.getloadavg()
 QUIET_LOAD = 1.0
+_ADDR_NO_RANDOMIZE = 0x0040000  # personality(2) flag (setarch -R)
 
 # Where ``write`` puts results: benchmarks/results/, or the folder that
 # PFA_JAX_BENCH_RESULTS names (a device run writes under its $OUT).
@@ -69,6 +71,22 @@ def cpu_model() -> str:
   )
 
 
+def address_randomization() -> bool | None:
+  """Whether this process's addresses are randomized (ASLR); None if unknown.
+
+  Recorded with every result: the pruned ResNet-56's speed depends on the
+  process's address layout (README, "Performance"; ``setarch -R`` runs a
+  command without randomization).
+  """
+  try:
+    with open('/proc/sys/kernel/randomize_va_space') as f:
+      system = int(f.read())
+    persona = ctypes.CDLL(None).personality(0xFFFFFFFF)
+  except (OSError, ValueError, AttributeError):
+    return None
+  return system > 0 and not persona & _ADDR_NO_RANDOMIZE
+
+
 def machine() -> dict:
   return {
     'platform': platform.platform(),
@@ -81,6 +99,7 @@ def machine() -> dict:
     'devices': [str(d) for d in jax.devices()],
     'device_kind': jax.devices()[0].device_kind,
     'date': datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds'),
+    'address_randomization': address_randomization(),
   }
 
 

@@ -8,6 +8,9 @@ measured is well-formed, never how fast it was.
 import json
 import math
 import os
+import shutil
+import subprocess
+import sys
 import tempfile
 from unittest import mock
 
@@ -105,6 +108,29 @@ class BenchmarksTest(absltest.TestCase):
     for r in rows:
       for k in ('onednn_fwd', 'narrow_fwd', 'onednn_fold', 'narrow_fold'):
         self.assertGreater(r[f'{k}_ms'], 0)
+
+  def test_results_record_address_randomization(self):
+    # setarch -R runs a process without ASLR; the record must say so.
+    setarch = shutil.which('setarch')
+    if setarch is None or common.address_randomization() is None:
+      self.skipTest('no setarch or no /proc/sys/kernel/randomize_va_space')
+    code = (
+      'from benchmarks import common; print(common.address_randomization())'
+    )
+    runs = {}
+    for name, prefix in (('plain', []), ('setarch', [setarch, 'x86_64', '-R'])):
+      out = subprocess.run(
+        [*prefix, sys.executable, '-c', code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+      )
+      runs[name] = out.stdout.split()[-1]
+    with open('/proc/sys/kernel/randomize_va_space') as f:
+      system_on = int(f.read()) > 0
+    self.assertEqual(runs, {'plain': str(system_on), 'setarch': 'False'})
+    self.assertIn('address_randomization', common.machine())
 
   def test_conv_tail_split_table_runs(self):
     rows = self._narrow_rows(
