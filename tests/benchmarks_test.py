@@ -459,6 +459,7 @@ class BenchmarksTest(absltest.TestCase):
       mock.patch.object(jax, 'default_backend', return_value='gpu'),
       mock.patch.object(onednn, 'available', side_effect=AssertionError),
       mock.patch.object(jax, 'device_put', wraps=jax.device_put) as put,
+      mock.patch.dict(os.environ, {'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=1'}),
     ):
       pruned_speedup.main(tiny)
       self.assertEqual(os.listdir(d), ['pruned_speedup_gpu.json'])
@@ -466,6 +467,11 @@ class BenchmarksTest(absltest.TestCase):
         res = json.load(f)
     self.assertEqual(res['conv_path'], 'xla')
     self.assertFalse(res['narrow_kernel'])
+    # The run's settings that move CPU timings are recorded (no tail split
+    # without the narrow kernel).
+    self.assertEqual(res['tail_max'], 0)
+    self.assertEqual(res['glibc_tunables'], 'glibc.malloc.hugetlb=1')
+    self.assertIn('address_randomization', res['machine'])
     self.assertTrue(res['inputs_on_device'])
     self.assertTrue(res['target'].startswith('batch 128, GPU:'))
     # The timed batch went to the device before the clock started.
