@@ -307,11 +307,17 @@ def forward_algo(x_shape, w_shape, strides, pads) -> int:
   """
   c, o = w_shape[2], w_shape[3]
   if o <= narrow_max() and narrow_available():
-    _, wo = conv._out_hw(x_shape, w_shape[:2], strides, pads)
-    rows = strides[1] == 1 and wo >= 16 and w_shape[0] <= 16
+    rows = _row_path(x_shape, w_shape, strides, pads)
     if (rows and c >= 4) or (o <= _CHANNEL_PATH_MAX and c >= 8):
       return 0
   return pack_factor(x_shape, w_shape, strides, pads)
+
+
+def _row_path(x_shape, w_shape, strides, pads) -> bool:
+  """The narrow kernel's row path applies (``RowPath`` in narrow_conv.cc):
+  stride 1 across the width, >= 16 output columns, kernel height <= 16."""
+  _, wo = conv._out_hw(x_shape, w_shape[:2], strides, pads)
+  return strides[1] == 1 and wo >= 16 and w_shape[0] <= 16
 
 
 def tail_split(x_shape, w_shape, strides, pads) -> int:
@@ -333,8 +339,7 @@ def tail_split(x_shape, w_shape, strides, pads) -> int:
   t = o % 16
   if o < 16 or not 0 < t <= tail_max() or c < 4 or not narrow_available():
     return 0
-  _, wo = conv._out_hw(x_shape, w_shape[:2], strides, pads)
-  return t if strides[1] == 1 and wo >= 16 and w_shape[0] <= 16 else 0
+  return t if _row_path(x_shape, w_shape, strides, pads) else 0
 
 
 def tail_max() -> int:
