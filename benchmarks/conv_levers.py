@@ -39,7 +39,11 @@ it times the folded call (`conv_bias_act`: bias + ReLU) of layers of
 16 m + t outputs with the channel tail split off
 (`pfa_jax.onednn.tail_split`: oneDNN on 16 m channels, the narrow kernel on
 t) against the whole layer on oneDNN, interleaved, in
-``benchmarks/results/conv_tail_split.json``.
+``benchmarks/results/conv_tail_split.json``. With ``--part inline`` it
+times batch-1 folded calls run single-threaded on the calling thread
+against the same calls handed to the team thread
+(`pfa_jax.onednn.call_threads`), interleaved, in
+``benchmarks/results/conv_inline.json``.
 
 Writes ``benchmarks/results/conv_levers.json``.
 """
@@ -654,6 +658,78 @@ def tail_split_table(reps=7, batch=128, layers=TAIL_SPLIT, path=None):
   return _write_rows('conv_tail_split', 'tail_split', batch, rows, path)
 
 
+# (H=W, Cin, Cout) of --part inline: batch-1 layers of a pruned and the
+# full ResNet-56 and VGG-16-CIFAR, 0.3-75 MFLOP a call.
+INLINE = (
+  (32, 3, 8),
+  (8, 16, 16),
+  (32, 8, 8),
+  (16, 16, 16),
+  (32, 16, 8),
+  (32, 8, 16),
+  (16, 32, 32),
+  (32, 16, 16),
+  (8, 64, 64),
+  (4, 128, 128),
+  (16, 64, 64),
+  (32, 32, 32),
+  (32, 64, 64),
+)
+
+
+def inline_table(reps=7, batch=1, layers=INLINE, path=None):
+  """The folded call on the calling thread against the team thread.
+
+  Each setting is a fresh trace (`pfa_jax.onednn.call_threads` reads
+  ``PFA_JAX_ONEDNN_INLINE_MFLOPS`` at trace time): 1e9 (every call
+  single-threaded on the calling thread) and 0 (every call handed to the
+  team thread, `THREADS` threads). Inputs as in :func:`narrow_wide_table`
+  (post-ReLU maps, weights of both signs); each row records the kernel
+  (`forward_algo`: narrow or oneDNN) and which way the default threshold
+  (`INLINE_MFLOPS`) sends the call.
+  """
+  import jax  # noqa: PLC0415
+
+  from benchmarks import common  # noqa: PLC0415
+  from pfa_jax import onednn  # noqa: PLC0415
+
+  if not onednn.available():
+    raise SystemExit(f'oneDNN kernel not built: {onednn.status()}')
+  pads = ((1, 1), (1, 1))
+  rows = []
+  for hw, cin, cout in layers:
+    x, w, b = _folded_inputs(batch, hw, cin, cout)
+    calls = {}
+    for name, env in (('inline', '1e9'), ('team', '0')):
+      with common.env('PFA_JAX_ONEDNN_INLINE_MFLOPS', env):
+        fold = jax.jit(
+          lambda x, w, b: onednn.conv_bias_act(
+            x, w, b, (1, 1), 'SAME', relu=True
+          )
+        ).lower(x, w, b)
+        fold = fold.compile()
+      calls[name] = functools.partial(_block, fold, x, w, b)
+    ms = _interleaved_ms(calls, reps)
+    flops = 2 * batch * hw * hw * 9 * cin * cout
+    algo = onednn.forward_algo(x.shape, w.shape, (1, 1), pads)
+    rows.append(
+      {
+        'hw': hw,
+        'cin': cin,
+        'cout': cout,
+        'mflop': round(flops / 1e6, 3),
+        'kernel': 'narrow' if algo == 0 else 'dnnl',
+        **{f'{k}_us': round(1e3 * v, 1) for k, v in ms.items()},
+        'inline_over_team': round(ms['inline'] / ms['team'], 3),
+        'default': 'inline'
+        if onednn.call_threads(x.shape, w.shape, (hw, hw)) == 1
+        else 'team',
+      }
+    )
+    print(rows[-1], flush=True)
+  return _write_rows('conv_inline', 'inline', batch, rows, path)
+
+
 def main(argv=None):
   hostmem.retain_freed_memory()  # before the first JAX computation
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -673,6 +749,7 @@ def main(argv=None):
       'narrow_kernel',
       'narrow_wide',
       'tail_split',
+      'inline',
     ),
   )
   args = p.parse_args(argv)
@@ -693,6 +770,9 @@ def main(argv=None):
     return
   if args.part == 'tail_split':
     tail_split_table()
+    return
+  if args.part == 'inline':
+    inline_table()
     return
 
   baselines = [_run('', [], args)]

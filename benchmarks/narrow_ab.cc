@@ -40,6 +40,9 @@ namespace ffi = xla::ffi;
 #define PfaNarrowTailMerge PfaNarrowTailMerge_A
 namespace a {
 ffi::Error PfaOnTeamThread(const std::function<ffi::Error()>& f) { return f(); }
+ffi::Error PfaRunConv(int64_t, const std::function<ffi::Error()>& f) {
+  return f();
+}
 #include PFA_AB_A
 }  // namespace a
 #undef PfaNarrowConvAvailable
@@ -54,6 +57,9 @@ ffi::Error PfaOnTeamThread(const std::function<ffi::Error()>& f) { return f(); }
 #define PfaNarrowTailMerge PfaNarrowTailMerge_B
 namespace b {
 ffi::Error PfaOnTeamThread(const std::function<ffi::Error()>& f) { return f(); }
+ffi::Error PfaRunConv(int64_t, const std::function<ffi::Error()>& f) {
+  return f();
+}
 #include PFA_AB_B
 }  // namespace b
 

@@ -1,7 +1,7 @@
 """Two versions of the narrow-output kernel, timed in one process.
 
   python -m benchmarks.narrow_ab --base REV [--batch 128] [--rounds 11]
-      [--buffers 1,8] [--name narrow_ab]
+      [--buffers 1,8] [--shapes 32:16:8:1,32:8:8:0] [--name narrow_ab]
 
 ``pfa_jax/native/narrow_conv.cc`` at git revision ``REV`` (A) and in the
 working tree (B) are compiled into one executable (``narrow_ab.cc``) that
@@ -12,7 +12,8 @@ input either reused (``buffers`` 1: in cache) or rotated through 8 copies
 process-to-process timings move by 10-30%, so a kernel change is judged
 here, interleaved, and then in `benchmarks.pruned_speedup`. Reports B's
 time over A's per shape and input state and A's and B's largest output
-difference; writes ``benchmarks/results/{name}.json``. Needs g++ and
+difference; ``--shapes`` replaces the default shapes (``side:in:out:res``,
+comma-separated); writes ``benchmarks/results/{name}.json``. Needs g++ and
 AVX-512.
 """
 
@@ -116,14 +117,39 @@ def run(
   return rows
 
 
+def parse_shapes(text: str) -> tuple[tuple[int, int, int, int], ...]:
+  """``'32:16:8:1,16:8:8:0'`` -> ((32, 16, 8, 1), (16, 8, 8, 0))."""
+  shapes = []
+  for item in text.split(','):
+    try:
+      side, cin, cout, res = (int(v) for v in item.split(':'))
+    except ValueError:
+      raise ValueError(
+        f'shape {item!r} is not side:in:out:res (four integers)'
+      ) from None
+    if min(side, cin, cout) < 1 or cout > 16 or res not in (0, 1):
+      raise ValueError(
+        f'shape {item!r}: side and in >= 1, out in 1..16, res 0 or 1'
+      )
+    shapes.append((side, cin, cout, res))
+  return tuple(shapes)
+
+
 def main(argv=None) -> list[dict]:
   p = argparse.ArgumentParser()
   p.add_argument('--base', required=True, help='git revision of A')
   p.add_argument('--batch', type=int, default=128)
   p.add_argument('--rounds', type=int, default=11)
   p.add_argument('--buffers', default='1,8')
+  p.add_argument(
+    '--shapes', default=None, help='side:in:out:res,... (default: SHAPES)'
+  )
   p.add_argument('--name', type=common.file_stem, default='narrow_ab')
   a = p.parse_args(argv)
+  try:
+    shapes = parse_shapes(a.shapes) if a.shapes else SHAPES
+  except ValueError as e:
+    p.error(str(e))
   try:
     a_text = source_at(a.base)
   except ValueError as e:
@@ -136,7 +162,14 @@ def main(argv=None) -> list[dict]:
     p.error(f'--buffers is a comma-separated list of counts, got {a.buffers!r}')
   if min(buffers) < 1 or a.batch < 1 or a.rounds < 1:
     p.error('--buffers, --batch and --rounds must be >= 1')
-  rows = run(a_text, b_text, batch=a.batch, rounds=a.rounds, buffers=buffers)
+  rows = run(
+    a_text,
+    b_text,
+    batch=a.batch,
+    rounds=a.rounds,
+    buffers=buffers,
+    shapes=shapes,
+  )
   common.print_table(
     [
       (

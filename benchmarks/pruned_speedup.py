@@ -18,7 +18,11 @@ inference path (`models.for_inference`: BN folded into the convs;
 interleaved, at each batch size. ``--tail-ab`` also times each pruned
 network compiled with the channel-tail split off
 (``PFA_JAX_ONEDNN_TAIL_MAX=0``, :func:`pfa_jax.onednn.tail_split`), in the
-same rounds, as variant ``<variant>_tailoff``.
+same rounds, as variant ``<variant>_tailoff``; ``--inline-ab`` times the
+full and each pruned network compiled with every call on the team thread
+(``PFA_JAX_ONEDNN_INLINE_MFLOPS=0``, :func:`pfa_jax.onednn.call_threads`),
+as variant ``<variant>_inlineoff``, whose speed-up is over the full network
+compiled the same way.
 Reported: FLOPs ratio, time ratio and their quotient (1.0 = ideal), and
 the memory-traffic ratio (:func:`bytes_accessed`); target
 at batch 128: time speed-up >= 0.8x the FLOPs reduction. Writes
@@ -192,6 +196,34 @@ def _tail_off(apply, fwd, variants, x) -> dict:
   return out
 
 
+def _inline_off(apply, nets, x) -> dict:
+  """Each network compiled with every call on the team thread.
+
+  ``nets``: key -> (model, variables). `pfa_jax.onednn.call_threads` reads
+  ``PFA_JAX_ONEDNN_INLINE_MFLOPS`` at trace time: each network is lowered
+  with it 0 through its own jit of ``apply``, and checked to have no
+  single-threaded call left.
+  """
+  key = 'PFA_JAX_ONEDNN_INLINE_MFLOPS'
+  off_fwd = jax.jit(lambda m, v, x: apply(m, v, x), static_argnums=0)
+  with common.env(key, '0'):
+    off = {k: off_fwd.lower(m, v, x) for k, (m, v) in nets.items()}
+  for k, lowered in off.items():
+    if 'threads = 1 : i64' in lowered.as_text():
+      raise RuntimeError(f'{k}: a call still runs inline with {key}=0')
+  return {k: lowered.compile() for k, lowered in off.items()}
+
+
+_SUFFIXES = ('_tailoff', '_inlineoff')
+
+
+def _base(variant: str) -> str:
+  """The pruned variant an A/B row is of: '4x_round1_tailoff' -> '4x_round1'."""
+  for suffix in _SUFFIXES:
+    variant = variant.removesuffix(suffix)
+  return variant
+
+
 def bench_case(
   name,
   mode,
@@ -203,6 +235,7 @@ def bench_case(
   fold=True,
   device_inputs=False,
   tail_ab=False,
+  inline_ab=False,
 ):
   """Rows of FLOPs, time and bytes ratios, pruned against full.
 
@@ -241,16 +274,27 @@ def bench_case(
           for k, c in _tail_off(apply, fwd, variants, x).items()
         }
       )
+    full_off = None
+    if inline_ab:
+      nets = {'full': (model, variables)}
+      nets.update({k: (pm, pv) for k, (pm, pv, _) in variants.items()})
+      off = _inline_off(apply, nets, x)
+      full_off = off.pop('full')
+      runs.update({f'{k}_inlineoff': c for k, c in off.items()})
     t_var = {k: [] for k in runs}
+    t_full_off = []
     for _ in range(rounds):  # interleave full and pruned
       t_full.append(_time(lambda v, x: fwd(model, v, x), variables, x, repeats))
+      if full_off is not None:
+        t_full_off.append(_time(full_off, variables, x, repeats))
       for k, run in runs.items():
-        pv = variants[k.removesuffix('_tailoff')][1]
+        pv = variants[_base(k)][1]
         t_var[k].append(_time(run, pv, x, repeats))
-    tf = float(np.median(t_full))
     full_bytes = bytes_accessed(model, variables, b)
     for k in runs:
-      pm, pv, flops = variants[k.removesuffix('_tailoff')]
+      pm, pv, flops = variants[_base(k)]
+      # An inline A/B row compares with the full network compiled the same way.
+      tf = float(np.median(t_full_off if k.endswith('_inlineoff') else t_full))
       tv = float(np.median(t_var[k]))
       fr = full_flops / flops
       rows.append(
@@ -308,6 +352,12 @@ def main(argv=None):
     help='also time each pruned network with the channel-tail split off',
   )
   p.add_argument(
+    '--inline-ab',
+    action='store_true',
+    help='also time the full and each pruned network with every call on '
+    'the team thread (PFA_JAX_ONEDNN_INLINE_MFLOPS=0)',
+  )
+  p.add_argument(
     '--name',
     type=common.file_stem,
     default=None,
@@ -334,6 +384,7 @@ def main(argv=None):
       fold=not a.no_fold,
       device_inputs=not cpu,
       tail_ab=a.tail_ab,
+      inline_ab=a.inline_ab,
     )
   load = os.getloadavg()
   common.print_table(
@@ -365,7 +416,7 @@ def main(argv=None):
   at128 = [
     r
     for r in rows
-    if r.get('batch') == 128 and not r['variant'].endswith('_tailoff')
+    if r.get('batch') == 128 and _base(r['variant']) == r['variant']
   ]
   # The narrow kernel is CPU code: not even looked for elsewhere.
   narrow = cpu and onednn.narrow_available() and onednn.narrow_max() > 0
@@ -385,6 +436,7 @@ def main(argv=None):
       'fold_bn': not a.no_fold,
       'narrow_kernel': narrow,
       'tail_max': onednn.tail_max() if narrow else 0,
+      'inline_mflops': onednn.inline_mflops() if cpu else 0.0,
       'rounds': a.rounds,
       'repeats': a.repeats,
       'dtype': 'float32',

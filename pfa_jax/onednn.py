@@ -56,6 +56,7 @@ Decisions:
 import ctypes
 import functools
 import importlib.metadata
+import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -137,6 +138,9 @@ PACK_MAX = 8  # widest output `pack_factor` packs (PFA_JAX_ONEDNN_PACK_MAX)
 # (PFA_JAX_ONEDNN_NARROW_MAX); its channel path takes at most 8.
 NARROW_MAX = 15
 TAIL_MAX = 8  # widest channel tail `tail_split` gives the narrow kernel
+# Folded inference calls of at most this many MFLOP run single-threaded on
+# the calling thread (`call_threads`; PFA_JAX_ONEDNN_INLINE_MFLOPS).
+INLINE_MFLOPS = 3.0
 _CHANNEL_PATH_MAX = 8
 TEAM_THREAD = os.environ.get('PFA_JAX_ONEDNN_TEAM_THREAD', '1') != '0'
 _status = {'built': False, 'reason': 'not tried'}
@@ -474,6 +478,39 @@ def _native_geometry(lhs, rhs, window_strides, padding):
   return strides, pads
 
 
+def inline_mflops() -> float:
+  """`INLINE_MFLOPS`, or ``PFA_JAX_ONEDNN_INLINE_MFLOPS`` (trace time)."""
+  name = 'PFA_JAX_ONEDNN_INLINE_MFLOPS'
+  value = os.environ.get(name)
+  if value is None:
+    return INLINE_MFLOPS
+  try:
+    out = float(value)
+  except ValueError:
+    out = math.nan
+  if not out >= 0.0:  # NaN too
+    raise ValueError(f'{name} must be a number >= 0, got {value!r}.')
+  return out
+
+
+def call_threads(x_shape, w_shape, out_hw) -> int:
+  """The ``threads`` attribute of a folded inference call (`conv_bias_act`).
+
+  1 (run on the calling thread, one core) for a call of at most
+  `inline_mflops` MFLOP (2 N Ho Wo kh kw C O; environment
+  ``PFA_JAX_ONEDNN_INLINE_MFLOPS``, 0 turns it off), else `THREADS`. A
+  multi-threaded call is handed to the team thread and back, ~18 us on this
+  VM, and opens an OpenMP team: on a batch-1 forward of a pruned ResNet-56
+  (tens of us a layer) that overhead is most of the time
+  (`benchmarks/pruned_speedup.py --inline-ab`). Under vmap the shapes are
+  one variant's, so a vmapped call's total can exceed the threshold.
+  """
+  n, _, _, c = x_shape
+  kh, kw, _, o = w_shape
+  flops = 2.0 * n * out_hw[0] * out_hw[1] * kh * kw * c * o
+  return 1 if flops <= inline_mflops() * 1e6 else THREADS
+
+
 def _bias_act_reference(x, w, b, residual, strides, pads, relu):
   y = lax.conv_general_dilated(
     x, w, strides, pads, dimension_numbers=('NHWC', 'HWIO', 'NHWC')
@@ -510,7 +547,7 @@ def _bias_act(x, w, b, residual, strides, pads, relu):
     strides=np.array(strides, np.int64),
     pads=np.array([p for lo_hi in pads for p in lo_hi], np.int64),
     relu=bool(relu),
-    threads=np.int64(THREADS),
+    threads=np.int64(call_threads(x.shape, w.shape, (ho, wo))),
   )
 
 

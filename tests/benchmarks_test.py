@@ -37,12 +37,12 @@ from pfa_jax import spectra
 
 
 class BenchmarksTest(absltest.TestCase):
-  def _narrow_rows(self, table, layers):
-    """A narrow-kernel conv_levers table at batch 2, one rep (skips where
-    the kernel is not built)."""
+  def _narrow_rows(self, table, layers, batch=2):
+    """A narrow-kernel conv_levers table, one rep (batch 2 unless told;
+    skips where the kernel is not built)."""
     if not onednn.narrow_available():
       self.skipTest(f'narrow kernel not built: {onednn.status()["reason"]}')
-    return self._written_rows(table, reps=1, batch=2, layers=layers)
+    return self._written_rows(table, reps=1, batch=batch, layers=layers)
 
   def _written_rows(self, table, **kw):
     """Runs a conv_levers table into a temporary JSON; its rows are returned."""
@@ -143,6 +143,22 @@ class BenchmarksTest(absltest.TestCase):
       self.assertGreater(r['split_ms'], 0)
       self.assertGreater(r['whole_ms'], 0)
 
+  def test_conv_inline_table_runs(self):
+    # Batch 1: 8 -> 6 at 16 x 16 is the narrow kernel's, 0.22 MFLOP
+    # (inline by default); 64 -> 64 at 16 x 16 is oneDNN's, 18.9 MFLOP
+    # (the team thread's).
+    rows = self._narrow_rows(
+      conv_levers.inline_table, ((16, 8, 6), (16, 64, 64)), batch=1
+    )
+    self.assertEqual([r['kernel'] for r in rows], ['narrow', 'dnnl'])
+    self.assertEqual([r['mflop'] for r in rows], [0.221, 18.874])
+    self.assertEqual([r['default'] for r in rows], ['inline', 'team'])
+    for r in rows:
+      self.assertGreater(r['inline_us'], 0)
+      self.assertAlmostEqual(
+        r['inline_over_team'], r['inline_us'] / r['team_us'], places=2
+      )
+
   def test_pruned_speedup_tail_ab_compiles_the_split_off(self):
     # A SimpleCNN whose second conv (32 x 32, stride 1) keeps 20 filters
     # (16 + a tail of 4): the default trace splits it, the --tail-ab one
@@ -170,6 +186,39 @@ class BenchmarksTest(absltest.TestCase):
     np.testing.assert_allclose(
       off['odd'](pv, x), fwd(pm, pv, x), rtol=1e-4, atol=1e-4
     )
+
+  def test_pruned_speedup_inline_ab_compiles_every_call_on_the_team(self):
+    # At batch 1 a ResNet-8's stem and stride-2 convolutions are small (<=
+    # 2.4 MFLOP): the default trace runs them on the calling thread
+    # (threads = 1), the --inline-ab one hands every call to the team
+    # thread, for the full network too, and both compute the same outputs.
+    if not onednn.available():
+      self.skipTest(f'oneDNN kernel not built: {onednn.status()["reason"]}')
+    model = models.get_model('resnet8', num_classes=10)
+    model = model.clone(conv_impl='onednn')
+    variables = models.init(model, jax.random.key(0), pruned_speedup.SHAPE)
+    pm, pv = slicing.prune(
+      model, variables, {'stage1_block0/conv1': np.arange(8)}
+    )
+
+    def apply(m, v, x):
+      return models.for_inference(m).apply(v, x, train=False)
+
+    fwd = jax.jit(apply, static_argnums=0)
+    x = np.random.default_rng(0).standard_normal((1, *pruned_speedup.SHAPE))
+    x = x.astype(np.float32)
+    nets = {'full': (model, variables), 'pruned': (pm, pv)}
+    off = pruned_speedup._inline_off(apply, nets, x)
+    self.assertEqual(set(off), {'full', 'pruned'})
+    for k, (m, v) in nets.items():
+      self.assertIn('threads = 1 : i64', fwd.lower(m, v, x).as_text())
+      self.assertNotIn('threads = 1 : i64', off[k].as_text())
+      np.testing.assert_allclose(
+        off[k](v, x), fwd(m, v, x), rtol=1e-4, atol=1e-4
+      )
+    self.assertEqual(pruned_speedup._base('4x_round8_inlineoff'), '4x_round8')
+    self.assertEqual(pruned_speedup._base('4x_round8_tailoff'), '4x_round8')
+    self.assertEqual(pruned_speedup._base('2x_round1'), '2x_round1')
 
   def test_analyze_cold_runs_both_jobs_and_variants(self):
     with (
@@ -363,9 +412,26 @@ class BenchmarksTest(absltest.TestCase):
     # A revision that does not exist is a clear error, before any build.
     with self.assertRaisesRegex(ValueError, 'no pfa_jax/native/narrow_conv.cc'):
       narrow_ab.source_at('no-such-revision')
-    for bad in (['--buffers', '1,x'], ['--buffers', '0'], ['--rounds', '0']):
+    for bad in (
+      ['--buffers', '1,x'],
+      ['--buffers', '0'],
+      ['--rounds', '0'],
+      ['--shapes', '32:16:8'],  # three fields
+      ['--shapes', '32:16:17:0'],  # more outputs than the kernel takes
+      ['--shapes', '32:16:8:2'],  # residual is 0 or 1
+    ):
       with self.assertRaises(SystemExit), mock.patch('sys.stderr'):
         narrow_ab.main(['--base', 'HEAD', *bad])
+
+  def test_narrow_ab_parses_shapes(self):
+    self.assertEqual(
+      narrow_ab.parse_shapes('32:16:8:1,16:8:8:0'),
+      ((32, 16, 8, 1), (16, 8, 8, 0)),
+    )
+    with self.assertRaisesRegex(ValueError, "'32:x:8:1'"):
+      narrow_ab.parse_shapes('32:x:8:1')
+    with self.assertRaisesRegex(ValueError, "'0:16:8:0'"):
+      narrow_ab.parse_shapes('0:16:8:0')
 
   def test_eig_levers_two_stages_match_eigvalsh(self):
     # run() itself raises if the directly called LAPACK stages disagree with
@@ -470,6 +536,7 @@ class BenchmarksTest(absltest.TestCase):
     # The run's settings that move CPU timings are recorded (no tail split
     # without the narrow kernel).
     self.assertEqual(res['tail_max'], 0)
+    self.assertEqual(res['inline_mflops'], 0.0)  # no native calls off the CPU
     self.assertEqual(res['glibc_tunables'], 'glibc.malloc.hugetlb=1')
     self.assertIn('address_randomization', res['machine'])
     self.assertTrue(res['inputs_on_device'])

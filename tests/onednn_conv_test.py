@@ -304,22 +304,125 @@ class OnednnConvTest(parameterized.TestCase):
     pads = lax.padtype_to_pads(x_shape[1:3], (3, 3), strides, 'SAME')
     narrow = onednn.forward_algo(x_shape, k_shape, strides, pads) == 0
     self.assertEqual(narrow, target == 'narrow')
-    for residual in (None, r):
-      for relu in (False, True):
-        with self.subTest(residual=residual is not None, relu=relu):
-          f = jax.jit(
-            lambda x, k, b, r, relu=relu: onednn.conv_bias_act(
-              x, k, b, strides, 'SAME', residual=r, relu=relu
-            )
+    # Every case is small: run single-threaded on the calling thread by
+    # default, and handed to the team thread with the threshold at 0.
+    cases = [
+      (residual, relu, inline)
+      for residual in (None, r)
+      for relu in (False, True)
+      for inline in (True, False)
+    ]
+    for residual, relu, inline in cases:
+      setting = {} if inline else {'PFA_JAX_ONEDNN_INLINE_MFLOPS': '0'}
+      with (
+        self.subTest(residual=residual is not None, relu=relu, inline=inline),
+        mock.patch.dict(os.environ, setting),
+      ):
+        f = jax.jit(
+          lambda x, k, b, r, relu=relu: onednn.conv_bias_act(
+            x, k, b, strides, 'SAME', residual=r, relu=relu
           )
-          text = f.lower(x, k, b, residual).as_text()
-          self.assertIn(f'pfa_jax_{target}_conv_fwd_bias', text)
-          got = f(x, k, b, residual)
-          want = _reference_bias_act(x, k, b, residual, strides, pads, relu)
-          self.assertEqual(got.shape, want.shape)
-          if relu:  # about half cut: the ReLU is exercised
-            self.assertBetween(float(np.mean(np.asarray(want) == 0)), 0.2, 0.8)
-          self.assertLess(_rel_err(got, want), _TOL)
+        )
+        text = f.lower(x, k, b, residual).as_text()
+        self.assertIn(f'pfa_jax_{target}_conv_fwd_bias', text)
+        self.assertEqual('threads = 1 : i64' in text, inline)
+        got = f(x, k, b, residual)
+        want = _reference_bias_act(x, k, b, residual, strides, pads, relu)
+        self.assertEqual(got.shape, want.shape)
+        if relu:  # about half cut: the ReLU is exercised
+          self.assertBetween(float(np.mean(np.asarray(want) == 0)), 0.2, 0.8)
+        self.assertLess(_rel_err(got, want), _TOL)
+
+  def test_call_threads_follows_the_flops(self):
+    # 2 N Ho Wo kh kw C O = 2 * 1 * 8 * 8 * 3 * 3 * 16 * 16 = 294,912.
+    x_shape, w_shape, out_hw = (1, 8, 8, 16), (3, 3, 16, 16), (8, 8)
+    self.assertLessEqual(0.294912, onednn.INLINE_MFLOPS)
+    self.assertEqual(onednn.call_threads(x_shape, w_shape, out_hw), 1)
+    for setting, want in (
+      ('0.294912', 1),  # at the threshold: inline
+      ('0.2949', onednn.THREADS),
+      ('0', onednn.THREADS),
+      ('1e9', 1),
+    ):
+      with mock.patch.dict(
+        os.environ, {'PFA_JAX_ONEDNN_INLINE_MFLOPS': setting}
+      ):
+        self.assertEqual(
+          onednn.call_threads(x_shape, w_shape, out_hw), want, setting
+        )
+    # The batch counts: 16 images of the same layer are 4.7 MFLOP.
+    self.assertEqual(
+      onednn.call_threads((16, 8, 8, 16), w_shape, out_hw), onednn.THREADS
+    )
+    for bad in ('x', '-1', 'nan'):
+      with (
+        mock.patch.dict(os.environ, {'PFA_JAX_ONEDNN_INLINE_MFLOPS': bad}),
+        self.assertRaisesRegex(
+          ValueError, f"PFA_JAX_ONEDNN_INLINE_MFLOPS must be .*'{bad}'"
+        ),
+      ):
+        onednn.call_threads(x_shape, w_shape, out_hw)
+
+  def test_inline_and_team_calls_get_their_own_primitives(self):
+    # oneDNN fixes a primitive's thread count at creation: the same layer
+    # run on the calling thread (1 thread) and on the team thread (all
+    # cores) is two cache entries where there is more than one core, and
+    # one where there is one; the outputs agree.
+    x, k, b = _normal((1, 5, 7, 24), 20), _normal((3, 3, 24, 32), 21), None
+    b = _normal((32,), 22)
+    outs = {}
+    for name, setting in (('inline', '1e9'), ('team', '0')):
+      with mock.patch.dict(
+        os.environ, {'PFA_JAX_ONEDNN_INLINE_MFLOPS': setting}
+      ):
+        f = jax.jit(
+          lambda x, k, b: onednn.conv_bias_act(x, k, b, (1, 1), 'SAME')
+        )
+        size = onednn.cache_size()
+        outs[name] = jax.block_until_ready(f(x, k, b))
+        outs[name + '_new_entries'] = onednn.cache_size() - size
+    self.assertEqual(outs['inline_new_entries'], 1)
+    cores = onednn.THREADS or len(os.sched_getaffinity(0))
+    self.assertEqual(outs['team_new_entries'], int(cores > 1))
+    pads = ((1, 1), (1, 1))
+    want = _reference_bias_act(x, k, b, None, (1, 1), pads, False)
+    for name in ('inline', 'team'):
+      self.assertLess(_rel_err(outs[name], want), _TOL, name)
+
+  def test_independent_inline_calls_in_one_program(self):
+    # Calls on the calling thread bypass the team thread's one-at-a-time
+    # rule, so XLA may run independent ones at once on its own threads:
+    # each still matches float64 lax (oneDNN, the narrow kernel, the split).
+    if not onednn.narrow_available():
+      pytest.skip('narrow kernel not built (no AVX-512)')
+    layers = [((1, 6, 32, 8), 16), ((1, 6, 32, 8), 6), ((1, 6, 32, 8), 20)]
+    args = []
+    for i, (x_shape, out) in enumerate(layers):
+      k_shape = (3, 3, x_shape[3], out)
+      args.append(
+        (
+          _normal(x_shape, 30 + i),
+          _normal(k_shape, 40 + i) / np.sqrt(np.prod(k_shape[:3])),
+          _normal((out,), 50 + i),
+        )
+      )
+
+    def f(args):
+      return [
+        onednn.conv_bias_act(x, k, b, (1, 1), 'SAME', relu=True)
+        for x, k, b in args
+      ]
+
+    text = jax.jit(f).lower(args).as_text()
+    for target in ('dnnl', 'narrow', 'split'):
+      self.assertIn(f'pfa_jax_{target}_conv_fwd_bias', text)
+    self.assertEqual(text.count('threads = 1 : i64'), 3)
+    for _ in range(5):  # repeated: a race would not show every time
+      got = jax.jit(f)(args)
+      for (x, k, b), y in zip(args, got, strict=True):
+        pads = ((1, 1), (1, 1))
+        want = _reference_bias_act(x, k, b, None, (1, 1), pads, True)
+        self.assertLess(_rel_err(y, want), _TOL)
 
   # The channel-tail split (tail_split): oneDNN on the first 16 m outputs,
   # the narrow row kernel on the last t, merged per pixel; against float64
@@ -355,7 +458,16 @@ class OnednnConvTest(parameterized.TestCase):
           text = jax.jit(f).lower(x, k, b, residual).as_text()
           suffix = '_res' if residual is not None else ''
           self.assertIn(f'pfa_jax_split_conv_fwd_bias{suffix}(', text)
+          self.assertIn('threads = 1 : i64', text)  # small: inline
           got = jax.jit(f)(x, k, b, residual)
+          with mock.patch.dict(
+            os.environ, {'PFA_JAX_ONEDNN_INLINE_MFLOPS': '0'}
+          ):
+            team = jax.jit(lambda *a: f(*a))  # a fresh trace
+            self.assertNotIn(
+              'threads = 1 : i64', team.lower(x, k, b, residual).as_text()
+            )
+            team = team(x, k, b, residual)
           with mock.patch.dict(os.environ, {'PFA_JAX_ONEDNN_TAIL_MAX': '0'}):
             whole = jax.jit(lambda *a: f(*a))  # a fresh trace
             self.assertIn(
@@ -368,6 +480,7 @@ class OnednnConvTest(parameterized.TestCase):
             self.assertBetween(float(np.mean(np.asarray(want) == 0)), 0.2, 0.8)
           self.assertLess(_rel_err(got, want), _TOL)
           self.assertLess(_rel_err(got, whole), _TOL)
+          self.assertLess(_rel_err(team, want), _TOL)
 
   def test_tail_split_every_tail_width(self):
     # Tails 1-8 (TAIL_MAX) of 16 + t outputs at 32 columns (two pixel

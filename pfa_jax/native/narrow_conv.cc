@@ -29,7 +29,8 @@
 
 namespace ffi = xla::ffi;
 
-ffi::Error PfaOnTeamThread(const std::function<ffi::Error()>& task);
+ffi::Error PfaRunConv(int64_t threads,
+                      const std::function<ffi::Error()>& task);
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -565,7 +566,7 @@ ffi::Error Run(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
   const int64_t groups = Prod(xd, 0, r - 4);
   if (Prod(kd, 0, r - 4) != groups || Prod(yd, 0, r - 4) != groups)
     return ffi::Error::InvalidArgument("narrow_conv: batch dims differ");
-  return PfaOnTeamThread([&]() -> ffi::Error {
+  return PfaRunConv(threads, [&]() -> ffi::Error {
     const int team =
         threads > 0 ? static_cast<int>(threads) : omp_get_max_threads();
     const int64_t taps = s.kh * s.kw, x_sz = s.n * s.h * s.w * s.c,

@@ -105,6 +105,16 @@ ffi::Error PfaOnTeamThread(const std::function<ffi::Error()>& task) {
   return Team().Run(task);
 }
 
+// A convolution whose "threads" attribute is 1 runs on the calling thread:
+// a single-threaded call opens no OpenMP team, so it leaves no spinning
+// pool behind, and it skips the two thread hand-offs (~18 us a call on
+// this VM), which cost more than a second thread gains on a small layer
+// (pfa_jax.onednn.call_threads picks 1 for those).
+ffi::Error PfaRunConv(int64_t threads,
+                      const std::function<ffi::Error()>& task) {
+  return threads == 1 ? task() : Team().Run(task);
+}
+
 extern "C" int PfaNarrowTailMerge(const int64_t* geo, int64_t wide, int64_t mc,
                                   const float* x, const float* k,
                                   const float* bias, const float* res,
@@ -152,6 +162,10 @@ std::string Key(Op op, const Shape& s, const Fused& f) {
   std::string k(reinterpret_cast<const char*>(&s), sizeof(s));
   k += static_cast<char>(op);
   k += static_cast<char>((f.res ? 1 : 0) | (f.relu ? 2 : 0));
+  // oneDNN fixes a primitive's thread count when it is created (the
+  // caller's OpenMP setting): one per count, so a single-threaded call
+  // (PfaRunConv) never runs a primitive that opens a team.
+  k += std::to_string(omp_get_max_threads());
   return k;
 }
 
@@ -281,7 +295,7 @@ ffi::Error Run(Op op, const float* a_in, const float* b_in, float* out,
                 k_sz = s.kh * s.kw * s.c * s.o;
   const int64_t k_bytes = k_sz * static_cast<int64_t>(sizeof(float));
   thread_local std::vector<float> scratch_buf, wei_buf;
-  return PfaOnTeamThread([&]() -> ffi::Error {
+  return PfaRunConv(threads, [&]() -> ffi::Error {
   // The team size is the calling thread's OpenMP setting: restored after.
   const int prev_threads = omp_get_max_threads();
   if (threads > 0) omp_set_num_threads(static_cast<int>(threads));
@@ -453,7 +467,7 @@ ffi::Error Split(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
   // Not y_main inside the lambda: a thread_local named there is the team
   // thread's own.
   const float* main_map = y_main.data();
-  return PfaOnTeamThread([&]() -> ffi::Error {
+  return PfaRunConv(threads, [&]() -> ffi::Error {
     const int team =
         threads > 0 ? static_cast<int>(threads) : omp_get_max_threads();
     const int64_t geo[12] = {n,      xd[r - 3],  xd[r - 2],  xd[r - 1],
