@@ -659,9 +659,12 @@ def tail_split_table(reps=7, batch=128, layers=TAIL_SPLIT, path=None):
 
 
 # (H=W, Cin, Cout) of --part inline: batch-1 layers of a pruned and the
-# full ResNet-56 and VGG-16-CIFAR, 0.3-75 MFLOP a call.
+# full ResNet-56 and VGG-16-CIFAR, 0.3-75 MFLOP a call (2 x 2, 208 -> 200:
+# VGG-16 2x round 8's two inline calls).
 INLINE = (
   (32, 3, 8),
+  (2, 208, 200),
+  (2, 512, 512),
   (8, 16, 16),
   (32, 8, 8),
   (16, 16, 16),

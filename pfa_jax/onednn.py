@@ -22,6 +22,20 @@ Decisions:
     on the same cores, and libgomp, which keeps one spinning worker pool per
     thread that opens a parallel region, keeps one pool instead of one per
     XLA worker thread (`set_team_thread`).
+  * Except small inference calls (session 19, `call_threads`): a folded
+    call (`conv_bias_act`) of at most `INLINE_MFLOPS` = 3 MFLOP
+    (environment `PFA_JAX_ONEDNN_INLINE_MFLOPS`; 0 turns it off) runs
+    single-threaded on the calling thread. The hand-off to the team thread
+    and back costs ~18 us a call on this VM, more than a second core saves
+    on such a layer. Lone batch-1 calls, single-threaded over team:
+    0.34-0.57x up to 3 MFLOP, 0.43-0.97x at 4.7, 0.92-2.29x from 18.9
+    (`benchmarks/conv_levers.py --part inline`, `conv_inline.json`; a lone
+    call also wakes an idle team, so these overstate the gain inside a
+    network); a
+    pruned ResNet-56's batch-1 forward 1.2-1.6x faster
+    (`benchmarks/pruned_speedup.py --inline-ab`; DECISIONS.md). A single-threaded call
+    opens no OpenMP team, so no spinning pool is left on XLA's threads, and
+    oneDNN primitives are cached per thread count.
   * Small maps stay here. `pfa_jax.conv` is faster on VGG-16-CIFAR's 2x2
     maps alone (forward 385 against 284 GFLOP/s, `benchmarks/conv_levers.py
     --part layers`, `conv_layers.json`), but routing them there made the

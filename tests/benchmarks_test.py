@@ -28,6 +28,7 @@ from benchmarks import layer_profile
 from benchmarks import narrow_ab
 from benchmarks import native_levers
 from benchmarks import pfa_core
+from benchmarks import process_spread
 from benchmarks import pruned_speedup
 from benchmarks import stats_overhead
 from pfa_jax import models
@@ -219,6 +220,44 @@ class BenchmarksTest(absltest.TestCase):
     self.assertEqual(pruned_speedup._base('4x_round8_inlineoff'), '4x_round8')
     self.assertEqual(pruned_speedup._base('4x_round8_tailoff'), '4x_round8')
     self.assertEqual(pruned_speedup._base('2x_round1'), '2x_round1')
+
+  def test_process_spread_times_fresh_processes_with_and_without_aslr(self):
+    # Two child processes of a tiny case; with setarch the second runs
+    # without address-space randomization, and says so from inside.
+    aslr_ab = bool(shutil.which('setarch')) and (
+      common.address_randomization() is not None
+    )
+    args = ['--processes', '2', '--model', 'resnet8', '--factor', '2']
+    args += ['--round-to', '1', '--batch', '1', '--rounds', '1']
+    args += ['--name', 'spread'] + ([] if aslr_ab else ['--no-aslr-ab'])
+    with (
+      tempfile.TemporaryDirectory() as d,
+      mock.patch.object(common, 'RESULTS', d),
+      mock.patch.dict(os.environ, {'PFA_JAX_BENCH_RESULTS': d}),
+    ):
+      res = process_spread.main(args)
+      with open(os.path.join(d, 'spread.json')) as f:
+        self.assertEqual(json.load(f)['records'], res['records'])
+    self.assertLen(res['records'], 2)
+    for r in res['records']:
+      self.assertGreater(r['pruned_ms'], 0)
+      self.assertGreater(r['flops_reduction'], 1.5)  # a 2x target
+      self.assertAlmostEqual(
+        r['efficiency'], r['full_ms'] / r['pruned_ms'] / r['flops_reduction']
+      )
+    effs = [r['efficiency'] for r in res['records']]
+    self.assertEqual(
+      res['summary']['all']['efficiency'],
+      {'min': min(effs), 'median': float(np.median(effs)), 'max': max(effs)},
+    )
+    if aslr_ab:
+      self.assertEqual(
+        [r['address_randomization'] for r in res['records']],
+        [common.address_randomization(), False],
+      )
+      self.assertIn('aslr_off', res['summary'])
+    with self.assertRaises(SystemExit), mock.patch('sys.stderr'):
+      process_spread.main(['--processes', '0'])
 
   def test_analyze_cold_runs_both_jobs_and_variants(self):
     with (
