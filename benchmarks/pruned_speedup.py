@@ -21,8 +21,10 @@ network compiled with the channel-tail split off
 same rounds, as variant ``<variant>_tailoff``; ``--inline-ab`` times the
 full and each pruned network compiled with every call on the team thread
 (``PFA_JAX_ONEDNN_INLINE_MFLOPS=0``, :func:`pfa_jax.onednn.call_threads`),
-as variant ``<variant>_inlineoff``, whose speed-up is over the full network
-compiled the same way.
+as variant ``<variant>_inlineoff``, and ``--plain-ab`` with every oneDNN
+call on reordered weights (``PFA_JAX_ONEDNN_PLAIN_PIXELS=0``,
+:func:`pfa_jax.onednn.plain_weights`), as ``<variant>_plainoff``; their
+speed-ups are over the full network compiled the same way.
 Reported: FLOPs ratio, time ratio and their quotient (1.0 = ideal), and
 the memory-traffic ratio (:func:`bytes_accessed`); target
 at batch 128: time speed-up >= 0.8x the FLOPs reduction. Writes
@@ -196,25 +198,34 @@ def _tail_off(apply, fwd, variants, x) -> dict:
   return out
 
 
-def _inline_off(apply, nets, x) -> dict:
-  """Each network compiled with every call on the team thread.
+# Trace-time settings a run can also compile every network without: name ->
+# (environment variable set to 0, what a call it changes shows in the HLO).
+SETTINGS_AB = {
+  'inline': ('PFA_JAX_ONEDNN_INLINE_MFLOPS', 'threads = 1 : i64'),
+  'plain': ('PFA_JAX_ONEDNN_PLAIN_PIXELS', 'plain_weights = true'),
+}
 
-  ``nets``: key -> (model, variables). `pfa_jax.onednn.call_threads` reads
-  ``PFA_JAX_ONEDNN_INLINE_MFLOPS`` at trace time: each network is lowered
-  with it 0 through its own jit of ``apply``, and checked to have no
-  single-threaded call left.
+
+def _setting_off(apply, nets, x, name) -> dict:
+  """Each network compiled with setting ``name`` (`SETTINGS_AB`) off.
+
+  ``nets``: key -> (model, variables). The setting is read at trace time:
+  each network is lowered with its variable 0 through its own jit of
+  ``apply``, and checked to have no call the setting changes left.
   """
-  key = 'PFA_JAX_ONEDNN_INLINE_MFLOPS'
+  key, marker = SETTINGS_AB[name]
   off_fwd = jax.jit(lambda m, v, x: apply(m, v, x), static_argnums=0)
   with common.env(key, '0'):
     off = {k: off_fwd.lower(m, v, x) for k, (m, v) in nets.items()}
   for k, lowered in off.items():
-    if 'threads = 1 : i64' in lowered.as_text():
-      raise RuntimeError(f'{k}: a call still runs inline with {key}=0')
+    if marker in lowered.as_text():
+      raise RuntimeError(
+        f'{k}: {marker!r} is still in the program with {key}=0'
+      )
   return {k: lowered.compile() for k, lowered in off.items()}
 
 
-_SUFFIXES = ('_tailoff', '_inlineoff')
+_SUFFIXES = ('_tailoff', *(f'_{name}off' for name in SETTINGS_AB))
 
 
 def _base(variant: str) -> str:
@@ -235,7 +246,7 @@ def bench_case(
   fold=True,
   device_inputs=False,
   tail_ab=False,
-  inline_ab=False,
+  settings_ab=(),
 ):
   """Rows of FLOPs, time and bytes ratios, pruned against full.
 
@@ -274,27 +285,29 @@ def bench_case(
           for k, c in _tail_off(apply, fwd, variants, x).items()
         }
       )
-    full_off = None
-    if inline_ab:
+    full_off = {}
+    for name in settings_ab:
       nets = {'full': (model, variables)}
       nets.update({k: (pm, pv) for k, (pm, pv, _) in variants.items()})
-      off = _inline_off(apply, nets, x)
-      full_off = off.pop('full')
-      runs.update({f'{k}_inlineoff': c for k, c in off.items()})
+      off = _setting_off(apply, nets, x, name)
+      full_off[f'_{name}off'] = off.pop('full')
+      runs.update({f'{k}_{name}off': c for k, c in off.items()})
     t_var = {k: [] for k in runs}
-    t_full_off = []
+    t_full_off = {suffix: [] for suffix in full_off}
     for _ in range(rounds):  # interleave full and pruned
       t_full.append(_time(lambda v, x: fwd(model, v, x), variables, x, repeats))
-      if full_off is not None:
-        t_full_off.append(_time(full_off, variables, x, repeats))
+      for suffix, compiled in full_off.items():
+        t_full_off[suffix].append(_time(compiled, variables, x, repeats))
       for k, run in runs.items():
         pv = variants[_base(k)][1]
         t_var[k].append(_time(run, pv, x, repeats))
     full_bytes = bytes_accessed(model, variables, b)
     for k in runs:
       pm, pv, flops = variants[_base(k)]
-      # An inline A/B row compares with the full network compiled the same way.
-      tf = float(np.median(t_full_off if k.endswith('_inlineoff') else t_full))
+      # A setting's A/B row compares with the full network compiled the
+      # same way.
+      suffix = k[len(_base(k)) :]
+      tf = float(np.median(t_full_off.get(suffix, t_full)))
       tv = float(np.median(t_var[k]))
       fr = full_flops / flops
       rows.append(
@@ -358,6 +371,12 @@ def main(argv=None):
     'the team thread (PFA_JAX_ONEDNN_INLINE_MFLOPS=0)',
   )
   p.add_argument(
+    '--plain-ab',
+    action='store_true',
+    help='also time the full and each pruned network with every oneDNN '
+    'call on reordered weights (PFA_JAX_ONEDNN_PLAIN_PIXELS=0)',
+  )
+  p.add_argument(
     '--name',
     type=common.file_stem,
     default=None,
@@ -384,7 +403,9 @@ def main(argv=None):
       fold=not a.no_fold,
       device_inputs=not cpu,
       tail_ab=a.tail_ab,
-      inline_ab=a.inline_ab,
+      settings_ab=tuple(
+        name for name in SETTINGS_AB if getattr(a, f'{name}_ab')
+      ),
     )
   load = os.getloadavg()
   common.print_table(
@@ -437,6 +458,7 @@ def main(argv=None):
       'narrow_kernel': narrow,
       'tail_max': onednn.tail_max() if narrow else 0,
       'inline_mflops': onednn.inline_mflops() if cpu else 0.0,
+      'plain_pixels': onednn.plain_pixels() if cpu else 0,
       'rounds': a.rounds,
       'repeats': a.repeats,
       'dtype': 'float32',

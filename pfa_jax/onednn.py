@@ -36,6 +36,12 @@ Decisions:
     (`benchmarks/pruned_speedup.py --inline-ab`; DECISIONS.md). A single-threaded call
     opens no OpenMP team, so no spinning pool is left on XLA's threads, and
     oneDNN primitives are cached per thread count.
+  * Plain weights on small outputs (session 19, `plain_weights`): a folded
+    oneDNN call of at most `PLAIN_PIXELS` = 64 output pixels (N Ho Wo;
+    `PFA_JAX_ONEDNN_PLAIN_PIXELS`) is created for the HWIO weights as they
+    are, skipping the per-call reorder into oneDNN's blocked layout, which
+    dominates such a layer (VGG-16 at batch 1: `benchmarks/pruned_speedup.py
+    --plain-ab`). Larger outputs keep the blocked weights.
   * Small maps stay here. `pfa_jax.conv` is faster on VGG-16-CIFAR's 2x2
     maps alone (forward 385 against 284 GFLOP/s, `benchmarks/conv_levers.py
     --part layers`, `conv_layers.json`), but routing them there made the
@@ -155,6 +161,9 @@ TAIL_MAX = 8  # widest channel tail `tail_split` gives the narrow kernel
 # Folded inference calls of at most this many MFLOP run single-threaded on
 # the calling thread (`call_threads`; PFA_JAX_ONEDNN_INLINE_MFLOPS).
 INLINE_MFLOPS = 3.0
+# oneDNN folded calls of at most this many output pixels (N Ho Wo) read
+# their weights unreordered (`plain_weights`; PFA_JAX_ONEDNN_PLAIN_PIXELS).
+PLAIN_PIXELS = 64
 _CHANNEL_PATH_MAX = 8
 TEAM_THREAD = os.environ.get('PFA_JAX_ONEDNN_TEAM_THREAD', '1') != '0'
 _status = {'built': False, 'reason': 'not tried'}
@@ -525,6 +534,30 @@ def call_threads(x_shape, w_shape, out_hw) -> int:
   return 1 if flops <= inline_mflops() * 1e6 else THREADS
 
 
+def plain_pixels() -> int:
+  """`PLAIN_PIXELS`, or ``PFA_JAX_ONEDNN_PLAIN_PIXELS`` (trace time)."""
+  value = _env_int('PFA_JAX_ONEDNN_PLAIN_PIXELS', PLAIN_PIXELS)
+  if value < 0:
+    raise ValueError(f'PFA_JAX_ONEDNN_PLAIN_PIXELS must be >= 0, got {value}.')
+  return value
+
+
+def plain_weights(n: int, out_hw) -> bool:
+  """Whether a folded oneDNN call reads its HWIO weights as they are.
+
+  oneDNN's convolutions want their weights in a blocked layout, and a
+  weight argument of the jitted forward (the folded kernel changes with the
+  variables) is reordered into it on every call: 4.7 MB for a 256 -> 512
+  layer. On a small output (at most `plain_pixels` = N Ho Wo pixels,
+  environment ``PFA_JAX_ONEDNN_PLAIN_PIXELS``; 0 turns it off) that copy
+  costs more than the convolution, so the primitive is created for the
+  plain HWIO weights instead (oneDNN still picks its brgemm kernel, with the
+  same outputs). On larger ones the blocked kernel wins: with every call on
+  plain weights VGG-16's batch-128 forward took ~1.2x the time (ad hoc).
+  """
+  return n * out_hw[0] * out_hw[1] <= plain_pixels()
+
+
 def _bias_act_reference(x, w, b, residual, strides, pads, relu):
   y = lax.conv_general_dilated(
     x, w, strides, pads, dimension_numbers=('NHWC', 'HWIO', 'NHWC')
@@ -546,6 +579,10 @@ def _bias_act(x, w, b, residual, strides, pads, relu):
   n, _, _, _ = x.shape
   ho, wo = conv._out_hw(x.shape, w.shape[:2], strides, pads)
   operands = (x, w, b) if residual is None else (x, w, b, residual)
+  # The narrow kernel reads HWIO weights itself: no such attribute.
+  plain = (
+    {} if kernel == 'narrow' else {'plain_weights': plain_weights(n, (ho, wo))}
+  )
   return jax.ffi.ffi_call(
     _FUSED[kernel, residual is not None],
     jax.ShapeDtypeStruct((n, ho, wo, w.shape[3]), jnp.float32),
@@ -562,6 +599,7 @@ def _bias_act(x, w, b, residual, strides, pads, relu):
     pads=np.array([p for lo_hi in pads for p in lo_hi], np.int64),
     relu=bool(relu),
     threads=np.int64(call_threads(x.shape, w.shape, (ho, wo))),
+    **plain,
   )
 
 

@@ -188,7 +188,7 @@ class BenchmarksTest(absltest.TestCase):
       off['odd'](pv, x), fwd(pm, pv, x), rtol=1e-4, atol=1e-4
     )
 
-  def test_pruned_speedup_inline_ab_compiles_every_call_on_the_team(self):
+  def test_pruned_speedup_setting_abs_compile_each_setting_off(self):
     # At batch 1 a ResNet-8's stem and stride-2 convolutions are small (<=
     # 2.4 MFLOP): the default trace runs them on the calling thread
     # (threads = 1), the --inline-ab one hands every call to the team
@@ -209,7 +209,7 @@ class BenchmarksTest(absltest.TestCase):
     x = np.random.default_rng(0).standard_normal((1, *pruned_speedup.SHAPE))
     x = x.astype(np.float32)
     nets = {'full': (model, variables), 'pruned': (pm, pv)}
-    off = pruned_speedup._inline_off(apply, nets, x)
+    off = pruned_speedup._setting_off(apply, nets, x, 'inline')
     self.assertEqual(set(off), {'full', 'pruned'})
     for k, (m, v) in nets.items():
       self.assertIn('threads = 1 : i64', fwd.lower(m, v, x).as_text())
@@ -217,7 +217,17 @@ class BenchmarksTest(absltest.TestCase):
       np.testing.assert_allclose(
         off[k](v, x), fwd(m, v, x), rtol=1e-4, atol=1e-4
       )
+    # --plain-ab: the last stage's 8 x 8 maps are 64 pixels at batch 1, so
+    # its oneDNN calls read plain weights by default, reordered ones off.
+    plain_off = pruned_speedup._setting_off(apply, nets, x, 'plain')
+    for k, (m, v) in nets.items():
+      self.assertIn('plain_weights = true', fwd.lower(m, v, x).as_text())
+      self.assertNotIn('plain_weights = true', plain_off[k].as_text())
+      np.testing.assert_allclose(
+        plain_off[k](v, x), fwd(m, v, x), rtol=1e-4, atol=1e-4
+      )
     self.assertEqual(pruned_speedup._base('4x_round8_inlineoff'), '4x_round8')
+    self.assertEqual(pruned_speedup._base('4x_round8_plainoff'), '4x_round8')
     self.assertEqual(pruned_speedup._base('4x_round8_tailoff'), '4x_round8')
     self.assertEqual(pruned_speedup._base('2x_round1'), '2x_round1')
 
@@ -576,6 +586,7 @@ class BenchmarksTest(absltest.TestCase):
     # without the narrow kernel).
     self.assertEqual(res['tail_max'], 0)
     self.assertEqual(res['inline_mflops'], 0.0)  # no native calls off the CPU
+    self.assertEqual(res['plain_pixels'], 0)
     self.assertEqual(res['glibc_tunables'], 'glibc.malloc.hugetlb=1')
     self.assertIn('address_randomization', res['machine'])
     self.assertTrue(res['inputs_on_device'])

@@ -363,6 +363,68 @@ class OnednnConvTest(parameterized.TestCase):
       ):
         onednn.call_threads(x_shape, w_shape, out_hw)
 
+  def test_plain_weights_follow_the_output_pixels(self):
+    self.assertEqual(onednn.PLAIN_PIXELS, 64)
+    self.assertTrue(onednn.plain_weights(1, (8, 8)))  # 64 pixels
+    self.assertFalse(onednn.plain_weights(1, (8, 9)))
+    self.assertFalse(onednn.plain_weights(2, (8, 8)))
+    self.assertTrue(onednn.plain_weights(16, (2, 2)))
+    for setting, want in (('0', False), ('128', True)):
+      with mock.patch.dict(
+        os.environ, {'PFA_JAX_ONEDNN_PLAIN_PIXELS': setting}
+      ):
+        self.assertEqual(onednn.plain_weights(2, (8, 8)), want, setting)
+    for bad, message in (('x', 'an integer'), ('-1', '>= 0')):
+      with (
+        mock.patch.dict(os.environ, {'PFA_JAX_ONEDNN_PLAIN_PIXELS': bad}),
+        self.assertRaisesRegex(
+          ValueError, f'PFA_JAX_ONEDNN_PLAIN_PIXELS must be {message}'
+        ),
+      ):
+        onednn.plain_weights(1, (2, 2))
+
+  @parameterized.named_parameters(
+    ('dnnl_2x2', (1, 2, 2, 24), 32, 'dnnl'),
+    ('dnnl_res_4x4', (2, 4, 4, 16), 48, 'dnnl'),
+    ('split_3x16', (1, 3, 16, 8), 20, 'split'),
+  )
+  def test_plain_weights_match_lax_and_the_blocked_call(
+    self, x_shape, out, target
+  ):
+    # Small outputs read the HWIO weights unreordered (plain_weights); the
+    # same layer with the setting off reorders them; both match float64
+    # lax, with and without a residual, and are separate cache entries.
+    if target == 'split' and not onednn.narrow_available():
+      pytest.skip('narrow kernel not built (no AVX-512)')
+    k_shape = (3, 3, x_shape[3], out)
+    x = _normal(x_shape, 60)
+    k = _normal(k_shape, 61) / np.sqrt(np.prod(k_shape[:3]))
+    b = _normal((out,), 62)
+    r = _normal((*x_shape[:3], out), 63)
+    pads = ((1, 1), (1, 1))
+    for residual in (None, r):
+      outs = {}
+      off = {'PFA_JAX_ONEDNN_PLAIN_PIXELS': '0'}
+      for name, env in (('plain', {}), ('blocked', off)):
+        with self.subTest(residual=residual is not None, weights=name):
+          with mock.patch.dict(os.environ, env):
+            f = jax.jit(
+              lambda x, k, b, r: onednn.conv_bias_act(
+                x, k, b, (1, 1), 'SAME', residual=r, relu=True
+              )
+            )
+            text = f.lower(x, k, b, residual).as_text()
+            self.assertIn(f'pfa_jax_{target}_conv_fwd_bias', text)
+            self.assertIn(
+              f'plain_weights = {str(name == "plain").lower()}', text
+            )
+            size = onednn.cache_size()
+            outs[name] = f(x, k, b, residual)
+            self.assertEqual(onednn.cache_size(), size + 1)
+          want = _reference_bias_act(x, k, b, residual, (1, 1), pads, True)
+          self.assertLess(_rel_err(outs[name], want), _TOL)
+      np.testing.assert_allclose(outs['plain'], outs['blocked'], atol=1e-5)
+
   def test_inline_and_team_calls_get_their_own_primitives(self):
     # oneDNN fixes a primitive's thread count at creation: the same layer
     # run on the calling thread (1 thread) and on the team thread (all

@@ -133,6 +133,9 @@ struct Fused {
   const float* bias = nullptr;  // [G..., O]
   const float* res = nullptr;   // [G..., N, Ho, Wo, O] or null
   bool relu = false;
+  // The primitive reads the HWIO weights as they are, with no per-call
+  // reorder into oneDNN's blocked layout (pfa_jax.onednn.plain_weights).
+  bool plain = false;
 };
 
 struct Shape {
@@ -161,7 +164,8 @@ std::unordered_map<std::string, std::unique_ptr<Entry>> cache;
 std::string Key(Op op, const Shape& s, const Fused& f) {
   std::string k(reinterpret_cast<const char*>(&s), sizeof(s));
   k += static_cast<char>(op);
-  k += static_cast<char>((f.res ? 1 : 0) | (f.relu ? 2 : 0));
+  k += static_cast<char>((f.res ? 1 : 0) | (f.relu ? 2 : 0) |
+                         (f.plain ? 4 : 0));
   // oneDNN fixes a primitive's thread count when it is created (the
   // caller's OpenMP setting): one per count, so a single-threaded call
   // (PfaRunConv) never runs a primitive that opens a team.
@@ -204,8 +208,9 @@ Entry* Get(Op op, const Shape& s, const Fused& f) {
     fattr.set_post_ops(po);
     memory::desc bias({s.o}, f32, tag::a);
     dnnl::convolution_forward::primitive_desc pd(
-        eng, dnnl::prop_kind::forward_inference, algo, src, wei_any, bias,
-        dst, strides, pad_l, pad_r, fattr);
+        eng, dnnl::prop_kind::forward_inference, algo, src,
+        f.plain ? wei_user : wei_any, bias, dst, strides, pad_l, pad_r,
+        fattr);
     e->prim = dnnl::convolution_forward(pd);
     e->act_in = src, e->act_out = dst, e->wei = pd.weights_desc();
     e->scratch = pd.scratchpad_desc();
@@ -387,12 +392,12 @@ ffi::Error CheckBias(ffi::Span<const int64_t> k_dims,
 ffi::Error FwdBias(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
                    ffi::Buffer<ffi::F32> b, ffi::ResultBuffer<ffi::F32> y,
                    ffi::Span<const int64_t> strides,
-                   ffi::Span<const int64_t> pads, bool relu,
-                   int64_t threads) {
+                   ffi::Span<const int64_t> pads, bool relu, int64_t threads,
+                   bool plain) {
   if (auto e = CheckBias(k.dimensions(), b.dimensions()); e.failure())
     return e;
   Fused f;
-  f.bias = b.typed_data(), f.relu = relu;
+  f.bias = b.typed_data(), f.relu = relu, f.plain = plain;
   return Run(kFwdFused, x.typed_data(), k.typed_data(), y->typed_data(),
              x.dimensions(), k.dimensions(), y->dimensions(), strides, pads,
              threads, f);
@@ -403,7 +408,7 @@ ffi::Error FwdBiasRes(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
                       ffi::ResultBuffer<ffi::F32> y,
                       ffi::Span<const int64_t> strides,
                       ffi::Span<const int64_t> pads, bool relu,
-                      int64_t threads) {
+                      int64_t threads, bool plain) {
   if (auto e = CheckBias(k.dimensions(), b.dimensions()); e.failure())
     return e;
   if (res.element_count() != y->element_count())
@@ -414,6 +419,7 @@ ffi::Error FwdBiasRes(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
     std::memcpy(y->typed_data(), res.typed_data(), res.size_bytes());
   Fused f;
   f.bias = b.typed_data(), f.res = res.typed_data(), f.relu = relu;
+  f.plain = plain;
   return Run(kFwdFused, x.typed_data(), k.typed_data(), y->typed_data(),
              x.dimensions(), k.dimensions(), y->dimensions(), strides, pads,
              threads, f);
@@ -429,7 +435,8 @@ ffi::Error Split(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
                  ffi::Buffer<ffi::F32> b, const float* res, float* y,
                  ffi::Span<const int64_t> y_dims,
                  ffi::Span<const int64_t> strides,
-                 ffi::Span<const int64_t> pads, bool relu, int64_t threads) {
+                 ffi::Span<const int64_t> pads, bool relu, int64_t threads,
+                 bool plain) {
   if (auto e = CheckBias(k.dimensions(), b.dimensions()); e.failure())
     return e;
   const auto xd = x.dimensions(), kd = k.dimensions();
@@ -459,7 +466,7 @@ ffi::Error Split(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
       y_main_dims(y_dims.begin(), y_dims.end());
   k_main[r - 1] = y_main_dims[r - 1] = mc;
   Fused f;
-  f.bias = b_main.data(), f.relu = relu && res == nullptr;
+  f.bias = b_main.data(), f.relu = relu && res == nullptr, f.plain = plain;
   if (auto e = Run(kFwdFused, x.typed_data(), w_main.data(), y_main.data(),
                    xd, k_main, y_main_dims, strides, pads, threads, f);
       e.failure())
@@ -490,9 +497,9 @@ ffi::Error SplitBias(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
                      ffi::Buffer<ffi::F32> b, ffi::ResultBuffer<ffi::F32> y,
                      ffi::Span<const int64_t> strides,
                      ffi::Span<const int64_t> pads, bool relu,
-                     int64_t threads) {
+                     int64_t threads, bool plain) {
   return Split(x, k, b, nullptr, y->typed_data(), y->dimensions(), strides,
-               pads, relu, threads);
+               pads, relu, threads, plain);
 }
 
 ffi::Error SplitBiasRes(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
@@ -500,7 +507,7 @@ ffi::Error SplitBiasRes(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
                         ffi::ResultBuffer<ffi::F32> y,
                         ffi::Span<const int64_t> strides,
                         ffi::Span<const int64_t> pads, bool relu,
-                        int64_t threads) {
+                        int64_t threads, bool plain) {
   if (res.element_count() != y->element_count())
     return ffi::Error::InvalidArgument("split_conv: residual shape");
   // y aliases res, as in FwdBiasRes; where XLA gave y its own buffer, it
@@ -508,7 +515,7 @@ ffi::Error SplitBiasRes(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
   if (y->typed_data() != res.typed_data())
     std::memcpy(y->typed_data(), res.typed_data(), res.size_bytes());
   return Split(x, k, b, y->typed_data(), y->typed_data(), y->dimensions(),
-               strides, pads, relu, threads);
+               strides, pads, relu, threads, plain);
 }
 
 ffi::Error BwdData(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> k,
@@ -563,7 +570,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PfaDnnlConvFwdBias, FwdBias,
                                   .Attr<ffi::Span<const int64_t>>("strides")
                                   .Attr<ffi::Span<const int64_t>>("pads")
                                   .Attr<bool>("relu")
-                                  .Attr<int64_t>("threads"));
+                                  .Attr<int64_t>("threads")
+                                  .Attr<bool>("plain_weights"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PfaDnnlConvFwdBiasRes, FwdBiasRes,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
@@ -574,7 +582,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PfaDnnlConvFwdBiasRes, FwdBiasRes,
                                   .Attr<ffi::Span<const int64_t>>("strides")
                                   .Attr<ffi::Span<const int64_t>>("pads")
                                   .Attr<bool>("relu")
-                                  .Attr<int64_t>("threads"));
+                                  .Attr<int64_t>("threads")
+                                  .Attr<bool>("plain_weights"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PfaSplitConvFwdBias, SplitBias,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
@@ -584,7 +593,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PfaSplitConvFwdBias, SplitBias,
                                   .Attr<ffi::Span<const int64_t>>("strides")
                                   .Attr<ffi::Span<const int64_t>>("pads")
                                   .Attr<bool>("relu")
-                                  .Attr<int64_t>("threads"));
+                                  .Attr<int64_t>("threads")
+                                  .Attr<bool>("plain_weights"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PfaSplitConvFwdBiasRes, SplitBiasRes,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
@@ -595,7 +605,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PfaSplitConvFwdBiasRes, SplitBiasRes,
                                   .Attr<ffi::Span<const int64_t>>("strides")
                                   .Attr<ffi::Span<const int64_t>>("pads")
                                   .Attr<bool>("relu")
-                                  .Attr<int64_t>("threads"));
+                                  .Attr<int64_t>("threads")
+                                  .Attr<bool>("plain_weights"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PfaMaterialize, Materialize,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::AnyBuffer>()
