@@ -286,12 +286,12 @@ def bench_case(
         }
       )
     full_off = {}
-    for name in settings_ab:
+    for setting in settings_ab:  # (`name` is the model's)
       nets = {'full': (model, variables)}
       nets.update({k: (pm, pv) for k, (pm, pv, _) in variants.items()})
-      off = _setting_off(apply, nets, x, name)
-      full_off[f'_{name}off'] = off.pop('full')
-      runs.update({f'{k}_{name}off': c for k, c in off.items()})
+      off = _setting_off(apply, nets, x, setting)
+      full_off[f'_{setting}off'] = off.pop('full')
+      runs.update({f'{k}_{setting}off': c for k, c in off.items()})
     t_var = {k: [] for k in runs}
     t_full_off = {suffix: [] for suffix in full_off}
     for _ in range(rounds):  # interleave full and pruned

@@ -192,8 +192,25 @@ def _paths() -> tuple[str, str]:
   return found['dnnl.hpp'], found['libdnnl.so.3']
 
 
-@functools.cache
 def _load() -> ctypes.CDLL:
+  """The built, registered library; raises the one attempt's error."""
+  lib, error = _attempt()
+  if error is not None:
+    raise error
+  return lib
+
+
+@functools.cache
+def _attempt() -> tuple[ctypes.CDLL | None, Exception | None]:
+  """Builds and registers the kernels once per process: a failed build
+  (minutes of compiling) is not retried on every later call."""
+  try:
+    return _build_and_register(), None
+  except (OSError, AttributeError) as e:
+    return None, e
+
+
+def _build_and_register() -> ctypes.CDLL:
   if os.environ.get('PFA_JAX_ONEDNN', '1') == '0':
     raise OSError('disabled by PFA_JAX_ONEDNN=0')
   inc, lib_dir = _paths()

@@ -226,6 +226,23 @@ class BenchmarksTest(absltest.TestCase):
       np.testing.assert_allclose(
         plain_off[k](v, x), fwd(m, v, x), rtol=1e-4, atol=1e-4
       )
+    # Through bench_case: every row keeps its model's name, and each setting
+    # adds one row per variant.
+    rows = pruned_speedup.bench_case(
+      'resnet8',
+      'inner',
+      (2,),
+      (1,),
+      1,
+      multiples=(1,),
+      rounds=1,
+      settings_ab=('inline', 'plain'),
+    )
+    self.assertEqual({r['model'] for r in rows}, {'resnet8'})
+    self.assertEqual(
+      sorted(r['variant'] for r in rows),
+      ['2x_round1', '2x_round1_inlineoff', '2x_round1_plainoff'],
+    )
     self.assertEqual(pruned_speedup._base('4x_round8_inlineoff'), '4x_round8')
     self.assertEqual(pruned_speedup._base('4x_round8_plainoff'), '4x_round8')
     self.assertEqual(pruned_speedup._base('4x_round8_tailoff'), '4x_round8')

@@ -2,6 +2,8 @@
 
 import functools
 import os
+import subprocess
+import sys
 from unittest import mock
 
 import flax.linen as nn
@@ -920,6 +922,30 @@ class OnednnFallbackTest(parameterized.TestCase):
         want = lax.conv_general_dilated(xi, ki, (1, 1), 'SAME', **kw)
         self.assertEqual(got.dtype, want.dtype)
         self.assertLess(_rel_err(got, want), _TOL)
+
+  def test_a_failed_build_is_tried_once(self):
+    # In a fresh process whose compiler fails: available() is False twice,
+    # with the build's error as the reason, and the build ran once.
+    code = (
+      'from unittest import mock\n'
+      'from pfa_jax import native, onednn\n'
+      "err = OSError('no compiler here')\n"
+      "with mock.patch.object(native, 'build', side_effect=err) as b:\n"
+      '  a = [onednn.available(), onednn.available()]\n'
+      "  print(a, b.call_count, onednn.status()['reason'])\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run(
+      [sys.executable, '-c', code],
+      capture_output=True,
+      text=True,
+      check=True,
+      cwd=root,
+      env={**os.environ, 'PFA_JAX_ONEDNN_ROOT': '/nonexistent'},
+    )
+    self.assertEqual(
+      out.stdout.strip().splitlines()[-1], '[False, False] 1 no compiler here'
+    )
 
   def test_status(self):
     status = onednn.status()
