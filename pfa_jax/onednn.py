@@ -161,6 +161,7 @@ TAIL_MAX = 8  # widest channel tail `tail_split` gives the narrow kernel
 # Folded inference calls of at most this many MFLOP run single-threaded on
 # the calling thread (`call_threads`; PFA_JAX_ONEDNN_INLINE_MFLOPS).
 INLINE_MFLOPS = 3.0
+INLINE_MAX_WEIGHT_BYTES = 256 * 1024  # ... and weights of at most this size
 # oneDNN folded calls of at most this many output pixels (N Ho Wo) read
 # their weights unreordered (`plain_weights`; PFA_JAX_ONEDNN_PLAIN_PIXELS).
 PLAIN_PIXELS = 64
@@ -538,17 +539,22 @@ def call_threads(x_shape, w_shape, out_hw) -> int:
 
   1 (run on the calling thread, one core) for a call of at most
   `inline_mflops` MFLOP (2 N Ho Wo kh kw C O; environment
-  ``PFA_JAX_ONEDNN_INLINE_MFLOPS``, 0 turns it off), else `THREADS`. A
-  multi-threaded call is handed to the team thread and back, ~18 us on this
-  VM, and opens an OpenMP team: on a batch-1 forward of a pruned ResNet-56
-  (tens of us a layer) that overhead is most of the time
-  (`benchmarks/pruned_speedup.py --inline-ab`). Under vmap the shapes are
-  one variant's, so a vmapped call's total can exceed the threshold.
+  ``PFA_JAX_ONEDNN_INLINE_MFLOPS``, 0 turns it off) whose weights take at
+  most `INLINE_MAX_WEIGHT_BYTES`, else `THREADS`. A multi-threaded call is
+  handed to the team thread and back, ~18 us on this VM, and opens an
+  OpenMP team: on a batch-1 forward of a pruned ResNet-56 (tens of us a
+  layer) that overhead is most of the time (`benchmarks/pruned_speedup.py
+  --inline-ab`). A layer with heavy weights and little work (VGG-16's 2 x 2
+  maps: 1.5 MB for 3 MFLOP) streams its weights faster on two cores:
+  inline, VGG-16 2x's batch-1 forward took 1.03-1.15x the time in two runs.
+  Under vmap the shapes are one variant's, so a vmapped call's total can
+  exceed the threshold.
   """
   n, _, _, c = x_shape
   kh, kw, _, o = w_shape
   flops = 2.0 * n * out_hw[0] * out_hw[1] * kh * kw * c * o
-  return 1 if flops <= inline_mflops() * 1e6 else THREADS
+  small = kh * kw * c * o * 4 <= INLINE_MAX_WEIGHT_BYTES
+  return 1 if small and flops <= inline_mflops() * 1e6 else THREADS
 
 
 def plain_pixels() -> int:

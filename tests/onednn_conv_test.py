@@ -356,6 +356,16 @@ class OnednnConvTest(parameterized.TestCase):
     self.assertEqual(
       onednn.call_threads((16, 8, 8, 16), w_shape, out_hw), onednn.THREADS
     )
+    # So do the weights: 208 -> 200 on a 2 x 2 map is 3.0 MFLOP (inline by
+    # FLOPs) but 1.5 MB of weights (9 * 208 * 200 * 4 bytes) > 256 KiB;
+    # 72 -> 64 (166 KB) is inline.
+    self.assertEqual(
+      onednn.call_threads((1, 2, 2, 208), (3, 3, 208, 200), (2, 2)),
+      onednn.THREADS,
+    )
+    self.assertEqual(
+      onednn.call_threads((1, 2, 2, 72), (3, 3, 72, 64), (2, 2)), 1
+    )
     for bad in ('x', '-1', 'nan'):
       with (
         mock.patch.dict(os.environ, {'PFA_JAX_ONEDNN_INLINE_MFLOPS': bad}),
