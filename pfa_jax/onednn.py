@@ -24,7 +24,8 @@ Decisions:
     XLA worker thread (`set_team_thread`).
   * Except small inference calls (session 19, `call_threads`): a folded
     call (`conv_bias_act`) of at most `INLINE_MFLOPS` = 3 MFLOP
-    (environment `PFA_JAX_ONEDNN_INLINE_MFLOPS`; 0 turns it off) runs
+    (environment `PFA_JAX_ONEDNN_INLINE_MFLOPS`; 0 turns it off) with
+    weights of at most `INLINE_MAX_WEIGHT_BYTES` = 256 KiB runs
     single-threaded on the calling thread. The hand-off to the team thread
     and back costs ~18 us a call on this VM, more than a second core saves
     on such a layer. Lone batch-1 calls, single-threaded over team:
@@ -32,7 +33,7 @@ Decisions:
     (`benchmarks/conv_levers.py --part inline`, `conv_inline.json`; a lone
     call also wakes an idle team, so these overstate the gain inside a
     network); a
-    pruned ResNet-56's batch-1 forward 1.2-1.6x faster
+    pruned ResNet-56's batch-1 forward takes 0.44-0.96x the time
     (`benchmarks/pruned_speedup.py --inline-ab`; DECISIONS.md). A single-threaded call
     opens no OpenMP team, so no spinning pool is left on XLA's threads, and
     oneDNN primitives are cached per thread count.
@@ -40,8 +41,10 @@ Decisions:
     oneDNN call of at most `PLAIN_PIXELS` = 64 output pixels (N Ho Wo;
     `PFA_JAX_ONEDNN_PLAIN_PIXELS`) is created for the HWIO weights as they
     are, skipping the per-call reorder into oneDNN's blocked layout, which
-    dominates such a layer (VGG-16 at batch 1: `benchmarks/pruned_speedup.py
-    --plain-ab`). Larger outputs keep the blocked weights.
+    dominates such a layer: the full VGG-16's batch-1 forward 0.69-0.88x
+    the time in two runs (`benchmarks/pruned_speedup.py --plain-ab`;
+    DECISIONS.md). Larger outputs keep the blocked weights (all plain:
+    VGG-16 at batch 128 ~1.2x slower, ad hoc).
   * Small maps stay here. `pfa_jax.conv` is faster on VGG-16-CIFAR's 2x2
     maps alone (forward 385 against 284 GFLOP/s, `benchmarks/conv_levers.py
     --part layers`, `conv_layers.json`), but routing them there made the
