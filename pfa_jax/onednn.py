@@ -32,11 +32,10 @@ Decisions:
     0.34-0.57x up to 3 MFLOP, 0.43-0.97x at 4.7, 0.92-2.29x from 18.9
     (`benchmarks/conv_levers.py --part inline`, `conv_inline.json`; a lone
     call also wakes an idle team, so these overstate the gain inside a
-    network); a
-    pruned ResNet-56's batch-1 forward takes 0.44-0.96x the time
-    (`benchmarks/pruned_speedup.py --inline-ab`; DECISIONS.md). A single-threaded call
-    opens no OpenMP team, so no spinning pool is left on XLA's threads, and
-    oneDNN primitives are cached per thread count.
+    network); a pruned ResNet-56's batch-1 forward takes 0.44-0.96x the
+    time (`benchmarks/pruned_speedup.py --inline-ab`; DECISIONS.md). A
+    single-threaded call opens no OpenMP team, so no spinning pool is left
+    on XLA's threads, and oneDNN primitives are cached per thread count.
   * Plain weights on small outputs (session 19, `plain_weights`): a folded
     oneDNN call of at most `PLAIN_PIXELS` = 64 output pixels (N Ho Wo;
     `PFA_JAX_ONEDNN_PLAIN_PIXELS`) is created for the HWIO weights as they
