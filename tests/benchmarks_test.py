@@ -37,6 +37,18 @@ from pfa_jax import slicing
 from pfa_jax import spectra
 
 
+def _native_net(name):
+  """A model on the oneDNN path (conv_impl 'auto' is XLA's under the tests'
+  8 host devices) and its initial variables."""
+  model = models.get_model(name, num_classes=10).clone(conv_impl='onednn')
+  return model, models.init(model, jax.random.key(0), pruned_speedup.SHAPE)
+
+
+def _infer(m, v, x):
+  """The library's inference forward (BN folded), as pruned_speedup runs it."""
+  return models.for_inference(m).apply(v, x, train=False)
+
+
 class BenchmarksTest(absltest.TestCase):
   def _narrow_rows(self, table, layers, batch=2):
     """A narrow-kernel conv_levers table, one rep (batch 2 unless told;
@@ -167,20 +179,13 @@ class BenchmarksTest(absltest.TestCase):
     # is left out.
     if not onednn.narrow_available():
       self.skipTest(f'narrow kernel not built: {onednn.status()["reason"]}')
-    # (conv_impl 'auto' is XLA's under the tests' 8 host devices.)
-    model = models.get_model('simple_cnn', num_classes=10)
-    model = model.clone(conv_impl='onednn')
-    variables = models.init(model, jax.random.key(0), pruned_speedup.SHAPE)
+    model, variables = _native_net('simple_cnn')
     pm, pv = slicing.prune(model, variables, {'conv2': np.arange(20)})
     variants = {'odd': (pm, pv, 0), 'full': (model, variables, 0)}
-
-    def apply(m, v, x):
-      return models.for_inference(m).apply(v, x, train=False)
-
-    fwd = jax.jit(apply, static_argnums=0)
+    fwd = jax.jit(_infer, static_argnums=0)
     x = np.random.default_rng(0).standard_normal((2, *pruned_speedup.SHAPE))
     x = x.astype(np.float32)
-    off = pruned_speedup._tail_off(apply, fwd, variants, x)
+    off = pruned_speedup._tail_off(_infer, fwd, variants, x)
     self.assertEqual(set(off), {'odd'})
     self.assertIn('split_conv', fwd.lower(pm, pv, x).as_text())
     self.assertNotIn('split_conv', off['odd'].as_text())
@@ -195,21 +200,15 @@ class BenchmarksTest(absltest.TestCase):
     # thread, for the full network too, and both compute the same outputs.
     if not onednn.available():
       self.skipTest(f'oneDNN kernel not built: {onednn.status()["reason"]}')
-    model = models.get_model('resnet8', num_classes=10)
-    model = model.clone(conv_impl='onednn')
-    variables = models.init(model, jax.random.key(0), pruned_speedup.SHAPE)
+    model, variables = _native_net('resnet8')
     pm, pv = slicing.prune(
       model, variables, {'stage1_block0/conv1': np.arange(8)}
     )
-
-    def apply(m, v, x):
-      return models.for_inference(m).apply(v, x, train=False)
-
-    fwd = jax.jit(apply, static_argnums=0)
+    fwd = jax.jit(_infer, static_argnums=0)
     x = np.random.default_rng(0).standard_normal((1, *pruned_speedup.SHAPE))
     x = x.astype(np.float32)
     nets = {'full': (model, variables), 'pruned': (pm, pv)}
-    off = pruned_speedup._setting_off(apply, nets, x, 'inline')
+    off = pruned_speedup._setting_off(_infer, nets, x, 'inline')
     self.assertEqual(set(off), {'full', 'pruned'})
     for k, (m, v) in nets.items():
       self.assertIn('threads = 1 : i64', fwd.lower(m, v, x).as_text())
@@ -219,7 +218,7 @@ class BenchmarksTest(absltest.TestCase):
       )
     # --plain-ab: the last stage's 8 x 8 maps are 64 pixels at batch 1, so
     # its oneDNN calls read plain weights by default, reordered ones off.
-    plain_off = pruned_speedup._setting_off(apply, nets, x, 'plain')
+    plain_off = pruned_speedup._setting_off(_infer, nets, x, 'plain')
     for k, (m, v) in nets.items():
       self.assertIn('plain_weights = true', fwd.lower(m, v, x).as_text())
       self.assertNotIn('plain_weights = true', plain_off[k].as_text())
