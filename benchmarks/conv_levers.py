@@ -513,6 +513,30 @@ def _block(fn, *args):
   return jax.block_until_ready(fn(*args))
 
 
+def _folded_calls(key, settings, x, w, b):
+  """Blocking calls of the folded 3x3 layer (bias + ReLU), one per setting.
+
+  ``settings``: name -> (value of environment variable ``key``, a string
+  the traced program must contain, or None). Each is a fresh trace: the
+  settings are read at trace time.
+  """
+  import jax  # noqa: PLC0415
+
+  from benchmarks import common  # noqa: PLC0415
+  from pfa_jax import onednn  # noqa: PLC0415
+
+  calls = {}
+  for name, (value, marker) in settings.items():
+    with common.env(key, value):
+      fold = jax.jit(
+        lambda x, w, b: onednn.conv_bias_act(x, w, b, (1, 1), 'SAME', relu=True)
+      ).lower(x, w, b)
+    if marker is not None and marker not in fold.as_text():
+      raise RuntimeError(f'{x.shape} -> {w.shape[-1]}: no {marker} call')
+    calls[name] = functools.partial(_block, fold.compile(), x, w, b)
+  return calls
+
+
 def _folded_inputs(batch, hw, cin, cout):
   """A post-ReLU map (x >= 0), 3x3 weights and a bias of both signs."""
   import jax.numpy as jnp  # noqa: PLC0415
@@ -613,9 +637,7 @@ def tail_split_table(reps=7, batch=128, layers=TAIL_SPLIT, path=None):
   ``PFA_JAX_ONEDNN_TAIL_MAX`` 15 (split) and 0 (whole, oneDNN). Inputs as
   in :func:`narrow_wide_table` (post-ReLU maps, weights of both signs).
   """
-  import jax  # noqa: PLC0415
 
-  from benchmarks import common  # noqa: PLC0415
   from pfa_jax import onednn  # noqa: PLC0415
 
   if not onednn.narrow_available():
@@ -624,19 +646,13 @@ def tail_split_table(reps=7, batch=128, layers=TAIL_SPLIT, path=None):
   rows = []
   for hw, cin, cout in layers:
     x, w, b = _folded_inputs(batch, hw, cin, cout)
-    calls = {}
-    for name, env in (('whole', '0'), ('split', '15')):
-      with common.env('PFA_JAX_ONEDNN_TAIL_MAX', env):
-        fold = jax.jit(
-          lambda x, w, b: onednn.conv_bias_act(
-            x, w, b, (1, 1), 'SAME', relu=True
-          )
-        ).lower(x, w, b)
-        target = 'split_conv' if name == 'split' else 'dnnl_conv'
-        if target not in fold.as_text():
-          raise RuntimeError(f'{hw}x{hw} {cin}->{cout}: no {target} call')
-        fold = fold.compile()
-      calls[name] = functools.partial(_block, fold, x, w, b)
+    calls = _folded_calls(
+      'PFA_JAX_ONEDNN_TAIL_MAX',
+      {'whole': ('0', 'dnnl_conv'), 'split': ('15', 'split_conv')},
+      x,
+      w,
+      b,
+    )
     ms = _interleaved_ms(calls, reps)
     flops = 2 * batch * hw * hw * 9 * cin * cout
     rows.append(
@@ -691,9 +707,7 @@ def inline_table(reps=7, batch=1, layers=INLINE, path=None):
   (`forward_algo`: narrow or oneDNN) and which way the default threshold
   (`INLINE_MFLOPS`) sends the call.
   """
-  import jax  # noqa: PLC0415
 
-  from benchmarks import common  # noqa: PLC0415
   from pfa_jax import onednn  # noqa: PLC0415
 
   if not onednn.available():
@@ -702,16 +716,13 @@ def inline_table(reps=7, batch=1, layers=INLINE, path=None):
   rows = []
   for hw, cin, cout in layers:
     x, w, b = _folded_inputs(batch, hw, cin, cout)
-    calls = {}
-    for name, env in (('inline', '1e9'), ('team', '0')):
-      with common.env('PFA_JAX_ONEDNN_INLINE_MFLOPS', env):
-        fold = jax.jit(
-          lambda x, w, b: onednn.conv_bias_act(
-            x, w, b, (1, 1), 'SAME', relu=True
-          )
-        ).lower(x, w, b)
-        fold = fold.compile()
-      calls[name] = functools.partial(_block, fold, x, w, b)
+    calls = _folded_calls(
+      'PFA_JAX_ONEDNN_INLINE_MFLOPS',
+      {'inline': ('1e9', None), 'team': ('0', None)},
+      x,
+      w,
+      b,
+    )
     ms = _interleaved_ms(calls, reps)
     flops = 2 * batch * hw * hw * 9 * cin * cout
     algo = onednn.forward_algo(x.shape, w.shape, (1, 1), pads)

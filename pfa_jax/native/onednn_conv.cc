@@ -15,6 +15,8 @@
 // per call from the "threads" attribute (0: leave OpenMP's default).
 #include <omp.h>
 
+#include <algorithm>
+
 #include <unistd.h>
 
 #include <atomic>
@@ -169,7 +171,7 @@ std::string Key(Op op, const Shape& s, const Fused& f) {
   // oneDNN fixes a primitive's thread count when it is created (the
   // caller's OpenMP setting): one per count, so a single-threaded call
   // (PfaRunConv) never runs a primitive that opens a team.
-  k += std::to_string(omp_get_max_threads());
+  k += static_cast<char>(std::min(omp_get_max_threads(), 255));
   return k;
 }
 
@@ -561,52 +563,25 @@ ffi::Error Materialize(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> out) {
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PfaDnnlConvFwd, Fwd, PFA_BIND);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PfaDnnlConvBwdData, BwdData, PFA_BIND);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PfaDnnlConvBwdWeights, BwdWeights, PFA_BIND);
+// The folded forwards: x, kernel, bias[, residual] -> y.
+#define PFA_F32 .Arg<ffi::Buffer<ffi::F32>>()
+#define PFA_BIND_FUSED(ARGS)                       \
+  ffi::Ffi::Bind() ARGS                            \
+      .Ret<ffi::Buffer<ffi::F32>>()                \
+      .Attr<ffi::Span<const int64_t>>("strides")   \
+      .Attr<ffi::Span<const int64_t>>("pads")      \
+      .Attr<bool>("relu")                          \
+      .Attr<int64_t>("threads")                    \
+      .Attr<bool>("plain_weights")
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PfaDnnlConvFwdBias, FwdBias,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<ffi::Span<const int64_t>>("strides")
-                                  .Attr<ffi::Span<const int64_t>>("pads")
-                                  .Attr<bool>("relu")
-                                  .Attr<int64_t>("threads")
-                                  .Attr<bool>("plain_weights"));
+                              PFA_BIND_FUSED(PFA_F32 PFA_F32 PFA_F32));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PfaDnnlConvFwdBiasRes, FwdBiasRes,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<ffi::Span<const int64_t>>("strides")
-                                  .Attr<ffi::Span<const int64_t>>("pads")
-                                  .Attr<bool>("relu")
-                                  .Attr<int64_t>("threads")
-                                  .Attr<bool>("plain_weights"));
+                              PFA_BIND_FUSED(PFA_F32 PFA_F32 PFA_F32 PFA_F32));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PfaSplitConvFwdBias, SplitBias,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<ffi::Span<const int64_t>>("strides")
-                                  .Attr<ffi::Span<const int64_t>>("pads")
-                                  .Attr<bool>("relu")
-                                  .Attr<int64_t>("threads")
-                                  .Attr<bool>("plain_weights"));
+                              PFA_BIND_FUSED(PFA_F32 PFA_F32 PFA_F32));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PfaSplitConvFwdBiasRes, SplitBiasRes,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<ffi::Span<const int64_t>>("strides")
-                                  .Attr<ffi::Span<const int64_t>>("pads")
-                                  .Attr<bool>("relu")
-                                  .Attr<int64_t>("threads")
-                                  .Attr<bool>("plain_weights"));
+                              PFA_BIND_FUSED(PFA_F32 PFA_F32 PFA_F32 PFA_F32));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PfaMaterialize, Materialize,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::AnyBuffer>()
