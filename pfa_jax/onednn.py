@@ -547,9 +547,10 @@ def call_threads(x_shape, w_shape, out_hw) -> int:
   OpenMP team: on a batch-1 forward of a pruned ResNet-56 (tens of us a
   layer) that overhead is most of the time (`benchmarks/pruned_speedup.py
   --inline-ab`). A layer with heavy weights and little work (VGG-16's 2 x 2
-  maps: 1.5 MB for 3 MFLOP) streams its weights faster on two cores:
-  inline, VGG-16 2x's batch-1 forward took 1.03-1.15x the time in two runs.
-  Under vmap the shapes are one variant's, so a vmapped call's total can
+  maps: 1.5 MB for 3 MFLOP) streams its weights faster on two cores, hence
+  the weight cap; the 1.03-1.15x VGG-16 2x took with those calls inline is
+  within this VM's batch-1 noise, so the cap rests on that mechanism, not
+  on a measured gain (DECISIONS.md). Under vmap the shapes are one variant's, so a vmapped call's total can
   exceed the threshold.
   """
   n, _, _, c = x_shape
