@@ -116,6 +116,33 @@ class StatsTest(parameterized.TestCase):
         two = native.build(a, 'libt', ('-march=native',))
     self.assertNotEqual(one, two)
 
+  def test_a_failed_native_build_runs_the_compiler_once(self):
+    # The compiler is a script that counts its runs and fails: the second
+    # build of the same source raises the first error without running it.
+    # Another source (a new cache key) is compiled afresh.
+    tmp = tempfile.mkdtemp()
+    self.addCleanup(shutil.rmtree, tmp, True)
+    runs, cxx = os.path.join(tmp, 'runs'), os.path.join(tmp, 'cxx')
+    with open(cxx, 'w') as f:
+      f.write(f'#!/bin/sh\necho run >> {runs}\necho "bad line 7" >&2\nexit 1\n')
+    os.chmod(cxx, 0o755)
+    srcs = [os.path.join(tmp, f'{n}.cc') for n in 'ab']
+    for i, path in enumerate(srcs):
+      with open(path, 'w') as f:
+        f.write(f'int f{i}(;\n')
+    env = {'PFA_JAX_NATIVE_DIR': tmp, 'CXX': cxx}
+    with mock.patch.dict(os.environ, env), mock.patch.dict(native._failed):
+      errors = []
+      for path in (srcs[0], srcs[0], srcs[1]):
+        with self.assertRaises(OSError) as ctx:
+          native.build(path, 'libfail')
+        errors.append(str(ctx.exception))
+    with open(runs) as f:
+      self.assertLen(f.read().split(), 2)  # a, then b; not a again
+    self.assertIn('bad line 7', errors[0])
+    self.assertEqual(errors[1], errors[0])
+    self.assertIn(srcs[1], errors[2])
+
   def test_native_kernel_builds_here(self):
     # The machine has g++; the fallback is tested above. Skip only if the
     # reason is a missing compiler, so a broken build still fails.

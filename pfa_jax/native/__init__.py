@@ -17,6 +17,9 @@ Decisions:
     (``scipy.linalg.cython_blas``), passed as a function-pointer attribute.
   * No compiler, a failed build or ``PFA_JAX_NATIVE=0`` -> None, silently
     (the reason is in :func:`status`).
+  * A failed build is tried once per process: :func:`build` raises the
+    first attempt's error again for the same sources and flags, rather than
+    running the compiler (seconds) on every later call.
 """
 
 import ctypes
@@ -39,6 +42,8 @@ _TARGETS = {
 }
 _BLAS = {np.dtype(np.float32): 'ssyrk', np.dtype(np.float64): 'dsyrk'}
 _status = {'built': False, 'reason': 'not tried'}
+# Output path -> the OSError message of this process's failed build of it.
+_failed: dict[str, str] = {}
 
 
 def status() -> dict:
@@ -68,7 +73,8 @@ def build(
     The library's path.
 
   Raises:
-    OSError: no compiler, or the build failed (its stderr in the message).
+    OSError: no compiler, or the build failed (its stderr in the message);
+      a build that failed once in this process fails again at once.
   """
   srcs = (src,) if isinstance(src, str) else tuple(src)
   key = jaxlib.__version__.encode() + ' '.join(flags).encode()
@@ -81,6 +87,16 @@ def build(
   out = os.path.join(_cache_dir(), f'{stem}_{key[:16]}.so')
   if os.path.exists(out):
     return out
+  if out in _failed:
+    raise OSError(_failed[out])
+  try:
+    return _compile(srcs, flags, out)
+  except OSError as e:
+    _failed[out] = str(e)
+    raise
+
+
+def _compile(srcs: tuple[str, ...], flags: tuple[str, ...], out: str) -> str:
   cxx = os.environ.get('CXX') or shutil.which('g++') or shutil.which('c++')
   if not cxx:
     raise OSError('no C++ compiler (set CXX or install g++)')
