@@ -177,25 +177,38 @@ def pruned_variants(name, mode, factors, multiples=(1, 8, 16)):
   return model, variables, groups, full_flops, variants, unreachable
 
 
+def _lowered_off(apply, nets, x, key, marker) -> dict:
+  """Each network lowered with the trace-time setting ``key`` = 0.
+
+  ``nets``: name -> (model, variables). Each is lowered through its own jit
+  of ``apply`` (the default traces stay as they are) and checked to have no
+  ``marker`` (what a call the setting makes shows in the HLO) left.
+  """
+  off_fwd = jax.jit(lambda m, v, x: apply(m, v, x), static_argnums=0)
+  with common.env(key, '0'):
+    off = {k: off_fwd.lower(m, v, x) for k, (m, v) in nets.items()}
+  for k, lowered in off.items():
+    if marker in lowered.as_text():
+      raise RuntimeError(
+        f'{k}: {marker!r} is still in the program with {key}=0'
+      )
+  return off
+
+
 def _tail_off(apply, fwd, variants, x) -> dict:
   """Each pruned network compiled with the channel-tail split off.
 
-  ``tail_split`` is read at trace time: each network is lowered with
-  ``PFA_JAX_ONEDNN_TAIL_MAX=0`` through its own jit of ``apply`` (``fwd``,
-  the same function's jit, keeps the default traces), checked in the HLO;
-  one with no split layer is left out.
+  ``tail_split`` is read at trace time (``PFA_JAX_ONEDNN_TAIL_MAX=0``,
+  :func:`_lowered_off`; ``fwd``, the same function's jit, keeps the default
+  traces); a network with no split layer is left out.
   """
-  key = 'PFA_JAX_ONEDNN_TAIL_MAX'
-  off_fwd = jax.jit(lambda m, v, x: apply(m, v, x), static_argnums=0)
-  with common.env(key, '0'):
-    off = {k: off_fwd.lower(pm, pv, x) for k, (pm, pv, _) in variants.items()}
-  out = {}
-  for k, lowered in off.items():
-    if 'split_conv' in lowered.as_text():
-      raise RuntimeError(f'{k}: the split is still on with {key}=0')
-    if 'split_conv' in fwd.lower(*variants[k][:2], x).as_text():
-      out[k] = lowered.compile()
-  return out
+  nets = {k: (pm, pv) for k, (pm, pv, _) in variants.items()}
+  off = _lowered_off(apply, nets, x, 'PFA_JAX_ONEDNN_TAIL_MAX', 'split_conv')
+  return {
+    k: lowered.compile()
+    for k, lowered in off.items()
+    if 'split_conv' in fwd.lower(*nets[k], x).as_text()
+  }
 
 
 # Trace-time settings a run can also compile every network without: name ->
@@ -209,19 +222,9 @@ SETTINGS_AB = {
 def _setting_off(apply, nets, x, name) -> dict:
   """Each network compiled with setting ``name`` (`SETTINGS_AB`) off.
 
-  ``nets``: key -> (model, variables). The setting is read at trace time:
-  each network is lowered with its variable 0 through its own jit of
-  ``apply``, and checked to have no call the setting changes left.
+  ``nets``: key -> (model, variables); see :func:`_lowered_off`.
   """
-  key, marker = SETTINGS_AB[name]
-  off_fwd = jax.jit(lambda m, v, x: apply(m, v, x), static_argnums=0)
-  with common.env(key, '0'):
-    off = {k: off_fwd.lower(m, v, x) for k, (m, v) in nets.items()}
-  for k, lowered in off.items():
-    if marker in lowered.as_text():
-      raise RuntimeError(
-        f'{k}: {marker!r} is still in the program with {key}=0'
-      )
+  off = _lowered_off(apply, nets, x, *SETTINGS_AB[name])
   return {k: lowered.compile() for k, lowered in off.items()}
 
 

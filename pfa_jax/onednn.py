@@ -550,8 +550,8 @@ def call_threads(x_shape, w_shape, out_hw) -> int:
   maps: 1.5 MB for 3 MFLOP) streams its weights faster on two cores, hence
   the weight cap; the 1.03-1.15x VGG-16 2x took with those calls inline is
   within this VM's batch-1 noise, so the cap rests on that mechanism, not
-  on a measured gain (DECISIONS.md). Under vmap the shapes are one variant's, so a vmapped call's total can
-  exceed the threshold.
+  on a measured gain (DECISIONS.md). Under vmap the shapes are one
+  variant's, so a vmapped call's total can exceed the threshold.
   """
   n, _, _, c = x_shape
   kh, kw, _, o = w_shape
