@@ -637,7 +637,6 @@ def tail_split_table(reps=7, batch=128, layers=TAIL_SPLIT, path=None):
   ``PFA_JAX_ONEDNN_TAIL_MAX`` 15 (split) and 0 (whole, oneDNN). Inputs as
   in :func:`narrow_wide_table` (post-ReLU maps, weights of both signs).
   """
-
   from pfa_jax import onednn  # noqa: PLC0415
 
   if not onednn.narrow_available():
@@ -707,7 +706,6 @@ def inline_table(reps=7, batch=1, layers=INLINE, path=None):
   (`forward_algo`: narrow or oneDNN) and which way the default threshold
   (`INLINE_MFLOPS`) sends the call.
   """
-
   from pfa_jax import onednn  # noqa: PLC0415
 
   if not onednn.available():

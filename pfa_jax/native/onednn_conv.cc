@@ -14,11 +14,9 @@
 // serialised (one OpenMP team on the cores at a time). oneDNN's OpenMP team size is set
 // per call from the "threads" attribute (0: leave OpenMP's default).
 #include <omp.h>
-
-#include <algorithm>
-
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
