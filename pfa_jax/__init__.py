@@ -10,7 +10,15 @@ import importlib
 
 # Lazy re-exports (PEP 562): `python -m pfa_jax.analyze` then never imports
 # JAX or Flax (~1-2 s of a cold process); `pfa_jax.stats` etc. work as before.
-_SUBMODULES = ('costs', 'recipes', 'select', 'slicing', 'spectra', 'stats')
+_SUBMODULES = (
+  'costs',
+  'discover',
+  'recipes',
+  'select',
+  'slicing',
+  'spectra',
+  'stats',
+)
 
 
 def __getattr__(name):
@@ -26,6 +34,7 @@ __version__ = '0.1.0'
 __all__ = [
   'analyze',
   'costs',
+  'discover',
   'recipes',
   'select',
   'slicing',

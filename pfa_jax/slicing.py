@@ -13,10 +13,11 @@ and, optionally, next-layer folds.
   unchanged, so every masked variant shares one compiled program.
   :func:`masks` returns the 0/1 multipliers alone (for masked training).
 
-Both read one list of leaf edits (:func:`leaf_edits`) derived from the
-model's :class:`~pfa_jax.models.structure.Structure`, after one
-:func:`apply_folds`, so the pruned and masked networks compute the same
-function (the invariant the tests check).
+Both read one list of leaf edits (:func:`leaf_edits`, one per leaf axis
+after :func:`merged`) derived from the model's
+:class:`~pfa_jax.models.structure.Structure`, after one :func:`apply_folds`,
+so the pruned and masked networks compute the same function (the invariant
+the tests check).
 """
 
 import dataclasses
@@ -35,12 +36,20 @@ _CONSTS = structure_lib.CONSTS
 
 @dataclasses.dataclass(frozen=True)
 class Edit:
-  """Keep ``index`` along ``axis`` of the leaf ``collection/path``."""
+  """Keep ``index`` of the positions ``owned`` along ``axis`` of a leaf.
+
+  ``owned`` are the positions of ``collection/path`` on ``axis`` that one
+  group's channels occupy (the whole axis for a producer; a block of rows
+  per spatial position for a consumer after a concatenation or a flatten).
+  Positions the group does not own are left alone: two groups concatenated
+  into one consumer edit disjoint rows of its kernel (:func:`merged`).
+  """
 
   collection: str
   path: str
   axis: int
-  index: np.ndarray  # int, sorted
+  index: np.ndarray  # int, sorted, a subset of owned
+  owned: np.ndarray  # int, sorted
 
 
 def check_keep(model: nn.Module, keep: Mapping) -> dict[str, np.ndarray]:
@@ -128,7 +137,8 @@ def leaf_edits(model: nn.Module, variables, keep: Mapping) -> list[Edit]:
       for c in _COLLECTIONS:
         for path in flat[c]:
           if path.startswith(prod + '/'):
-            edits.append(Edit(c, path, -1, idx))
+            owned = np.arange(np.shape(flat[c][path])[-1])
+            edits.append(Edit(c, path, -1, idx, owned))
             found = True
       if not found:
         raise ValueError(f'Layer {name!r}: no variables under {prod!r}.')
@@ -138,8 +148,27 @@ def leaf_edits(model: nn.Module, variables, keep: Mapping) -> list[Edit]:
         raise ValueError(f'Layer {name!r}: consumer kernel {path!r} missing.')
       rows = flat['params'][path].shape[-2]
       index = _consumer_rows(name, cons, rows, width, idx)
-      edits.append(Edit('params', path, -2, index))
+      owned = _consumer_rows(name, cons, rows, width, np.arange(width))
+      edits.append(Edit('params', path, -2, index, owned))
   return edits
+
+
+def merged(edits: list[Edit], variables) -> list[Edit]:
+  """One edit per leaf axis: every position kept unless a group drops it."""
+  drop, order = {}, []
+  for e in edits:
+    key = (e.collection, e.path, e.axis)
+    if key not in drop:
+      drop[key] = set()
+      order.append(key)
+    drop[key].update(np.setdiff1d(e.owned, e.index).tolist())
+  flat = {c: _flat(variables, c) for c in _COLLECTIONS}
+  out = []
+  for c, path, axis in order:
+    n = np.shape(flat[c][path])[axis]
+    index = np.setdiff1d(np.arange(n), np.fromiter(drop[c, path, axis], int))
+    out.append(Edit(c, path, axis, index, np.arange(n)))
+  return out
 
 
 def _offset_target(name, cons_path, flat_params, flat_stats):
@@ -240,7 +269,7 @@ def prune(model: nn.Module, variables, plan):
   keep = check_keep(model, plan.keep)
   variables = apply_folds(model, variables, plan)
   flat = {c: _flat(variables, c) for c in _COLLECTIONS}
-  for e in leaf_edits(model, variables, keep):
+  for e in merged(leaf_edits(model, variables, keep), variables):
     flat[e.collection][e.path] = np.take(
       np.asarray(flat[e.collection][e.path]), e.index, axis=e.axis
     )
@@ -300,7 +329,7 @@ def masks(model: nn.Module, variables, plan) -> dict:
     k: np.ones(np.shape(v), np.float32)
     for k, v in _flat(variables, 'params').items()
   }
-  for e in leaf_edits(model, variables, keep):
+  for e in merged(leaf_edits(model, variables, keep), variables):
     if e.collection != 'params':
       continue  # BN running stats need no mask: scale and offset are zeroed.
     m = flat[e.path]
@@ -349,7 +378,7 @@ def scatter(model: nn.Module, pruned_variables, plan, like) -> dict:
   dense = {c: _flat(like, c) for c in _COLLECTIONS}
   small = {c: _flat(pruned_variables, c) for c in _COLLECTIONS}
   index = {}
-  for e in leaf_edits(model, like, keep):
+  for e in merged(leaf_edits(model, like, keep), like):
     index.setdefault((e.collection, e.path), []).append((e.axis, e.index))
   out = {}
   for c in _COLLECTIONS:

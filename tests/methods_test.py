@@ -91,6 +91,24 @@ class InterfaceTest(absltest.TestCase):
     with self.assertRaisesRegex(ValueError, "'slim' does not accept.*prune"):
       methods.prune('slim', self.model, self.variables, recipe='kl')
 
+  def test_random_widths_need_no_data(self):
+    # select='random' (the default) reads no batches: weights and a budget.
+    out = methods.prune(
+      'random',
+      self.model,
+      self.variables,
+      recipe='params:0.5',
+      rng=0,
+      input_shape=SHAPE,
+    )
+    full = costs.count(self.model, SHAPE)['params']
+    got = costs.count(out.model, SHAPE)['params']
+    self.assertAlmostEqual(got / full, 0.5, delta=0.01)
+    with self.assertRaisesRegex(ValueError, 'pass input_shape'):
+      methods.prune(
+        'random', self.model, self.variables, recipe='params:0.5', rng=0
+      )
+
   def test_random_needs_rng(self):
     with self.assertRaisesRegex(ValueError, 'no hidden default'):
       methods.prune('random', self.model, self.variables, recipe='keep:0.5')

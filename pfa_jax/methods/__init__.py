@@ -172,6 +172,11 @@ def prepare(
   ) and batches is None:
     raise ValueError('compensation and recalibrate need batches.')
   shape = _input_shape(input_shape, batches)
+  if shape is None and recipe.kind in ('params', 'flops'):
+    raise ValueError(
+      f'A {recipe.kind} budget is counted on one input: pass '
+      'input_shape=(H, W, C) or batches.'
+    )
   ctx_kw = dict(
     groups=groups,
     input_shape=shape,
@@ -187,7 +192,7 @@ def _reads_data(method, hparams):
 
 def collect(method: Method, model, variables, batches, groups, hparams):
   """What ``method`` reads from data (``None`` for weight-only methods)."""
-  if method.collect is None:
+  if method.collect is None or not _reads_data(method, hparams):
     return None
   return method.collect(model, variables, batches(), groups, hparams)
 

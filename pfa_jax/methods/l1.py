@@ -26,17 +26,19 @@ def kernel_scores(model, variables, groups) -> dict[str, np.ndarray]:
   out = {}
   for name in groups:
     total = None
-    for prod in s.group(name).producers:
-      kernels = [
-        np.asarray(v, np.float64)
-        for k, v in flat.items()
-        if k.startswith(prod + '/') and k.endswith('kernel')
-      ]
-      if not kernels:
-        raise ValueError(f'Layer {name!r}: producer {prod!r} has no kernel.')
-      for w in kernels:
-        score = np.abs(w).reshape(-1, w.shape[-1]).sum(axis=0)
-        total = score if total is None else total + score
+    # A producer may hold no kernel (a BN module of its own, as discovered
+    # structures of users' models have); the group must have one.
+    producers = s.group(name).producers
+    for prod in producers:
+      for k, v in flat.items():
+        if k.startswith(prod + '/') and k.endswith('kernel'):
+          w = np.asarray(v, np.float64)
+          score = np.abs(w).reshape(-1, w.shape[-1]).sum(axis=0)
+          total = score if total is None else total + score
+    if total is None:
+      raise ValueError(
+        f'Layer {name!r}: none of its producers {list(producers)} has a kernel.'
+      )
     out[name] = total
   return out
 

@@ -268,15 +268,50 @@ def responses(
   """Logits and every prunable group's PFA response ``[N, C]``.
 
   One forward pass; pure, so it can be jitted. Responses are those of the
-  groups in ``model.structure()``, taken at the model's ``tap`` point.
+  groups in ``model.structure()``, taken at the model's ``tap`` point. A
+  group the model does not sow a response for (a user's model, whose
+  structure came from ``pfa_jax.discover``) is tapped where its first
+  consumer reads it: the spatial max of that layer's input, restricted to
+  the group's channels (after a flatten, the max over positions). That is
+  the ``'post_act'`` tap: the tensor the next layer reads.
   """
-  logits, state = model.apply(
-    model_variables(variables), x, train=train, mutable=[layers.RESPONSES]
-  )
-  flat = traverse_util.flatten_dict(state[layers.RESPONSES], sep='/')
+  s = model.structure()
+  readers = {}
+  for g in s.groups:
+    if g.consumers:
+      readers.setdefault(structure.as_consumer(g.consumers[0]).path, [])
+  inputs = {}
+
+  def interceptor(next_fun, args, kwargs, context):
+    if context.method_name == '__call__' and args:
+      path = '/'.join(context.module.path)
+      if path in readers and path not in inputs:
+        inputs[path] = args[0]
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(interceptor):
+    logits, state = model.apply(
+      model_variables(variables), x, train=train, mutable=[layers.RESPONSES]
+    )
+  flat = traverse_util.flatten_dict(state.get(layers.RESPONSES, {}), sep='/')
   sown = {k.removesuffix('/out'): v[0] for k, v in flat.items()}
-  names = model.structure().names
-  return logits, {n: sown[n] for n in names}
+  widths = structure.widths_of(model)
+  out = {}
+  for g in s.groups:
+    if g.name in sown:
+      out[g.name] = sown[g.name]
+      continue
+    c = structure.as_consumer(g.consumers[0]) if g.consumers else None
+    if c is None or c.path not in inputs:
+      raise ValueError(
+        f'Layer {g.name!r}: {type(model).__name__} sows no response for it '
+        'and no consumer layer of it was called, so PFA has no tap.'
+      )
+    span = widths[g.name] if c.span is None else int(c.span)
+    h = inputs[c.path]
+    h = h.reshape(h.shape[0], -1, span).max(axis=1)
+    out[g.name] = h[:, c.offset : c.offset + widths[g.name]]
+  return logits, out
 
 
 widths_of = structure.widths_of

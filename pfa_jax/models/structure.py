@@ -24,9 +24,9 @@ module field, so masked variants of one model (which differ only in those
 maps) share one compiled program, and a pruned model's maps travel with its
 variables.
 
-The description is deliberately open to automatic discovery from a jaxpr:
-a consumer may read a group at a channel ``offset`` inside a wider input
-(a concatenation) with an explicit per-position ``span``, and index maps are
+:mod:`pfa_jax.discover` derives this description from a model's jaxpr; a
+consumer may read a group at a channel ``offset`` inside a wider input (a
+concatenation) with an explicit per-position ``span``, and index maps are
 arrays addressed by path.
 
 The slicer, the masker, the cost model and PFA's response taps all read this

@@ -1,0 +1,468 @@
+"""Channel structure from the jaxpr (pfa_jax.discover).
+
+References: every registered model's hand-written ``structure()``; for two
+users' models written here (concatenation, depthwise conv, flatten, separate
+BN modules, a residual add) a structure written by hand from their code; and
+the slicer's invariant, the pruned network equal to the masked dense one,
+under the discovered structure. Each pinned case is checked for its reason,
+and the LayerNorm one also by showing that slicing it would change the
+function.
+"""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl.testing import absltest
+from absl.testing import parameterized
+
+from pfa_jax import costs
+from pfa_jax import discover
+from pfa_jax import methods
+from pfa_jax import models
+from pfa_jax import slicing
+from pfa_jax.models import structure as structure_lib
+
+C = structure_lib.Consumer
+
+# Every registered model, with an input its forward pass accepts.
+MODEL_INPUTS = {
+  'simple_cnn': (1, 32, 32, 3),
+  'vgg16_cifar': (1, 32, 32, 3),
+  'vgg16_imagenet': (1, 224, 224, 3),
+  'resnet8': (1, 32, 32, 3),
+  'resnet20': (1, 32, 32, 3),
+  'resnet56': (1, 32, 32, 3),
+  'resnet34': (1, 64, 64, 3),
+  'resnet_tiny_imagenet': (1, 32, 32, 3),
+}
+
+SHAPE = (1, 8, 8, 3)
+
+
+def _discovered(model):
+  return discover.cached(model, SHAPE).structure
+
+
+class Branchy(nn.Module):
+  """A user's CNN: two branches concatenated, a depthwise conv, a flatten."""
+
+  widths: tuple[int, ...] = (6, 5, 7, 8, 9)
+  num_classes: int = 4
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    def bn(name):
+      return nn.BatchNorm(use_running_average=not train, name=name)
+
+    w = self.widths
+    a = nn.relu(bn('a_bn')(nn.Conv(w[0], (3, 3), name='a')(x)))
+    b = nn.relu(nn.Conv(w[1], (1, 1), name='b')(x))
+    h = jnp.concatenate([a, b], axis=-1)
+    h = nn.Conv(w[2], (3, 3), strides=2, name='c')(h)
+    h = nn.Conv(w[2], (3, 3), feature_group_count=w[2], name='dw')(h)
+    h = nn.relu(bn('dw_bn')(h))
+    h = nn.max_pool(h, (2, 2), strides=(2, 2))
+    h = nn.relu(nn.Conv(w[3], (1, 1), name='e')(h))
+    h = h.reshape((h.shape[0], -1))  # channel-last flatten: 2 x 2 x w[3]
+    h = nn.relu(nn.Dense(w[4], name='fc1')(h))
+    return nn.Dense(self.num_classes, name='out')(h)
+
+  def structure(self):
+    return _discovered(self)
+
+
+class Residual(nn.Module):
+  """A user's residual block: stem and back write one stream."""
+
+  widths: tuple[int, ...] = (6, 5)  # stream, inner
+  num_classes: int = 3
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    s = nn.Conv(self.widths[0], (3, 3), name='stem')(x)
+    h = nn.relu(nn.Conv(self.widths[1], (3, 3), name='inner')(nn.relu(s)))
+    s = nn.relu(s + nn.Conv(self.widths[0], (3, 3), name='back')(h))
+    return nn.Dense(self.num_classes, name='out')(jnp.mean(s, axis=(1, 2)))
+
+  def structure(self):
+    return _discovered(self)
+
+
+def _by_hand_branchy(w):
+  cat = w[0] + w[1]
+  return structure_lib.Structure(
+    (
+      structure_lib.Group('a', 0, ('a', 'a_bn'), (C('c', 0, cat),)),
+      structure_lib.Group('b', 1, ('b',), (C('c', w[0], cat),)),
+      structure_lib.Group('c', 2, ('c', 'dw', 'dw_bn'), ('e',)),
+      structure_lib.Group('e', 3, ('e',), ('fc1',)),
+      structure_lib.Group('fc1', 4, ('fc1',), ('out',)),
+    ),
+    head='out',
+  )
+
+
+def _by_hand_residual():
+  return structure_lib.Structure(
+    (
+      structure_lib.Group(
+        'stream1', 0, ('back', 'stem'), ('inner', 'out'), stream=True
+      ),
+      structure_lib.Group('inner', 1, ('inner',), ('back',)),
+    ),
+    head='out',
+  )
+
+
+def _init(model, seed=0):
+  k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+  x = jax.random.normal(k1, (2, *SHAPE[1:]))
+  variables = model.init(k2, x)
+  if 'batch_stats' in variables:
+    variables = {
+      **variables,
+      'batch_stats': jax.tree.map(
+        lambda a: a + 0.5 * jnp.abs(jax.random.normal(k3, a.shape)),
+        variables['batch_stats'],
+      ),
+    }
+  return variables, x
+
+
+def _rel_err(a, b):
+  return float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-30))
+
+
+class RegisteredModelsTest(parameterized.TestCase):
+  @parameterized.named_parameters(*[(n, n) for n in models.MODELS])
+  def test_hand_written_structure_matches_jaxpr(self, name):
+    model = models.get_model(name, num_classes=10)
+    found = discover.discover(model, MODEL_INPUTS[name])
+    self.assertEqual(discover.compare(model.structure(), found.structure), [])
+    self.assertEqual(found.widths, models.widths_of(model))
+    # The classifier's output space is the only one pinned.
+    self.assertEqual(found.pinned, {model.structure().head: 'the model output'})
+
+  def test_every_registered_model_is_covered(self):
+    self.assertEqual(set(MODEL_INPUTS), set(models.MODELS))
+
+  def test_real_variables_give_the_same_structure(self):
+    model = models.get_model('resnet8', num_classes=10)
+    variables = models.init(model, jax.random.key(0), (32, 32, 3))
+    a = discover.discover(model, (2, 32, 32, 3), variables).structure
+    self.assertEqual(discover.compare(model.structure(), a), [])
+
+  def test_compare_reports_each_kind_of_difference(self):
+    model = models.get_model('resnet8', num_classes=10)
+    s = model.structure()
+    g = s.groups
+    stream = next(x for x in g if x.stream)
+    cases = {
+      'consumers': dataclasses.replace(g[0], consumers=g[0].consumers[1:]),
+      'index': dataclasses.replace(g[0], index=g[0].index + 1),
+      'producers': dataclasses.replace(stream, producers=stream.producers[:-1]),
+      'stream': dataclasses.replace(g[0], stream=True),
+    }
+    for field, changed in cases.items():
+      groups = tuple(changed if x.name == changed.name else x for x in g)
+      diffs = discover.compare(dataclasses.replace(s, groups=groups), s)
+      self.assertLen(diffs, 1)
+      self.assertIn(f'group {changed.name!r}: {field}', diffs[0])
+    diffs = discover.compare(dataclasses.replace(s, index_maps=()), s)
+    self.assertLen(diffs, 1)
+    self.assertIn('index maps', diffs[0])
+    diffs = discover.compare(dataclasses.replace(s, head='x'), s)
+    self.assertEqual(diffs, ["head 'x', discovered 'fc'"])
+    diffs = discover.compare(dataclasses.replace(s, groups=g[1:]), s)
+    self.assertEqual(
+      diffs, [f'group {g[0].name!r} is missing from structure()']
+    )
+
+  def test_check_names_the_wrong_group(self):
+    class Wrong(models.SimpleCNN):
+      def structure(self):
+        s = super().structure()
+        g = s.groups
+        bad = dataclasses.replace(g[3], consumers=('conv6/conv',))
+        return dataclasses.replace(s, groups=g[:3] + (bad,) + g[4:])
+
+    discover.check(models.SimpleCNN(), (1, 32, 32, 3))
+    with self.assertRaisesRegex(ValueError, r"Wrong.*group 'conv4': consumers"):
+      discover.check(Wrong(), (1, 32, 32, 3))
+
+
+class UserModelsTest(parameterized.TestCase):
+  def test_branchy_structure_by_hand(self):
+    model = Branchy()
+    found = discover.discover(model, SHAPE)
+    self.assertEqual(
+      discover.compare(_by_hand_branchy(model.widths), found.structure), []
+    )
+    self.assertEqual(
+      found.widths, dict(zip(('a', 'b', 'c', 'e', 'fc1'), model.widths))
+    )
+
+  def test_residual_structure_by_hand(self):
+    found = discover.discover(Residual(), SHAPE)
+    self.assertEqual(discover.compare(_by_hand_residual(), found.structure), [])
+
+  def test_without_widths_groups_follow_the_forward_pass(self):
+    class NoWidths(nn.Module):
+      @nn.compact
+      def __call__(self, x, train=False):
+        x = nn.relu(nn.Conv(4, (3, 3), name='p')(x))
+        x = nn.relu(nn.Conv(6, (3, 3), name='q')(x))
+        return nn.Dense(2, name='out')(jnp.mean(x, (1, 2)))
+
+    found = discover.discover(NoWidths(), SHAPE)
+    self.assertEqual(
+      [(g.name, g.index) for g in found.structure.groups],
+      [('p', 0), ('q', 1)],
+    )
+    self.assertEqual(found.widths, {'p': 4, 'q': 6})
+
+  def test_sees_through_remat_and_custom_vjp(self):
+    @jax.custom_vjp
+    def relu(x):
+      return jnp.maximum(x, 0.0)
+
+    relu.defvjp(lambda x: (relu(x), x), lambda x, g: (g * (x > 0),))
+
+    class Wrapped(nn.Module):
+      @nn.compact
+      def __call__(self, x, train=False):
+        x = relu(nn.remat(nn.Conv)(4, (3, 3), name='p')(x))
+        x = nn.relu(jax.jit(lambda y: y * 2.0)(nn.Conv(6, (1, 1), name='q')(x)))
+        return nn.Dense(2, name='out')(jnp.mean(x, (1, 2)))
+
+    want = structure_lib.Structure(
+      (
+        structure_lib.Group('p', 0, ('p',), ('q',)),
+        structure_lib.Group('q', 1, ('q',), ('out',)),
+      ),
+      head='out',
+    )
+    found = discover.discover(Wrapped(), SHAPE)
+    self.assertEqual(discover.compare(want, found.structure), [])
+
+  @parameterized.named_parameters(
+    ('branchy', Branchy, 5), ('residual', Residual, 2)
+  )
+  def test_pruned_equals_masked_under_discovered_structure(self, cls, n):
+    model = cls()
+    variables, x = _init(model)
+    rng = np.random.default_rng(0)
+    for trial in range(3):
+      keep = {
+        g.name: np.sort(rng.choice(w, int(rng.integers(1, w + 1)), False))
+        for g, w in zip(
+          model.structure().groups,
+          [model.widths[g.index] for g in model.structure().groups],
+        )
+      }
+      self.assertLen(keep, n)
+      pm, pv = slicing.prune(model, variables, keep)
+      mm, mv = slicing.mask(model, variables, keep)
+      with self.subTest(trial=trial):
+        self.assertEqual(
+          pm.widths,
+          tuple(
+            len(keep[g.name])
+            for g in sorted(model.structure().groups, key=lambda g: g.index)
+          ),
+        )
+        self.assertLess(_rel_err(pm.apply(pv, x), mm.apply(mv, x)), 1e-5)
+        # The sliced variables are what the smaller model initialises.
+        abstract = jax.eval_shape(pm.init, jax.random.key(0), x)
+        self.assertEqual(
+          jax.tree.map(jnp.shape, pv), jax.tree.map(jnp.shape, abstract)
+        )
+
+  def test_cost_model_counts_concatenated_consumers(self):
+    # The closed-form cost model (one term per group on each leaf axis, two
+    # groups on c's input axis) against the traced count of the sliced net.
+    model = Branchy()
+    shape = SHAPE[1:]
+    rng = np.random.default_rng(1)
+    for metric in costs.METRICS:
+      fn = costs.cost_fn(model, shape, metric)
+      for _ in range(3):
+        widths = {
+          g.name: int(rng.integers(1, model.widths[g.index] + 1))
+          for g in model.structure().groups
+        }
+        small = structure_lib.with_widths(model, widths)
+        self.assertEqual(fn(widths), costs.count(small, shape)[metric])
+
+  def test_responses_tap_what_the_next_layer_reads(self):
+    model = Branchy()
+    variables, x = _init(model)
+    _, got = models.responses(model, variables, x)
+    # Reference: the module outputs flax captures, with the model's own
+    # ReLUs applied by hand and the max over space taken in numpy.
+    _, state = model.apply(variables, x, capture_intermediates=True)
+    out = {
+      k: np.asarray(v['__call__'][0])
+      for k, v in state['intermediates'].items()
+      if k != '__call__'
+    }
+    relu = lambda a: np.maximum(a, 0.0)  # noqa: E731
+    want = {
+      'a': relu(out['a_bn']).max(axis=(1, 2)),
+      'b': relu(out['b']).max(axis=(1, 2)),
+      'c': relu(out['dw_bn']).max(axis=(1, 2)),  # max-pool keeps the max
+      'e': relu(out['e']).max(axis=(1, 2)),
+      'fc1': relu(out['fc1']),
+    }
+    self.assertEqual(set(got), set(want))
+    for name in want:
+      np.testing.assert_allclose(got[name], want[name], rtol=1e-6, atol=1e-6)
+
+  def test_pfa_on_a_users_model(self):
+    model = Branchy()
+    variables, _ = _init(model)
+    rng = np.random.default_rng(0)
+    batches = [
+      {
+        'image': rng.normal(size=(32, *SHAPE[1:])).astype(np.float32),
+        'label': np.zeros(32, np.int32),
+        'mask': np.ones(32, bool),
+      }
+      for _ in range(2)
+    ]
+    out = methods.prune(
+      'pfa', model, variables, batches=batches, recipe='energy:0.9'
+    )
+    self.assertLess(sum(out.model.widths), sum(model.widths))
+    x = batches[0]['image'][:4]
+    mm, mv = slicing.mask(model, variables, out.plan)
+    self.assertLess(
+      _rel_err(out.model.apply(out.variables, x), mm.apply(mv, x)), 1e-5
+    )
+
+  def test_weight_only_methods_run_on_a_discovered_structure(self):
+    model = Branchy()
+    variables, x = _init(model)
+    for name, recipe in (('l1', 'keep:0.5'), ('random', 'keep:0.5')):
+      out = methods.prune(name, model, variables, recipe=recipe, rng=0)
+      masked = slicing.mask(model, variables, out.plan)
+      self.assertLess(
+        _rel_err(
+          out.model.apply(out.variables, x), masked[0].apply(masked[1], x)
+        ),
+        1e-5,
+      )
+      self.assertLess(sum(out.model.widths), sum(model.widths))
+
+
+def _conv(n, name):
+  return nn.Conv(n, (3, 3), name=name)
+
+
+class _Pinned(nn.Module):
+  """conv 'a' -> ``middle`` -> conv 'b' -> mean -> dense 'out'."""
+
+  middle: str = 'layernorm'
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    h = _conv(6, 'a')(x)
+    if self.middle == 'layernorm':
+      h = nn.LayerNorm(name='ln')(h)
+    elif self.middle == 'groupnorm':
+      h = nn.GroupNorm(num_groups=2, name='gn')(h)
+    elif self.middle == 'grouped_conv':
+      h = nn.Conv(6, (3, 3), feature_group_count=2, name='g')(h)
+    elif self.middle == 'channel_slice':
+      h = jnp.concatenate([h[..., :3], h[..., :3]], axis=-1)
+    elif self.middle == 'sort':
+      h = jnp.sort(h, axis=-1)
+    elif self.middle == 'cumsum':
+      h = jnp.cumsum(h, axis=-1)
+    elif self.middle == 'channel_pool':
+      h = nn.max_pool(h[..., None], (1, 1, 2), strides=(1, 1, 2))[..., 0]
+      h = jnp.concatenate([h, h], axis=-1)
+    elif self.middle == 'channel_first_flatten':
+      h = jnp.transpose(h, (0, 3, 1, 2)).reshape((h.shape[0], -1))
+      return nn.Dense(2, name='out')(h)
+    elif self.middle == 'input_residual':
+      h = _conv(3, 'a2')(x) + x
+    h = nn.relu(_conv(4, 'b')(nn.relu(h)))
+    return nn.Dense(2, name='out')(jnp.mean(h, (1, 2)))
+
+
+class PinnedTest(parameterized.TestCase):
+  @parameterized.named_parameters(
+    ('layernorm', 'layernorm', 'a', 'reduced over by'),
+    ('groupnorm', 'groupnorm', 'a', 'split or regrouped by a reshape'),
+    ('grouped_conv', 'grouped_conv', 'a', 'grouped convolution'),
+    ('channel_slice', 'channel_slice', 'a', 'channels sliced'),
+    ('sort', 'sort', 'a', "unsupported primitive 'sort'"),
+    ('cumsum', 'cumsum', 'a', "combined by 'cumsum'"),
+    ('channel_pool', 'channel_pool', 'a', "combined by 'reduce_window_max'"),
+    (
+      'channel_first_flatten',
+      'channel_first_flatten',
+      'a',
+      'flattened before others',
+    ),
+    # x + conv(x) ties a2's channels to the image's: a 'stream' of the input.
+    ('input_residual', 'input_residual', 'stream1', 'the model input'),
+  )
+  def test_pinned_with_reason(self, middle, group, reason):
+    found = discover.discover(_Pinned(middle=middle), SHAPE)
+    self.assertIn(group, found.pinned)
+    self.assertIn(reason, found.pinned[group])
+    self.assertNotIn(group, found.structure.names)
+    self.assertIn('out', found.pinned)  # the model output
+
+  def test_layernorm_pin_is_needed(self):
+    # Forcing 'a' into a structure anyway breaks pruned == masked: the
+    # LayerNorm's statistics over channels see the removed ones as zeros.
+    class Forced(_Pinned):
+      widths: tuple[int, ...] = (6,)
+
+      @nn.compact
+      def __call__(self, x, train=False):
+        h = nn.LayerNorm(name='ln')(_conv(self.widths[0], 'a')(x))
+        h = nn.relu(_conv(4, 'b')(nn.relu(h)))
+        return nn.Dense(2, name='out')(jnp.mean(h, (1, 2)))
+
+      def structure(self):
+        return structure_lib.Structure(
+          (structure_lib.Group('a', 0, ('a', 'ln'), ('b',)),), head='out'
+        )
+
+    model = Forced()
+    variables, x = _init(model)
+    keep = {'a': np.array([0, 2, 5])}
+    pm, pv = slicing.prune(model, variables, keep)
+    mm, mv = slicing.mask(model, variables, keep)
+    self.assertGreater(_rel_err(pm.apply(pv, x), mm.apply(mv, x)), 1e-3)
+
+
+class ErrorsTest(absltest.TestCase):
+  def test_trace_failure_names_model_and_shape(self):
+    with self.assertRaisesRegex(
+      ValueError, r'tracing SimpleCNN.apply on an input of shape \(1, 32, 32\)'
+    ):
+      discover.discover(models.SimpleCNN(), (1, 32, 32))
+
+  def test_width_that_sets_no_group(self):
+    class Fixed(nn.Module):
+      widths: tuple[int, ...] = (4,)
+
+      @nn.compact
+      def __call__(self, x, train=False):
+        x = nn.relu(nn.Conv(5, (3, 3), name='p')(x))  # ignores widths
+        return nn.Dense(2, name='out')(jnp.mean(x, (1, 2)))
+
+    with self.assertRaisesRegex(ValueError, r"group 'p' is not set by exactly"):
+      discover.discover(Fixed(), SHAPE)
+
+
+if __name__ == '__main__':
+  absltest.main()
