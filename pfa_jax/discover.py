@@ -176,6 +176,8 @@ class _Spaces:
           for (x, s), (y, _) in zip(a.parts, b.parts)
         )
       )
+    if _Cat in (type(a), type(b)):
+      reason += ' across a concatenation (e.g. a BN after a concat)'
     self.pin(a, reason)
     self.pin(b, reason)
     return None

@@ -91,6 +91,55 @@ class Residual(nn.Module):
     return _discovered(self)
 
 
+class SEMobile(nn.Module):
+  """A user's inverted residual with squeeze-excitation (MobileNetV3-like)."""
+
+  widths: tuple[int, ...] = (6, 12, 3)  # stream, expansion, SE bottleneck
+  num_classes: int = 3
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    def bn(name):
+      return nn.BatchNorm(use_running_average=not train, name=name)
+
+    w = self.widths
+    s = nn.relu6(bn('stem_bn')(nn.Conv(w[0], (3, 3), name='stem')(x)))
+    h = nn.relu6(bn('expand_bn')(nn.Conv(w[1], (1, 1), name='expand')(s)))
+    h = nn.Conv(w[1], (3, 3), feature_group_count=w[1], name='dw')(h)
+    h = nn.relu6(bn('dw_bn')(h))
+    g = nn.relu(nn.Dense(w[2], name='se_down')(jnp.mean(h, (1, 2))))
+    g = nn.sigmoid(nn.Dense(w[1], name='se_up')(g))
+    h = h * g[:, None, None, :]  # the gate ties se_up to the expansion
+    s = s + bn('proj_bn')(nn.Conv(w[0], (1, 1), name='proj')(h))
+    return nn.Dense(self.num_classes, name='out')(jnp.mean(s, (1, 2)))
+
+  def structure(self):
+    return _discovered(self)
+
+
+def _by_hand_se():
+  return structure_lib.Structure(
+    (
+      structure_lib.Group(
+        'stream1',
+        0,
+        ('proj', 'proj_bn', 'stem', 'stem_bn'),
+        ('expand', 'out'),
+        stream=True,
+      ),
+      structure_lib.Group(
+        'stream2',
+        1,
+        ('dw', 'dw_bn', 'expand', 'expand_bn', 'se_up'),
+        ('proj', 'se_down'),
+        stream=True,
+      ),
+      structure_lib.Group('se_down', 2, ('se_down',), ('se_up',)),
+    ),
+    head='out',
+  )
+
+
 def _by_hand_branchy(w):
   cat = w[0] + w[1]
   return structure_lib.Structure(
@@ -209,6 +258,11 @@ class UserModelsTest(parameterized.TestCase):
     found = discover.discover(Residual(), SHAPE)
     self.assertEqual(discover.compare(_by_hand_residual(), found.structure), [])
 
+  def test_squeeze_excitation_structure_by_hand(self):
+    # Two writers (expand, and se_up through the gate) share one keep-set.
+    found = discover.discover(SEMobile(), SHAPE)
+    self.assertEqual(discover.compare(_by_hand_se(), found.structure), [])
+
   def test_without_widths_groups_follow_the_forward_pass(self):
     class NoWidths(nn.Module):
       @nn.compact
@@ -249,7 +303,9 @@ class UserModelsTest(parameterized.TestCase):
     self.assertEqual(discover.compare(want, found.structure), [])
 
   @parameterized.named_parameters(
-    ('branchy', Branchy, 5), ('residual', Residual, 2)
+    ('branchy', Branchy, 5),
+    ('residual', Residual, 2),
+    ('squeeze_excitation', SEMobile, 3),
   )
   def test_pruned_equals_masked_under_discovered_structure(self, cls, n):
     model = cls()
@@ -388,6 +444,9 @@ class _Pinned(nn.Module):
     elif self.middle == 'channel_first_flatten':
       h = jnp.transpose(h, (0, 3, 1, 2)).reshape((h.shape[0], -1))
       return nn.Dense(2, name='out')(h)
+    elif self.middle == 'densenet_bn':
+      h = jnp.concatenate([h, _conv(2, 'a3')(h)], axis=-1)
+      h = nn.BatchNorm(use_running_average=True, name='bn')(h)
     elif self.middle == 'input_residual':
       h = _conv(3, 'a2')(x) + x
     h = nn.relu(_conv(4, 'b')(nn.relu(h)))
@@ -409,6 +468,7 @@ class PinnedTest(parameterized.TestCase):
       'a',
       'flattened before others',
     ),
+    ('densenet_bn', 'densenet_bn', 'a', 'across a concatenation'),
     # x + conv(x) ties a2's channels to the image's: a 'stream' of the input.
     ('input_residual', 'input_residual', 'stream1', 'the model input'),
   )
