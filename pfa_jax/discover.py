@@ -124,6 +124,9 @@ class _Spaces:
     # Kernel output axes that a conv or dense layer writes, in trace order.
     self.writers: list[int] = []
     self.maps: list[tuple[str, Any, Any]] = []  # (consts key, src, tgt)
+    # (params space, concatenation) pairs: leaves that hold a concat's
+    # channels (a BN after a DenseNet concat), one slice per part.
+    self.shared: list[tuple[int, _Cat]] = []
 
   def new(self, size, leaf=None) -> int:
     self.parent.append(len(self.parent))
@@ -176,8 +179,14 @@ class _Spaces:
           for (x, s), (y, _) in zip(a.parts, b.parts)
         )
       )
+    cat, other = (a, b) if isinstance(a, _Cat) else (b, a)
+    if isinstance(cat, _Cat) and isinstance(other, int):
+      root = self.nodes[self.find(other)]
+      if not root.written and root.size == sum(n for _, n in cat.parts):
+        self.shared.append((self.find(other), cat))
+        return cat
     if _Cat in (type(a), type(b)):
-      reason += ' across a concatenation (e.g. a BN after a concat)'
+      reason += ' across a concatenation'
     self.pin(a, reason)
     self.pin(b, reason)
     return None
@@ -637,23 +646,133 @@ def discover(
   model = _plain(model)
   sample = _as_sample(sample)
   spaces, head_roots, leaves = _trace(model, variables, sample, apply_kwargs)
-  shapes = dict(leaves)
-  all_keys = [k for k, _ in leaves]
 
-  # Every leaf axis, grouped by the space it ended up in.
-  members: dict[int, list[tuple[str, int]]] = {}
+  found = _spaces_found(spaces, leaves)
+  names = {f.root: f.name for f in found}
+  pinned = {}
+  for f in found:
+    if f.root in head_roots and not f.pins:
+      f.pins.append('the model output')
+    if f.pins:
+      pinned[f.name] = f.pins[0]
+  # A channel map between two groups is data the slicer rewrites; one that
+  # touches a fixed space fixes the other end too (to a fixed point).
+  ok = {f.root for f in found if not f.pins}
+  maps = {
+    (key, _root(spaces, src), _root(spaces, tgt))
+    for key, src, tgt in spaces.maps
+  }
+  changed = True
+  while changed:
+    changed = False
+    for key, src, tgt in maps:
+      if (src in ok) != (tgt in ok):
+        r = src if src in ok else tgt
+        ok.discard(r)
+        pinned[names[r]] = f'channel map {key!r} joins it to a fixed space'
+        changed = True
+  index_maps = tuple(
+    structure_lib.IndexMap(key.split('/', 1)[1], names[src], names[tgt])
+    for key, src, tgt in sorted(maps, key=lambda m: m[0])
+    if src in ok and tgt in ok
+  )
+  kept = [f for f in found if f.root in ok]
+  order = _width_order(model, sample, apply_kwargs, kept, dict(leaves))
+  groups = sorted(
+    (
+      structure_lib.Group(
+        name=f.name,
+        index=order[f.name],
+        producers=tuple(f.producers),
+        consumers=tuple(sorted(set(f.consumers), key=_ckey)),
+        stream=f.stream,
+        concat_producers=tuple(f.concat_producers),
+      )
+      for f in kept
+    ),
+    key=lambda g: g.index,
+  )
+  head = ''
+  if head_roots:
+    mods = _collapse(
+      {
+        k
+        for k, ax in _members(spaces).get(head_roots[0], [])
+        if ax == -1 and k.split('/', 1)[0] in _PRODUCING
+      },
+      [k for k, _ in leaves],
+    )
+    head = mods[0] if len(mods) == 1 else ''
+  return Discovery(
+    structure_lib.Structure(tuple(groups), index_maps, head),
+    {f.name: spaces.nodes[f.root].size for f in kept},
+    pinned,
+  )
+
+
+@dataclasses.dataclass
+class _Found:
+  """A space some layer writes: a group, unless it has pins."""
+
+  root: int
+  name: str
+  kernel: str  # its first writer's kernel (identifies it across widths)
+  producers: list[str]
+  consumers: list[structure_lib.Consumer]
+  concat_producers: list[structure_lib.Producer]
+  stream: bool
+  pins: list[str]
+
+
+def _root(spaces, label):
+  return spaces.find(label) if isinstance(label, int) else None
+
+
+def _members(spaces) -> dict[int, list[tuple[str, int]]]:
+  """Every leaf axis ``(key, axis)``, by the space it ended up in."""
+  out = {}
   for i, node in enumerate(spaces.nodes):
     if node.leaf is not None:
-      members.setdefault(spaces.find(i), []).append(node.leaf)
-  consumed = {(spaces.find(k), p) for k, p in spaces.consumed}
+      out.setdefault(spaces.find(i), []).append(node.leaf)
+  return out
 
-  # The spaces that some conv or dense layer writes, each with its writers
-  # (kernel leaves) in trace order.
-  writers: dict[int, list[str]] = {}  # insertion order: the forward pass's
+
+def _under(module: str, keys) -> list[str]:
+  """The params / batch_stats leaves under ``module``."""
+  return [
+    k
+    for k in keys
+    if k.split('/', 1)[0] in _PRODUCING
+    and (_module(k) + '/').startswith(module + '/')
+  ]
+
+
+def _spaces_found(spaces, leaves) -> list[_Found]:
+  """Every written space, in the order the forward pass writes them."""
+  all_keys = [k for k, _ in leaves]
+  members = _members(spaces)
+  consumed = {(spaces.find(k), p) for k, p in spaces.consumed}
+  writers: dict[int, list[tuple[str, int]]] = {}  # insertion: trace order
   for w in spaces.writers:
     writers.setdefault(spaces.find(w), []).append(spaces.nodes[w].leaf)
-  found, pinned = [], {}
-  for root in writers:
+  # Leaves that hold a slice of a concatenation (a BN after a DenseNet
+  # concat): {space: [(leaf key, offset, span)]}.
+  sliced: dict[int, list[tuple[str, int, int]]] = {}
+  for r, cat in spaces.shared:
+    keys = [
+      key
+      for key, axis in members.get(spaces.find(r), [])
+      if axis == -1 and key.split('/', 1)[0] in _PRODUCING
+    ]
+    span, offset = sum(n for _, n in cat.parts), 0
+    for part, n in cat.parts:
+      if isinstance(part, int):
+        sliced.setdefault(spaces.find(part), []).extend(
+          (key, offset, span) for key in keys
+        )
+      offset += n
+  found, streams = [], 0
+  for root, writes in writers.items():
     node = spaces.nodes[root]
     prods, cons, pins = set(), [], list(node.pins)
     for key, axis in members.get(root, []):
@@ -666,95 +785,33 @@ def discover(
         cons.append(structure_lib.Consumer(_module(key)))
       else:
         pins.append(f'{key} holds these channels on axis {axis}')
-    cons += [structure_lib.Consumer(p, o, s) for p, o, s in node.reads]
+    cons += [structure_lib.Consumer(p, o, n) for p, o, n in node.reads]
     modules = _collapse(prods, all_keys)
-    for m in modules:
-      stray = [
-        k
-        for k in all_keys
-        if k.split('/', 1)[0] in _PRODUCING
-        and (_module(k) + '/').startswith(m + '/')
-        and k not in prods
-      ]
+    shared = []
+    for offset, span in sorted({(o, n) for _, o, n in sliced.get(root, [])}):
+      keys = {k for k, o, n in sliced[root] if (o, n) == (offset, span)}
+      for m in _collapse(keys, all_keys):
+        shared.append(structure_lib.Producer(m, offset, span))
+        prods |= keys
+    for m in modules + [p.path for p in shared]:
+      stray = [k for k in _under(m, all_keys) if k not in prods]
       if stray:
         pins.append(f'module {m!r} also holds {stray[0]!r}')
-    key, axis = writers[root][0]
+    key, axis = writes[0]
     if axis != -1:
       pins.append(f'{key} writes these channels on axis {axis}, not the last')
-    name = next(
-      (m for m in modules if (_module(key) + '/').startswith(m + '/')),
-      _module(key),
-    )
-    stream = node.stream or len(writers[root]) > 1
-    found.append((root, name, modules, cons, pins, stream))
-
-  groups, names, k = [], {}, 0
-  for root, name, modules, cons, pins, stream in found:
-    k += stream
-    name = f'stream{k}' if stream else name
-    names[root] = name
-    if root in head_roots and not pins:
-      pins = ['the model output']
-    if pins:
-      pinned[name] = pins[0]
-      continue
-    groups.append((root, name, modules, cons, stream, writers[root][0][0]))
-
-  # A channel map between two groups is data the slicer rewrites; one that
-  # touches a fixed space fixes the other end too (to a fixed point).
-  ok = {g[0] for g in groups}
-  maps = {
-    (
-      key,
-      spaces.find(src) if isinstance(src, int) else None,
-      spaces.find(tgt) if isinstance(tgt, int) else None,
-    )
-    for key, src, tgt in spaces.maps
-  }
-  changed = True
-  while changed:
-    changed = False
-    for key, src, tgt in maps:
-      if (src in ok) != (tgt in ok):
-        r = src if src in ok else tgt
-        ok.discard(r)
-        pinned[names[r]] = f'channel map {key!r} joins it to a fixed space'
-        changed = True
-  index_maps = [
-    structure_lib.IndexMap(key.split('/', 1)[1], names[src], names[tgt])
-    for key, src, tgt in sorted(maps, key=lambda m: m[0])
-    if src in ok and tgt in ok
-  ]
-  groups = [g for g in groups if g[0] in ok]
-
-  order = _width_order(model, sample, apply_kwargs, groups, shapes)
-  out_groups, widths = [], {}
-  for root, name, modules, cons, stream, _ in groups:
-    widths[name] = spaces.nodes[root].size
-    out_groups.append(
-      structure_lib.Group(
-        name=name,
-        index=order[name],
-        producers=tuple(modules),
-        consumers=tuple(sorted(set(cons), key=lambda c: c.path)),
-        stream=stream,
+    stream = node.stream or len(writes) > 1
+    streams += stream
+    name = (
+      f'stream{streams}'
+      if stream
+      else next(
+        (m for m in modules if (_module(key) + '/').startswith(m + '/')),
+        _module(key),
       )
     )
-  out_groups.sort(key=lambda g: g.index)
-  head = ''
-  if head_roots:
-    prods = {
-      k
-      for k, ax in members.get(head_roots[0], [])
-      if ax == -1 and k.split('/', 1)[0] in _PRODUCING
-    }
-    mods = _collapse(prods, all_keys)
-    head = mods[0] if len(mods) == 1 else ''
-  return Discovery(
-    structure_lib.Structure(tuple(out_groups), tuple(index_maps), head),
-    widths,
-    pinned,
-  )
+    found.append(_Found(root, name, key, modules, cons, shared, stream, pins))
+  return found
 
 
 def _width_order(model, sample, kw, groups, shapes) -> dict[str, int]:
@@ -767,10 +824,10 @@ def _width_order(model, sample, kw, groups, shapes) -> dict[str, int]:
   """
   widths = getattr(model, 'widths', None)
   if widths is None:
-    return {name: i for i, (_, name, *_) in enumerate(groups)}
+    return {f.name: i for i, f in enumerate(groups)}
   n = len(widths)
   bits = max(1, (n - 1).bit_length())
-  grew = {name: [] for _, name, *_ in groups}
+  grew = {f.name: [] for f in groups}
   for b in range(bits):
     for flip in (1, 0):
       bumped = tuple(
@@ -779,8 +836,8 @@ def _width_order(model, sample, kw, groups, shapes) -> dict[str, int]:
       v = traverse_util.flatten_dict(
         _abstract_variables(model.clone(widths=bumped), sample, kw), sep='/'
       )
-      for _, name, _, _, _, kernel in groups:
-        grew[name].append(v[kernel].shape[-1] - shapes[kernel][-1])
+      for f in groups:
+        grew[f.name].append(v[f.kernel].shape[-1] - shapes[f.kernel][-1])
   order, taken = {}, {}
   for name, d in grew.items():
     pairs = list(zip(d[0::2], d[1::2]))
@@ -852,10 +909,13 @@ def compare(
       out.append(f'group {name!r} is missing from structure()')
       continue
     a, b = gw[name], gg[name]
-    for field in ('index', 'producers', 'stream'):
+    for field in ('index', 'producers', 'stream', 'concat_producers'):
       x, y = getattr(a, field), getattr(b, field)
       if field == 'producers':
         x, y = sorted(x), sorted(y)
+      if field == 'concat_producers':
+        x = sorted((p.path, p.offset, p.span) for p in x)
+        y = sorted((p.path, p.offset, p.span) for p in y)
       if x != y:
         out.append(f'group {name!r}: {field} {x!r}, discovered {y!r}')
     ca = sorted(map(structure_lib.as_consumer, a.consumers), key=_ckey)

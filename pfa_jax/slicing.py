@@ -142,6 +142,23 @@ def leaf_edits(model: nn.Module, variables, keep: Mapping) -> list[Edit]:
             found = True
       if not found:
         raise ValueError(f'Layer {name!r}: no variables under {prod!r}.')
+    for prod in group.concat_producers:
+      found = False
+      for c in _COLLECTIONS:
+        for path, leaf in flat[c].items():
+          if path.startswith(prod.path + '/'):
+            n = np.shape(leaf)[-1]
+            if n != prod.span or prod.offset + width > n:
+              raise ValueError(
+                f'Layer {name!r}: {c}/{path} has {n} channels, which do not '
+                f'hold the {width} channels at offset {prod.offset} of '
+                f'{prod.span}.'
+              )
+            owned = prod.offset + np.arange(width)
+            edits.append(Edit(c, path, -1, prod.offset + idx, owned))
+            found = True
+      if not found:
+        raise ValueError(f'Layer {name!r}: no variables under {prod.path!r}.')
     for cons in map(structure_lib.as_consumer, group.consumers):
       path = f'{cons.path}/kernel'
       if path not in flat['params']:

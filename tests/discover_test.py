@@ -140,6 +140,61 @@ def _by_hand_se():
   )
 
 
+class DenseBlock(nn.Module):
+  """A user's DenseNet block: BNs normalise concatenations of groups."""
+
+  widths: tuple[int, ...] = (8, 4, 4, 6)  # stem, layer1, layer2, transition
+  num_classes: int = 3
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    def bn(name):
+      return nn.BatchNorm(use_running_average=not train, name=name)
+
+    w = self.widths
+    h = nn.Conv(w[0], (3, 3), name='stem')(x)
+    for i in (1, 2):
+      y = nn.Conv(w[i], (3, 3), name=f'layer{i}')(nn.relu(bn(f'bn{i}')(h)))
+      h = jnp.concatenate([h, y], axis=-1)
+    h = nn.Conv(w[3], (1, 1), name='trans')(nn.relu(bn('bn_t')(h)))
+    return nn.Dense(self.num_classes, name='out')(jnp.mean(h, (1, 2)))
+
+  def structure(self):
+    return _discovered(self)
+
+
+def _by_hand_dense(w):
+  P = structure_lib.Producer  # noqa: N806
+  c1, ct = w[0] + w[1], w[0] + w[1] + w[2]
+  return structure_lib.Structure(
+    (
+      structure_lib.Group(
+        'stem',
+        0,
+        ('bn1', 'stem'),
+        ('layer1', C('layer2', 0, c1), C('trans', 0, ct)),
+        concat_producers=(P('bn2', 0, c1), P('bn_t', 0, ct)),
+      ),
+      structure_lib.Group(
+        'layer1',
+        1,
+        ('layer1',),
+        (C('layer2', w[0], c1), C('trans', w[0], ct)),
+        concat_producers=(P('bn2', w[0], c1), P('bn_t', w[0], ct)),
+      ),
+      structure_lib.Group(
+        'layer2',
+        2,
+        ('layer2',),
+        (C('trans', c1, ct),),
+        concat_producers=(P('bn_t', c1, ct),),
+      ),
+      structure_lib.Group('trans', 3, ('trans',), ('out',)),
+    ),
+    head='out',
+  )
+
+
 def _by_hand_branchy(w):
   cat = w[0] + w[1]
   return structure_lib.Structure(
@@ -258,6 +313,15 @@ class UserModelsTest(parameterized.TestCase):
     found = discover.discover(Residual(), SHAPE)
     self.assertEqual(discover.compare(_by_hand_residual(), found.structure), [])
 
+  def test_densenet_structure_by_hand(self):
+    # bn2 and bn_t hold several groups' channels, each at its offset.
+    model = DenseBlock()
+    found = discover.discover(model, SHAPE)
+    self.assertEqual(
+      discover.compare(_by_hand_dense(model.widths), found.structure), []
+    )
+    self.assertEqual(found.pinned, {'out': 'the model output'})
+
   def test_squeeze_excitation_structure_by_hand(self):
     # Two writers (expand, and se_up through the gate) share one keep-set.
     found = discover.discover(SEMobile(), SHAPE)
@@ -306,6 +370,7 @@ class UserModelsTest(parameterized.TestCase):
     ('branchy', Branchy, 5),
     ('residual', Residual, 2),
     ('squeeze_excitation', SEMobile, 3),
+    ('densenet', DenseBlock, 4),
   )
   def test_pruned_equals_masked_under_discovered_structure(self, cls, n):
     model = cls()
@@ -337,10 +402,14 @@ class UserModelsTest(parameterized.TestCase):
           jax.tree.map(jnp.shape, pv), jax.tree.map(jnp.shape, abstract)
         )
 
-  def test_cost_model_counts_concatenated_consumers(self):
+  @parameterized.named_parameters(
+    ('branchy', Branchy), ('densenet', DenseBlock)
+  )
+  def test_cost_model_counts_concatenations(self, cls):
     # The closed-form cost model (one term per group on each leaf axis, two
-    # groups on c's input axis) against the traced count of the sliced net.
-    model = Branchy()
+    # or three groups on a concatenated axis) against the traced count of
+    # the sliced network.
+    model = cls()
     shape = SHAPE[1:]
     rng = np.random.default_rng(1)
     for metric in costs.METRICS:
@@ -377,8 +446,11 @@ class UserModelsTest(parameterized.TestCase):
     for name in want:
       np.testing.assert_allclose(got[name], want[name], rtol=1e-6, atol=1e-6)
 
-  def test_pfa_on_a_users_model(self):
-    model = Branchy()
+  @parameterized.named_parameters(
+    ('branchy', Branchy), ('densenet', DenseBlock)
+  )
+  def test_pfa_on_a_users_model(self, cls):
+    model = cls()
     variables, _ = _init(model)
     rng = np.random.default_rng(0)
     batches = [
@@ -444,9 +516,6 @@ class _Pinned(nn.Module):
     elif self.middle == 'channel_first_flatten':
       h = jnp.transpose(h, (0, 3, 1, 2)).reshape((h.shape[0], -1))
       return nn.Dense(2, name='out')(h)
-    elif self.middle == 'densenet_bn':
-      h = jnp.concatenate([h, _conv(2, 'a3')(h)], axis=-1)
-      h = nn.BatchNorm(use_running_average=True, name='bn')(h)
     elif self.middle == 'input_residual':
       h = _conv(3, 'a2')(x) + x
     h = nn.relu(_conv(4, 'b')(nn.relu(h)))
@@ -468,7 +537,6 @@ class PinnedTest(parameterized.TestCase):
       'a',
       'flattened before others',
     ),
-    ('densenet_bn', 'densenet_bn', 'a', 'across a concatenation'),
     # x + conv(x) ties a2's channels to the image's: a 'stream' of the input.
     ('input_residual', 'input_residual', 'stream1', 'the model input'),
   )

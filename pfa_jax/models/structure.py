@@ -62,6 +62,20 @@ def as_consumer(c) -> Consumer:
 
 
 @dataclasses.dataclass(frozen=True)
+class Producer:
+  """A module whose leaves hold a group's channels inside a wider last axis.
+
+  A BN after a (DenseNet) concatenation normalises several groups' channels
+  in one set of leaves: each group owns ``offset .. offset + width`` of a
+  last axis of ``span`` entries.
+  """
+
+  path: str
+  offset: int
+  span: int
+
+
+@dataclasses.dataclass(frozen=True)
 class Group:
   """One prunable keep-set.
 
@@ -72,6 +86,8 @@ class Group:
     consumers: kernel paths (``str``) or :class:`Consumer` entries reading
       these channels (sliced on axis -2).
     stream: True for a residual stream shared by several producers.
+    concat_producers: :class:`Producer` entries: modules that hold these
+      channels at an offset of a concatenation's channels (sliced there).
   """
 
   name: str
@@ -79,6 +95,7 @@ class Group:
   producers: tuple[str, ...]
   consumers: tuple[str | Consumer, ...]
   stream: bool = False
+  concat_producers: tuple[Producer, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
