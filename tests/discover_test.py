@@ -471,6 +471,44 @@ class UserModelsTest(parameterized.TestCase):
       _rel_err(out.model.apply(out.variables, x), mm.apply(mv, x)), 1e-5
     )
 
+  def test_slimming_reads_the_bns_after_a_concatenation(self):
+    model = DenseBlock()
+    variables, x = _init(model)
+    rng = np.random.default_rng(2)
+    params = jax.tree.map(
+      lambda a: rng.uniform(-1, 1, a.shape).astype(a.dtype),
+      variables['params'],
+    )
+    variables = {**variables, 'params': params}
+    groups = ['stem', 'layer1', 'layer2']  # 'trans' has no BN
+    out = methods.prune(
+      'slim', model, variables, recipe='prune:0.5', groups=groups
+    )
+
+    def gamma(bn):
+      return np.abs(np.asarray(params[bn]['scale'], np.float64))
+
+    # By hand: each channel's largest |scale| over the BNs that normalise it.
+    w0, w1 = model.widths[:2]
+    score = {
+      'stem': np.max(
+        [gamma('bn1'), gamma('bn2')[:w0], gamma('bn_t')[:w0]], axis=0
+      ),
+      'layer1': np.maximum(gamma('bn2')[w0:], gamma('bn_t')[w0 : w0 + w1]),
+      'layer2': gamma('bn_t')[w0 + w1 :],
+    }
+    t = np.percentile(np.concatenate([score[n] for n in groups]), 50.0)
+    self.assertEqual(out.report['threshold'], t)
+    for n in groups:
+      want = np.flatnonzero(score[n] > t)
+      if want.size == 0:
+        want = np.array([np.argmax(score[n])])
+      np.testing.assert_array_equal(out.keep[n], want, err_msg=n)
+    mm, mv = slicing.mask(model, variables, out.plan)
+    self.assertLess(
+      _rel_err(out.model.apply(out.variables, x), mm.apply(mv, x)), 1e-5
+    )
+
   def test_weight_only_methods_run_on_a_discovered_structure(self):
     model = Branchy()
     variables, x = _init(model)

@@ -18,19 +18,32 @@ from pfa_jax.methods import base
 
 
 def bn_scores(model, variables, groups) -> dict[str, np.ndarray]:
+  """|γ| per channel: the largest over the BN ``scale`` leaves of a group.
+
+  A producer's BN may sit under it (``<producer>/bn/scale``, this package's
+  models) or be a module of its own (``<bn>/scale``, a discovered user
+  model); a BN after a concatenation contributes its slice of the group.
+  """
   flat = traverse_util.flatten_dict(variables['params'], sep='/')
   s = model.structure()
   out = {}
   for name in groups:
-    gammas = []
-    for prod in s.group(name).producers:
-      path = f'{prod}/bn/scale'
-      if path not in flat:
-        raise ValueError(
-          f'Layer {name!r}: Network Slimming needs a BN scale at {path!r}; '
-          'this model has none (use_bn=False?).'
-        )
-      gammas.append(np.abs(np.asarray(flat[path], np.float64)))
+    g = s.group(name)
+    width = int(model.widths[g.index])
+    slots = [(p, 0) for p in g.producers]
+    slots += [(p.path, p.offset) for p in g.concat_producers]
+    gammas = [
+      np.abs(np.asarray(v, np.float64))[..., o : o + width]
+      for path, o in slots
+      for k, v in flat.items()
+      if k.startswith(path + '/') and k.endswith('/scale')
+    ]
+    if not gammas:
+      raise ValueError(
+        f'Layer {name!r}: Network Slimming needs a BN scale among its '
+        f'producers {list(g.producers)}; this model has none '
+        '(use_bn=False?).'
+      )
     out[name] = np.max(gammas, axis=0)
   return out
 
