@@ -236,6 +236,18 @@ def _init(model, seed=0):
   return variables, x
 
 
+def _batches(n=2, size=32, seed=0):
+  rng = np.random.default_rng(seed)
+  return [
+    {
+      'image': rng.normal(size=(size, *SHAPE[1:])).astype(np.float32),
+      'label': np.zeros(size, np.int32),
+      'mask': np.ones(size, bool),
+    }
+    for _ in range(n)
+  ]
+
+
 def _rel_err(a, b):
   return float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-30))
 
@@ -452,15 +464,7 @@ class UserModelsTest(parameterized.TestCase):
   def test_pfa_on_a_users_model(self, cls):
     model = cls()
     variables, _ = _init(model)
-    rng = np.random.default_rng(0)
-    batches = [
-      {
-        'image': rng.normal(size=(32, *SHAPE[1:])).astype(np.float32),
-        'label': np.zeros(32, np.int32),
-        'mask': np.ones(32, bool),
-      }
-      for _ in range(2)
-    ]
+    batches = _batches()
     out = methods.prune(
       'pfa', model, variables, batches=batches, recipe='energy:0.9'
     )
@@ -507,6 +511,29 @@ class UserModelsTest(parameterized.TestCase):
     mm, mv = slicing.mask(model, variables, out.plan)
     self.assertLess(
       _rel_err(out.model.apply(out.variables, x), mm.apply(mv, x)), 1e-5
+    )
+
+  @parameterized.named_parameters(
+    ('branchy', Branchy), ('densenet', DenseBlock)
+  )
+  def test_ls_compensation_on_a_users_model(self, cls):
+    model = cls()
+    variables, _ = _init(model)
+    batches = _batches()
+    x = batches[0]['image']
+    kw = dict(recipe='keep:0.5', batches=batches)
+    ls = methods.prune('l1', model, variables, compensation='ls', **kw)
+    plain = methods.prune('l1', model, variables, **kw)
+    self.assertEqual(sorted(ls.plan.folds), sorted(model.structure().names))
+    mm, mv = slicing.mask(model, variables, ls.plan)
+    self.assertLess(
+      _rel_err(ls.model.apply(ls.variables, x), mm.apply(mv, x)), 1e-5
+    )
+    # The folds predict the removed channels: closer to the full network.
+    full = model.apply(variables, x)
+    self.assertLess(
+      _rel_err(ls.model.apply(ls.variables, x), full),
+      0.8 * _rel_err(plain.model.apply(plain.variables, x), full),
     )
 
   def test_weight_only_methods_run_on_a_discovered_structure(self):
