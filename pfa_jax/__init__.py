@@ -31,13 +31,4 @@ def __getattr__(name):
 
 __version__ = '0.1.0'
 
-__all__ = [
-  'analyze',
-  'costs',
-  'discover',
-  'recipes',
-  'select',
-  'slicing',
-  'spectra',
-  'stats',
-]
+__all__ = ['analyze', *_SUBMODULES]

@@ -10,6 +10,7 @@ function.
 """
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -46,6 +47,10 @@ def _discovered(model):
   return discover.cached(model, SHAPE).structure
 
 
+def _bn(name, train):
+  return nn.BatchNorm(use_running_average=not train, name=name)
+
+
 class Branchy(nn.Module):
   """A user's CNN: two branches concatenated, a depthwise conv, a flatten."""
 
@@ -54,9 +59,7 @@ class Branchy(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    def bn(name):
-      return nn.BatchNorm(use_running_average=not train, name=name)
-
+    bn = functools.partial(_bn, train=train)
     w = self.widths
     a = nn.relu(bn('a_bn')(nn.Conv(w[0], (3, 3), name='a')(x)))
     b = nn.relu(nn.Conv(w[1], (1, 1), name='b')(x))
@@ -99,9 +102,7 @@ class SEMobile(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    def bn(name):
-      return nn.BatchNorm(use_running_average=not train, name=name)
-
+    bn = functools.partial(_bn, train=train)
     w = self.widths
     s = nn.relu6(bn('stem_bn')(nn.Conv(w[0], (3, 3), name='stem')(x)))
     h = nn.relu6(bn('expand_bn')(nn.Conv(w[1], (1, 1), name='expand')(s)))
@@ -148,9 +149,7 @@ class DenseBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    def bn(name):
-      return nn.BatchNorm(use_running_average=not train, name=name)
-
+    bn = functools.partial(_bn, train=train)
     w = self.widths
     h = nn.Conv(w[0], (3, 3), name='stem')(x)
     for i in (1, 2):
