@@ -254,7 +254,9 @@ class _Tracer:
       return
     labels = [lab for lab, _, _ in ins]
     out_shape = tuple(eqn.outvars[0].aval.shape) if eqn.outvars else ()
-    handler = getattr(self, f'_{name}', None)
+    # Primitive handlers are the `_op_<primitive>` methods (a helper's name
+    # can then never shadow a primitive, as `_reduce` did lax's 'reduce').
+    handler = getattr(self, f'_op_{name}', None)
     if name in _ELEMENTWISE:
       out = self._elementwise(labels, shapes, out_shape, name)
     elif name in _REDUCE:
@@ -319,22 +321,22 @@ class _Tracer:
     return out
 
   # -- shape ops -----------------------------------------------------------
-  def _broadcast_in_dim(self, eqn, labels, shapes, out_shape, *_):
+  def _op_broadcast_in_dim(self, eqn, labels, shapes, out_shape, *_):
     out = [None] * len(out_shape)
     for i, d in enumerate(eqn.params['broadcast_dimensions']):
       if shapes[0][i] == out_shape[d]:
         out[d] = labels[0][i]
     return out
 
-  def _transpose(self, eqn, labels, *_):
+  def _op_transpose(self, eqn, labels, *_):
     return [labels[0][p] for p in eqn.params['permutation']]
 
-  def _squeeze(self, eqn, labels, *_):
+  def _op_squeeze(self, eqn, labels, *_):
     return [
       a for i, a in enumerate(labels[0]) if i not in eqn.params['dimensions']
     ]
 
-  def _reshape(self, eqn, labels, shapes, out_shape, *_):
+  def _op_reshape(self, eqn, labels, shapes, out_shape, *_):
     src = [(a, n) for a, n in zip(labels[0], shapes[0]) if n != 1]
     dst = [i for i, n in enumerate(out_shape) if n != 1]
     out = [None] * len(out_shape)
@@ -380,25 +382,25 @@ class _Tracer:
       out.append(a)
     return out
 
-  def _slice(self, eqn, labels, shapes, out_shape, *_):
+  def _op_slice(self, eqn, labels, shapes, out_shape, *_):
     return self._sized(labels[0], shapes[0], out_shape, 'sliced')
 
-  def _dynamic_slice(self, eqn, labels, shapes, out_shape, *_):
+  def _op_dynamic_slice(self, eqn, labels, shapes, out_shape, *_):
     return self._sized(labels[0], shapes[0], out_shape, 'sliced')
 
-  def _pad(self, eqn, labels, shapes, out_shape, *_):
+  def _op_pad(self, eqn, labels, shapes, out_shape, *_):
     return self._sized(labels[0], shapes[0], out_shape, 'padded')
 
-  def _rev(self, eqn, labels, shapes, out_shape, *_):
+  def _op_rev(self, eqn, labels, shapes, out_shape, *_):
     for ax in eqn.params['dimensions']:
       if shapes[0][ax] > 1:
         self.s.pin(labels[0][ax], 'channels reversed')
     return list(labels[0])
 
-  def _iota(self, *_):
+  def _op_iota(self, *_):
     return None
 
-  def _concatenate(self, eqn, labels, shapes, out_shape, *_):
+  def _op_concatenate(self, eqn, labels, shapes, out_shape, *_):
     d = eqn.params['dimension']
     out = list(
       self._elementwise(
@@ -452,7 +454,9 @@ class _Tracer:
         self.s.pin(a, f'nested channel layout read by {path!r}')
       offset += n
 
-  def _conv_general_dilated(self, eqn, labels, shapes, out_shape, kinds, ins):
+  def _op_conv_general_dilated(
+    self, eqn, labels, shapes, out_shape, kinds, ins
+  ):
     dn = eqn.params['dimension_numbers']
     lhs, rhs = labels
     lb, lf = dn.lhs_spec[0], dn.lhs_spec[1]
@@ -478,7 +482,7 @@ class _Tracer:
       self.s.write(rhs[ro])
     return out
 
-  def _dot_general(self, eqn, labels, shapes, out_shape, kinds, ins):
+  def _op_dot_general(self, eqn, labels, shapes, out_shape, kinds, ins):
     (lc, rc), (lbd, rbd) = eqn.params['dimension_numbers']
     lhs, rhs = labels
     acts = [k == 'act' for k in kinds]

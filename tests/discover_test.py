@@ -9,8 +9,11 @@ and the LayerNorm one also by showing that slicing it would change the
 function.
 """
 
+import contextlib
 import dataclasses
 import functools
+import io
+import os
 
 import flax.linen as nn
 import jax
@@ -572,6 +575,10 @@ class _Pinned(nn.Module):
       h = jnp.concatenate([h[..., :3], h[..., :3]], axis=-1)
     elif self.middle == 'sort':
       h = jnp.sort(h, axis=-1)
+    elif self.middle == 'generic_reduce':
+      # lax.reduce with its own computation: the generic 'reduce' primitive.
+      norm = jax.lax.reduce(h, 0.0, lambda a, b: a + b * b, (3,))
+      h = h * norm[..., None]
     elif self.middle == 'cumsum':
       h = jnp.cumsum(h, axis=-1)
     elif self.middle == 'channel_pool':
@@ -586,6 +593,25 @@ class _Pinned(nn.Module):
     return nn.Dense(2, name='out')(jnp.mean(h, (1, 2)))
 
 
+class ReadmeTest(absltest.TestCase):
+  def test_readme_user_model_example_runs_as_written(self):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, 'README.md')) as f:
+      text = f.read()
+    start = text.index('**You have your own Flax CNN**')
+    block = text[start:].split('```python\n', 1)[1].split('```', 1)[0]
+    ns = {'__name__': 'readme_example'}
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+      exec(compile(block, 'README.md', 'exec'), ns)  # noqa: S102
+    self.assertEqual(ns['d'].structure.names, ('conv1', 'conv2'))
+    self.assertEqual(ns['d'].pinned, {'fc': 'the model output'})
+    # The comment on the first print is what it prints.
+    self.assertIn(
+      "('conv1', 'conv2') {'fc': 'the model output'}", out.getvalue()
+    )
+    self.assertLess(sum(ns['out'].model.widths), 16 + 32)
+
+
 class PinnedTest(parameterized.TestCase):
   @parameterized.named_parameters(
     ('layernorm', 'layernorm', 'a', 'reduced over by'),
@@ -594,6 +620,7 @@ class PinnedTest(parameterized.TestCase):
     ('channel_slice', 'channel_slice', 'a', 'channels sliced'),
     ('sort', 'sort', 'a', "unsupported primitive 'sort'"),
     ('cumsum', 'cumsum', 'a', "combined by 'cumsum'"),
+    ('generic_reduce', 'generic_reduce', 'a', "unsupported primitive 'reduce'"),
     ('channel_pool', 'channel_pool', 'a', "combined by 'reduce_window_max'"),
     (
       'channel_first_flatten',
