@@ -46,13 +46,6 @@ def count(model: nn.Module, input_shape) -> dict[str, int]:
   return _count(model, tuple(input_shape))
 
 
-def _unfolded(model):
-  """``model`` with its convs' BN unfolded (``fold_bn`` skips nn.Conv)."""
-  return (
-    model.clone(fold_bn=False) if getattr(model, 'fold_bn', False) else model
-  )
-
-
 @functools.lru_cache(maxsize=4096)
 def _count(model, input_shape):
   model = models.unfolded(model)

@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from pfa_jax import models
 from pfa_jax.models import structure as structure_lib
 
 _PRODUCING = ('params', 'batch_stats')
@@ -88,7 +89,6 @@ class _Flat:
 @dataclasses.dataclass
 class _Node:
   size: int
-  order: int
   leaf: tuple[str, int] | None = None  # (collection/path, axis)
   written: bool = False  # a layer, a channel map or the input writes it
   stream: bool = False  # an elementwise op joins two written spaces
@@ -130,7 +130,7 @@ class _Spaces:
 
   def new(self, size, leaf=None) -> int:
     self.parent.append(len(self.parent))
-    self.nodes.append(_Node(int(size), len(self.nodes), leaf))
+    self.nodes.append(_Node(int(size), leaf))
     return len(self.parent) - 1
 
   def find(self, i: int) -> int:
@@ -160,7 +160,7 @@ class _Spaces:
     if isinstance(a, int) and isinstance(b, int):
       ra, rb = self.find(a), self.find(b)
       if ra != rb:
-        lo, hi = sorted((ra, rb), key=lambda r: self.nodes[r].order)
+        lo, hi = sorted((ra, rb))  # the older node stays the root
         self.parent[hi] = lo
         na, nb = self.nodes[lo], self.nodes[hi]
         na.pins += nb.pins
@@ -202,7 +202,7 @@ class _Tracer:
   def __init__(self, spaces: _Spaces):
     self.s = spaces
     self.labels: dict[Any, tuple] = {}
-    self.kind: dict[Any, str] = {}  # 'act' | 'param'
+    self.kind: dict[Any, str] = {}  # 'act' | 'param' | 'const'
     self.taint: dict[Any, frozenset] = {}  # consts leaves a value reads
 
   def read(self, v):
@@ -397,9 +397,6 @@ class _Tracer:
         self.s.pin(labels[0][ax], 'channels reversed')
     return list(labels[0])
 
-  def _op_iota(self, *_):
-    return None
-
   def _op_concatenate(self, eqn, labels, shapes, out_shape, *_):
     d = eqn.params['dimension']
     out = list(
@@ -525,13 +522,10 @@ class _Tracer:
 
 def _plain(model: nn.Module) -> nn.Module:
   """This package's models on their reference path: XLA convs, BN unfolded."""
-  fields = {f.name for f in dataclasses.fields(model)}
-  kw = {}
-  if 'conv_impl' in fields:
-    kw['conv_impl'] = 'xla'
-  if 'fold_bn' in fields:
-    kw['fold_bn'] = False
-  return model.clone(**kw) if kw else model
+  model = models.unfolded(model)
+  if any(f.name == 'conv_impl' for f in dataclasses.fields(model)):
+    model = model.clone(conv_impl='xla')
+  return model
 
 
 def _abstract_variables(model, sample, kw):

@@ -276,10 +276,10 @@ def responses(
   the ``'post_act'`` tap: the tensor the next layer reads.
   """
   s = model.structure()
-  readers = {}
-  for g in s.groups:
-    if g.consumers:
-      readers.setdefault(structure.as_consumer(g.consumers[0]).path, [])
+  # Each group's first consumer: where a group that sows nothing is tapped.
+  readers = {
+    structure.as_consumer(g.consumers[0]).path for g in s.groups if g.consumers
+  }
   inputs = {}
 
   def interceptor(next_fun, args, kwargs, context):
@@ -295,7 +295,7 @@ def responses(
     )
   flat = traverse_util.flatten_dict(state.get(layers.RESPONSES, {}), sep='/')
   sown = {k.removesuffix('/out'): v[0] for k, v in flat.items()}
-  widths = structure.widths_of(model)
+  widths = {g.name: int(model.widths[g.index]) for g in s.groups}
   out = {}
   for g in s.groups:
     if g.name in sown:
