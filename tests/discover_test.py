@@ -538,6 +538,13 @@ class UserModelsTest(parameterized.TestCase):
       0.8 * _rel_err(plain.model.apply(plain.variables, x), full),
     )
 
+  def test_slimming_without_a_bn_names_the_layer(self):
+    variables, _ = _init(Residual())
+    with self.assertRaisesRegex(
+      ValueError, r"Layer 'stream1': Network Slimming needs a BN scale"
+    ):
+      methods.prune('slim', Residual(), variables, recipe='prune:0.5')
+
   def test_weight_only_methods_run_on_a_discovered_structure(self):
     model = Branchy()
     variables, x = _init(model)
