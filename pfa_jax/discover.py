@@ -643,6 +643,9 @@ def discover(
   apply_kwargs.setdefault('train', False)
   model = _plain(model)
   sample = _as_sample(sample)
+  widths = getattr(model, 'widths', None)
+  if widths is not None and any(int(w) == 1 for w in widths):
+    return _through_ones(model, sample, apply_kwargs)
   spaces, head_roots, leaves = _trace(model, variables, sample, apply_kwargs)
 
   found = _spaces_found(spaces, leaves)
@@ -705,6 +708,93 @@ def discover(
     structure_lib.Structure(tuple(groups), index_maps, head),
     {f.name: spaces.nodes[f.root].size for f in kept},
     pinned,
+  )
+
+
+def _through_ones(model, sample, kw) -> Discovery:
+  """Discovery of a model with a width of 1, traced at width 2.
+
+  A one-channel axis is indistinguishable from an inserted or broadcast one
+  (a BN's ``(1,)`` scale reshaped to ``(1, 1, 1, 1)``), so its label would
+  be lost. The structure does not depend on the widths except through the
+  offsets and spans of concatenations: every width of 1 is traced as 2, and
+  each offset and span then loses the extra channels of the groups before
+  it, and in it, on the same concatenated axis. Checked against the real
+  widths' leaf shapes (a fixed part of a concatenation that a width of 1
+  also sets would not be corrected): a mismatch raises.
+  """
+  wide = tuple(max(int(w), 2) for w in model.widths)
+  d = discover(model.clone(widths=wide), sample, None, **kw)
+  extra = {
+    g.name: wide[g.index] - model.widths[g.index] for g in d.structure.groups
+  }
+  # Each concatenated axis, as {(path, span, kind): [(offset, group)]}.
+  axes = {}
+  for g in d.structure.groups:
+    for c in map(structure_lib.as_consumer, g.consumers):
+      if c.span is not None:
+        axes.setdefault((c.path, c.span, 'in'), []).append((c.offset, g.name))
+    for p in g.concat_producers:
+      axes.setdefault((p.path, p.span, 'out'), []).append((p.offset, g.name))
+
+  def fixed(path, offset, span, kind):
+    parts = axes[(path, span, kind)]
+    before = sum(extra[n] for o, n in parts if o < offset)
+    return offset - before, span - sum(extra[n] for _, n in parts)
+
+  groups = []
+  for g in d.structure.groups:
+    consumers = []
+    for c in map(structure_lib.as_consumer, g.consumers):
+      if c.span is not None:
+        c = structure_lib.Consumer(
+          c.path, *fixed(c.path, c.offset, c.span, 'in')
+        )
+      consumers.append(c)
+    producers = tuple(
+      structure_lib.Producer(p.path, *fixed(p.path, p.offset, p.span, 'out'))
+      for p in g.concat_producers
+    )
+    groups.append(
+      dataclasses.replace(
+        g, consumers=tuple(consumers), concat_producers=producers
+      )
+    )
+  # Positions per row block do not depend on the widths: rows / span must
+  # agree between the two traces, and a BN after a concat holds ``span``.
+  real, traced = (
+    traverse_util.flatten_dict(_abstract_variables(m, sample, kw), sep='/')
+    for m in (model, model.clone(widths=wide))
+  )
+  for g, w in zip(groups, d.structure.groups, strict=True):
+    pairs = zip(
+      map(structure_lib.as_consumer, g.consumers),
+      map(structure_lib.as_consumer, w.consumers),
+      strict=True,
+    )
+    ok = all(
+      c.span is None
+      or real[f'params/{c.path}/kernel'].shape[-2] * cw.span
+      == traced[f'params/{c.path}/kernel'].shape[-2] * c.span
+      for c, cw in pairs
+    ) and all(
+      real[k].shape[-1] == p.span
+      for p in g.concat_producers
+      for k in real
+      if _module(k) == p.path
+    )
+    if not ok:
+      raise ValueError(
+        f'discover: with a width of 1, the concatenation that group '
+        f'{g.name!r} is part of does not add up; a width of 1 may set a '
+        'part of it that is not a group. Trace it with widths >= 2.'
+      )
+  return Discovery(
+    structure_lib.Structure(
+      tuple(groups), d.structure.index_maps, d.structure.head
+    ),
+    {g.name: int(model.widths[g.index]) for g in groups},
+    d.pinned,
   )
 
 

@@ -7,6 +7,7 @@ import numpy as np
 from absl.testing import absltest
 from absl.testing import parameterized
 from flax import traverse_util
+from references import similarity as _ref_similarity
 
 from pfa_jax import methods
 from pfa_jax import models
@@ -14,35 +15,6 @@ from pfa_jax.methods import cf
 
 # ---------------------------------------------------------------------------
 # Independent references.
-
-
-def _ref_similarity(maps, mask=None):
-  """Per-image loop over channel pairs with np.corrcoef, float64."""
-  maps = np.asarray(maps, np.float64)
-  n, c = maps.shape[0], maps.shape[-1]
-  x = maps.reshape(n, -1, c)
-  total, count = np.zeros((c, c)), 0
-  for i in range(n):
-    if mask is not None and not mask[i]:
-      continue
-    count += 1
-    for a in range(c):
-      for b in range(c):
-        u, v = x[i, :, a], x[i, :, b]
-        cu, cv = np.ptp(u) == 0, np.ptp(v) == 0
-        zu, zv = not np.any(u), not np.any(v)
-        if cu and cv:
-          s = 1.0
-        elif zu or zv:
-          s = -1.0
-        elif cu or cv:
-          s = 0.0
-        else:
-          s = np.corrcoef(u, v)[0, 1]
-        total[a, b] += s
-  d = total / count
-  np.fill_diagonal(d, 1.0)
-  return d
 
 
 def _naive_central_filter(d, n):

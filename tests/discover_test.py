@@ -15,10 +15,12 @@ import functools
 import io
 import os
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import references
 from absl.testing import absltest
 from absl.testing import parameterized
 
@@ -27,6 +29,8 @@ from pfa_jax import discover
 from pfa_jax import methods
 from pfa_jax import models
 from pfa_jax import slicing
+from pfa_jax.methods import cf
+from pfa_jax.methods import fcp
 from pfa_jax.models import structure as structure_lib
 
 C = structure_lib.Consumer
@@ -336,6 +340,22 @@ class UserModelsTest(parameterized.TestCase):
     )
     self.assertEqual(found.pinned, {'out': 'the model output'})
 
+  @parameterized.named_parameters(
+    ('branchy_all_ones', Branchy, (1, 1, 1, 1, 1), _by_hand_branchy),
+    ('branchy_some_ones', Branchy, (3, 1, 2, 1, 4), _by_hand_branchy),
+    ('densenet_all_ones', DenseBlock, (1, 1, 1, 1), _by_hand_dense),
+    ('densenet_some_ones', DenseBlock, (3, 1, 2, 1), _by_hand_dense),
+    ('residual', Residual, (1, 1), lambda w: _by_hand_residual()),
+    ('squeeze_excitation', SEMobile, (1, 1, 1), lambda w: _by_hand_se()),
+  )
+  def test_groups_of_one_channel_keep_their_place(self, cls, widths, by_hand):
+    # A pruned network can have one-channel groups; a (1,) BN scale looks
+    # like a broadcast axis in the jaxpr, yet the structure is the same one.
+    found = discover.discover(cls(widths=widths), SHAPE)
+    self.assertEqual(discover.compare(by_hand(widths), found.structure), [])
+    names = [g.name for g in found.structure.groups]
+    self.assertEqual(found.widths, dict(zip(names, widths)))
+
   def test_squeeze_excitation_structure_by_hand(self):
     # Two writers (expand, and se_up through the gate) share one keep-set.
     found = discover.discover(SEMobile(), SHAPE)
@@ -558,6 +578,128 @@ class UserModelsTest(parameterized.TestCase):
         1e-5,
       )
       self.assertLess(sum(out.model.widths), sum(model.widths))
+
+  def test_cf_reads_the_maps_the_next_layer_reads(self):
+    model = Branchy()
+    variables, _ = _init(model)
+    batches = _batches(n=2, size=6)
+    batches[1]['mask'][-2:] = False
+    names = model.structure().names
+    got = cf.collect(model, variables, batches, names, {'num_batches': 5})
+    # Reference: flax's captured module outputs, the model's ReLUs and its
+    # 2x2 max-pool applied by hand, D by a float64 per-image loop.
+    relu = lambda a: np.maximum(np.asarray(a, np.float64), 0.0)  # noqa: E731
+    maps = {n: [] for n in names}
+    for b in batches:
+      _, st = model.apply(variables, b['image'], capture_intermediates=True)
+      inter = st['intermediates']
+      out = {k: inter[k]['__call__'][0] for k in inter if k != '__call__'}
+      c = relu(out['dw_bn'])
+      n, h, w, ch = c.shape
+      maps['a'].append(relu(out['a_bn']))
+      maps['b'].append(relu(out['b']))
+      maps['c'].append(c.reshape(n, h // 2, 2, w // 2, 2, ch).max((2, 4)))
+      maps['e'].append(relu(out['e']))
+      maps['fc1'].append(relu(out['fc1']))
+    mask = np.concatenate([b['mask'] for b in batches])
+    for name in ('a', 'b', 'c', 'e'):
+      want = references.similarity(np.concatenate(maps[name]), mask)
+      np.testing.assert_allclose(got[name], want, atol=1e-5, err_msg=name)
+    # A dense layer: each batch's kept samples are the positions of one map.
+    want = np.mean(
+      [
+        references.similarity(m[b['mask']][None])
+        for m, b in zip(maps['fc1'], batches)
+      ],
+      axis=0,
+    )
+    np.testing.assert_allclose(got['fc1'], want, atol=1e-5)
+
+  @parameterized.parameters('cf', 'fcp')
+  def test_fold_through_a_flatten_is_exact_for_a_scaled_filter(self, method):
+    # 'e' feeds a flatten and a dense layer. Its filter 3 is α times filter
+    # 1, bias too, so after the ReLU channel 3 is α times channel 1: the
+    # fold into fc1's rows (CF adds the rows, α = 1; FCP regresses, α = 0.5)
+    # reproduces the full network, and dropping without it does not.
+    model = Branchy()
+    variables, x = _init(model)
+    alpha = 1.0 if method == 'cf' else 0.5
+    rng = np.random.default_rng(3)
+    e = dict(variables['params']['e'])
+    kernel = np.array(e['kernel'])
+    bias = rng.uniform(0.5, 1.5, e['bias'].shape)  # every channel alive
+    kernel[..., 3] = alpha * kernel[..., 1]
+    bias[3] = alpha * bias[1]
+    e = {'kernel': jnp.asarray(kernel), 'bias': jnp.asarray(bias, jnp.float32)}
+    variables = {**variables, 'params': {**variables['params'], 'e': e}}
+    width = model.widths[3]
+    out = methods.prune(
+      method,
+      model,
+      variables,
+      batches=_batches(),
+      recipe={'e': width - 1},
+      groups=['e'],
+    )
+    if method == 'cf':
+      (delegate,) = out.report['cf']['e']['delegates'].items()
+      self.assertEqual(sorted([int(delegate[0]), delegate[1]]), [1, 3])
+    else:
+      self.assertEqual(out.report['pairs']['e'], [[1, 3]])  # 3 is smaller
+    x = _batches(n=1, size=4, seed=9)[0]['image']
+    full = model.apply(variables, x)
+    self.assertLess(_rel_err(out.model.apply(out.variables, x), full), 1e-4)
+    pm, pv = slicing.prune(model, variables, out.plan.keep)
+    self.assertGreater(_rel_err(pm.apply(pv, x), full), 1e-3)
+
+  def test_fcp_pairs_the_layers_kernel_not_its_depthwise_one(self):
+    # Group 'c' is written by conv 'c', depthwise 'dw' and BN 'dw_bn'.
+    model = Branchy()
+    variables, _ = _init(model)
+    flat = flax.traverse_util.flatten_dict(variables['params'], sep='/')
+    self.assertEqual(
+      fcp.filter_key(flat, model.structure().group('c')), 'c/kernel'
+    )
+    pairs = [(0, 4), (2, 5)]
+    got = fcp.regularizer(model, {'c': pairs}, 0.1)(variables['params'])
+    k = np.asarray(flat['c/kernel'], np.float64).reshape(-1, model.widths[2])
+    want = 0.1 * sum(1 - np.corrcoef(k[:, a], k[:, b])[0, 1] for a, b in pairs)
+    self.assertAlmostEqual(float(got), want, places=5)
+
+  @parameterized.named_parameters(
+    ('cf_se', 'cf', SEMobile),
+    ('cf_densenet', 'cf', DenseBlock),
+    ('fcp_se', 'fcp', SEMobile),
+    ('fcp_densenet', 'fcp', DenseBlock),
+  )
+  def test_fold_methods_on_a_users_model(self, method, cls):
+    model = cls()
+    variables, x = _init(model)
+    out = methods.prune(
+      method,
+      model,
+      variables,
+      batches=_batches(),
+      recipe='prune:0.5',
+      groups='inner',
+    )
+    inner = [g.name for g in model.structure().groups if not g.stream]
+    self.assertEqual(sorted(out.plan.folds), sorted(inner))
+    self.assertLess(sum(out.model.widths), sum(model.widths))
+    mm, mv = slicing.mask(model, variables, out.plan)
+    self.assertLess(
+      _rel_err(out.model.apply(out.variables, x), mm.apply(mv, x)), 1e-5
+    )
+
+  @parameterized.parameters('cf', 'fcp')
+  def test_fold_methods_name_a_stream(self, method):
+    variables, _ = _init(Residual())
+    with self.assertRaisesRegex(
+      ValueError, r"Layer 'stream1' is a residual stream.*groups='inner'"
+    ):
+      methods.prune(
+        method, Residual(), variables, batches=_batches(), recipe='prune:0.5'
+      )
 
 
 def _conv(n, name):

@@ -42,18 +42,23 @@ Decisions (METHODS §3, issue 9):
   centre.
 """
 
+import functools
 from collections.abc import Mapping, Sequence
 
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 from jax import lax
 from scipy.sparse import csgraph
 
+from pfa_jax import models
 from pfa_jax import plan as plan_lib
 from pfa_jax.methods import base
 from pfa_jax.methods import compensation
+from pfa_jax.models import layers
+from pfa_jax.models import structure as structure_lib
 
 # ---------------------------------------------------------------------------
 # Streaming similarity.
@@ -314,8 +319,7 @@ def fold_matrix(keep, delegates: Mapping[int, int]) -> np.ndarray:
 def _check_groups(model, groups):
   s = model.structure()
   for name in groups:
-    g = s.group(name)
-    if g.stream or len(g.producers) != 1:
+    if s.group(name).stream:
       raise ValueError(
         f'Layer {name!r} is a residual stream: CF prunes single layers whose '
         "next layer has weights to fold into; use groups='inner'."
@@ -323,37 +327,96 @@ def _check_groups(model, groups):
   return s
 
 
-def collect(model, variables, batches, groups, hparams):
-  """Streams D for every group from its producer's output (post-ReLU).
+def _sown(model, variables, images) -> set[str]:
+  """The module paths that sow a PFA response (shapes only, no compute)."""
+  apply = functools.partial(
+    model.apply, train=False, mutable=[layers.RESPONSES]
+  )
+  _, state = jax.eval_shape(apply, models.model_variables(variables), images)
+  flat = traverse_util.flatten_dict(state.get(layers.RESPONSES, {}), sep='/')
+  return {k.removesuffix('/out') for k in flat}
 
-  A dense layer has no spatial map; its batch is taken as one "image" whose
-  positions are the batch's (unmasked) samples, so D is then the Pearson
-  correlation of the responses across samples, averaged over batches.
+
+def taps(model, variables, images, groups) -> dict[str, tuple[str, str]]:
+  """Where CF reads each group's maps: ``(kind, module path)``.
+
+  A group its model sows a response for (this package's layers, whose ReLU
+  is inside the module) is read at its producer's output, ``('out', path)``,
+  as the authors' code reads the layer's post-ReLU maps. Any other group (a
+  user's model, its structure discovered from the jaxpr) is read where its
+  first consumer reads it, ``('in', path)``: that layer's input restricted
+  to the group's channels, after whatever activation, BN or pooling the
+  model applies in between. It is the tap :func:`pfa_jax.models.responses`
+  uses for PFA.
+  """
+  s = model.structure()
+  sown = _sown(models.unfolded(model), variables, images)
+  out = {}
+  for name in groups:
+    g = s.group(name)
+    if name in sown and len(g.producers) == 1:
+      out[name] = ('out', g.producers[0])
+    elif g.consumers:
+      out[name] = ('in', structure_lib.as_consumer(g.consumers[0]).path)
+    else:
+      raise ValueError(
+        f'Layer {name!r}: {type(model).__name__} sows no response for it and '
+        'it has no consumer layer, so CF has no maps to read.'
+      )
+  return out
+
+
+def _maps(model, where, readers, widths, variables, images):
+  """Every group's maps at its tap (pure; jit it with the first four bound)."""
+  ins, outs = compensation.capture(
+    model,
+    variables,
+    images,
+    inputs_of=sorted({p for k, p in where.values() if k == 'in'}),
+    outputs_of=sorted({p for k, p in where.values() if k == 'out'}),
+  )
+  out = {}
+  for n, (kind, path) in where.items():
+    if kind == 'out':
+      out[n] = outs[path]
+    else:  # [N, P, C]: the consumer's input as maps of the group's channels
+      out[n] = compensation.channel_rows(ins[path], readers[n], widths[n])
+  return out
+
+
+def collect(model, variables, batches, groups, hparams):
+  """Streams D for every group from its post-ReLU maps (see :func:`taps`).
+
+  A map of one position (a dense layer, or a group its consumer reads after
+  a global pooling) has no spatial extent; its batch is then taken as one
+  "image" whose positions are the batch's (unmasked) samples, so D is the
+  Pearson correlation of the responses across samples, averaged over
+  batches.
   """
   s = _check_groups(model, groups)
-  prods = {n: s.group(n).producers[0] for n in groups}
   widths = {g.name: int(model.widths[g.index]) for g in s.groups}
-
-  @jax.jit
-  def outputs(variables, images):
-    _, outs = compensation.capture(
-      model, variables, images, outputs_of=sorted(set(prods.values()))
-    )
-    return outs
-
+  readers = {
+    n: structure_lib.as_consumer(s.group(n).consumers[0])
+    for n in groups
+    if s.group(n).consumers
+  }
   states = {n: similarity_init(widths[n]) for n in groups}
-  seen = 0
+  maps, seen = None, 0
   for i, batch in enumerate(batches):
     if i >= int(hparams['num_batches']):
       break
     images = jnp.asarray(batch['image'])
     mask = batch.get('mask')
     mask = np.ones(images.shape[0], bool) if mask is None else np.asarray(mask)
-    outs = outputs(variables, images)
+    if maps is None:
+      where = taps(model, variables, images, groups)
+      maps = jax.jit(functools.partial(_maps, model, where, readers, widths))
+    got = maps(variables, images)
     for n in groups:
-      x = outs[prods[n]]
-      if x.ndim == 2:  # dense: samples are the positions of one map
-        x = jnp.asarray(np.asarray(x)[mask != 0])[None]
+      x = got[n]
+      x = x.reshape(x.shape[0], -1, x.shape[-1])  # [N, P, C]
+      if x.shape[1] == 1:  # one position: the samples are the positions
+        x = jnp.asarray(np.asarray(x)[mask != 0, 0])[None]
         states[n] = similarity_update(states[n], x)
       else:
         states[n] = similarity_update(states[n], x, jnp.asarray(mask))

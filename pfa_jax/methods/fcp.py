@@ -110,30 +110,58 @@ def pair_regularizer(kernel, pairs: Sequence[tuple[int, int]], lam: float):
   return lam * jnp.sum(1.0 - corr)
 
 
+def filter_key(flat: Mapping[str, jax.Array], group) -> str:
+  """The ``'/'``-joined params key of the kernel whose filters FCP pairs.
+
+  A group's producers may include per-channel modules beside its layer: a BN
+  of its own, a depthwise conv after it (discovered structures of users'
+  models have both). The filters are those of the one producer kernel that
+  mixes input channels; a lone kernel counts even with one input (a first
+  layer on grey images).
+
+  Raises:
+    ValueError: for a residual stream, or a group with no such kernel.
+  """
+  if group.stream:
+    raise ValueError(
+      f'Layer {group.name!r} is a residual stream; FCP pairs the filters of '
+      "one layer and folds into next-layer weights: use groups='inner'."
+    )
+  kernels = {
+    k: v
+    for prod in group.producers
+    for k, v in flat.items()
+    if k.startswith(prod + '/') and k.endswith('kernel')
+  }
+  if len(kernels) > 1:  # drop depthwise kernels: [kh, kw, 1, C]
+    kernels = {k: v for k, v in kernels.items() if v.shape[-2] > 1}
+  if len(kernels) != 1:
+    raise ValueError(
+      f'Layer {group.name!r}: FCP needs one producer kernel that mixes '
+      f'channels, found {sorted(kernels) or "none"} among its producers '
+      f'{list(group.producers)}.'
+    )
+  return next(iter(kernels))
+
+
 def regularizer(model, pairs: Mapping[str, Sequence], lam: float):
   """``params -> Σ_groups pair_regularizer`` for the train loop's loss.
 
-  ``pairs`` maps a group to its pairs; the group's single producer kernel
-  (``<producer>/conv/kernel`` or ``.../dense/kernel``) is regularised.
+  ``pairs`` maps a group to its pairs; the group's filter kernel
+  (:func:`filter_key`) is regularised.
   """
   s = model.structure()
-  paths = {}
-  for name in pairs:
-    prods = s.group(name).producers
-    if len(prods) != 1:
-      raise ValueError(
-        f'Layer {name!r} has {len(prods)} producers; FCP pairs filters of one '
-        'layer (use inner groups).'
-      )
-    paths[name] = prods[0]
+  groups = {name: s.group(name) for name in pairs}
+  for g in groups.values():
+    if g.stream:
+      filter_key({}, g)  # raises, naming the stream
 
   def fn(params):
     flat = traverse_util.flatten_dict(params, sep='/')
     total = 0.0
-    for name, prod in paths.items():
-      kern = [v for k, v in flat.items() if k.startswith(prod + '/')]
-      kern = [v for v in kern if v.ndim >= 2]
-      total = total + pair_regularizer(kern[0], pairs[name], lam)
+    for name, g in groups.items():
+      kern = flat[filter_key(flat, g)]
+      total = total + pair_regularizer(kern, pairs[name], lam)
     return total
 
   return fn
@@ -173,18 +201,7 @@ def pair_fold(cov, mean, keep, pairs) -> plan_lib.Fold:
 
 def _kernel(model, variables, name):
   flat = traverse_util.flatten_dict(variables['params'], sep='/')
-  prod = model.structure().group(name).producers
-  if len(prod) != 1:
-    raise ValueError(
-      f'Layer {name!r} has {len(prod)} producers (a residual stream?); FCP '
-      "pairs the filters of one layer: use groups='inner'."
-    )
-  kern = [
-    v
-    for k, v in flat.items()
-    if k.startswith(prod[0] + '/') and k.endswith('kernel')
-  ]
-  return np.asarray(kern[0])
+  return np.asarray(flat[filter_key(flat, model.structure().group(name))])
 
 
 def round_pairs(model, variables, groups, num_pairs: int) -> dict:
