@@ -59,10 +59,7 @@ def run(config, workdir: str) -> dict:
     schedules.check(config)
   from pfa_jax import models  # noqa: PLC0415
 
-  if config.model.name not in models.MODELS:
-    raise ValueError(
-      f'Unknown model {config.model.name!r}; known: {sorted(models.MODELS)}.'
-    )
+  models.resolve(config.model.name)  # Unknown model or class: fail now.
   train.distill_settings(config)  # Bad distill.weight/temperature: fail now.
   if config.job in ('train', 'all'):
     check_model_config(config)

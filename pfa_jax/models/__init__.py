@@ -1,12 +1,20 @@
 """Model registry: ``get_model(name, *, num_classes, widths=None, **kw)``.
 
 Every model is a flax linen module with a ``widths`` field (one entry per
-prunable group, see :mod:`pfa_jax.models.structure`) and a ``structure()``
-method, called as ``model.apply(variables, x, train=...)`` on NHWC images.
-A pruned network is the same class with other widths.
+prunable group, see :mod:`pfa_jax.models.structure`), a ``num_classes``
+field and a ``structure()`` method, called as
+``model.apply(variables, x, train=...)`` on NHWC images. A pruned network is
+the same class with other widths.
+
+``name`` is a registered model (``MODELS``) or a user's own class as an
+import path, ``'module:Class'`` (e.g. ``'experiments.user_model:BranchyCNN'``,
+whose ``structure()`` comes from :mod:`pfa_jax.discover`). Architectures
+(:func:`arch_of`) name a user's class by that path, so a checkpoint of it is
+restored in a new process by importing it.
 """
 
 import dataclasses
+import importlib
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -57,6 +65,61 @@ MODELS: dict[str, tuple[type, dict[str, Any]]] = {
   ),
 }
 _CLASSES = {c.__name__: c for c, _ in MODELS.values()}
+_NEEDS = ('widths', 'num_classes')  # fields every model class has
+
+
+def resolve(name: str) -> tuple[type, dict[str, Any]]:
+  """``(class, fixed fields)`` of a registered name or a ``'module:Class'``.
+
+  Raises:
+    ValueError: an unknown name, a module that does not import, no such
+      class, or a class without a ``widths`` / ``num_classes`` field or a
+      ``structure()`` method; the message names what is missing.
+  """
+  if isinstance(name, str) and name in MODELS:
+    return MODELS[name]
+  if not isinstance(name, str) or ':' not in name:
+    raise ValueError(
+      f'Unknown model {name!r}; known models: {", ".join(sorted(MODELS))}; '
+      "or a flax module of your own as 'module:Class'."
+    )
+  module, _, qualname = name.partition(':')
+  try:
+    obj = importlib.import_module(module)
+  except ImportError as e:
+    raise ValueError(
+      f'Model {name!r}: cannot import module {module!r} ({e}). Run from the '
+      'directory that holds it, or put it on PYTHONPATH.'
+    ) from None
+  for part in qualname.split('.'):
+    obj = getattr(obj, part, None)
+  if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
+    hint = (
+      ' A class defined in a script run as __main__ exists only in that '
+      'process: define it in a module to train or restore it by name.'
+      if module == '__main__'
+      else ''
+    )
+    raise ValueError(
+      f'Model {name!r}: module {module!r} has no flax module class '
+      f'{qualname!r}.{hint}'
+    )
+  fields = {f.name for f in dataclasses.fields(obj)}
+  lacks = [f'a {n!r} field' for n in _NEEDS if n not in fields]
+  if not callable(getattr(obj, 'structure', None)):
+    lacks.append('a structure() method (pfa_jax.discover.cached gives one)')
+  if lacks:
+    raise ValueError(f'Model {name!r} lacks {", ".join(lacks)}.')
+  return obj, {}
+
+
+def class_name(cls: type) -> str:
+  """How an architecture names ``cls``: this package's by class name."""
+  if _CLASSES.get(cls.__name__) is cls:
+    return cls.__name__
+  return f'{cls.__module__}:{cls.__qualname__}'
+
+
 _COLLECTIONS = ('params', 'batch_stats', 'consts')
 
 
@@ -71,13 +134,15 @@ def get_model(
   """Builds a registered model.
 
   Args:
-    name: one of ``MODELS``.
+    name: one of ``MODELS``, or a class of the user's as ``'module:Class'``.
     num_classes: size of the classifier output.
     widths: per-group widths, as a layer tree ``{name: width}`` (unnamed
       groups keep their default) or a full tuple in structure order.
     width_mult: scales every default width (rounded, at least 1), for
       narrower variants such as the CPU demo's.
     **kw: other module fields (``tap``, ``conv_impl``, ``dropout``, ...).
+      ``conv_impl='auto'`` (the configs' default: the best path there is)
+      is dropped for a class without that field, which has one path.
 
   Returns:
     The flax module.
@@ -86,10 +151,7 @@ def get_model(
     ValueError: unknown name or field, ``num_classes`` < 1, ``width_mult``
       <= 0, or widths of the wrong count or not ints >= 1 (naming the group).
   """
-  if name not in MODELS:
-    raise ValueError(
-      f'Unknown model {name!r}; known models: {", ".join(sorted(MODELS))}.'
-    )
+  cls, fixed = resolve(name)
   if not _is_int(num_classes) or num_classes < 1:
     raise ValueError(
       f'Model {name!r}: num_classes must be an int >= 1, got {num_classes!r}.'
@@ -104,8 +166,9 @@ def get_model(
       f'Model {name!r}: width_mult must be a finite number > 0, got '
       f'{width_mult!r}.'
     )
-  cls, fixed = MODELS[name]
   fields = {f.name for f in dataclasses.fields(cls)} - {'parent', 'name'}
+  if 'conv_impl' not in fields and kw.get('conv_impl') == 'auto':
+    kw = {k: v for k, v in kw.items() if k != 'conv_impl'}
   bad = sorted(set(kw) - fields)
   if bad:
     raise ValueError(
@@ -120,6 +183,11 @@ def get_model(
     check_widths(model, args['widths'], label=name)
     model = model.clone(widths=tuple(int(w) for w in args['widths']))
   if model.widths is None:  # ResNet: materialise the default widths
+    if not hasattr(model, 'default_widths'):
+      raise ValueError(
+        f'Model {name!r}: its widths field has no default; give one, or '
+        'pass widths.'
+      )
     model = model.clone(widths=model.default_widths())
   if width_mult != 1.0:
     scaled = tuple(max(1, round(w * width_mult)) for w in model.widths)
@@ -219,19 +287,23 @@ def arch_of(model: nn.Module) -> dict[str, Any]:
     if f.name in ('parent', 'name'):
       continue
     kwargs[f.name] = _to_json(getattr(model, f.name))
-  return {'class': type(model).__name__, 'kwargs': kwargs}
+  return {'class': class_name(type(model)), 'kwargs': kwargs}
 
 
 def from_arch(arch: Mapping[str, Any]) -> nn.Module:
-  """Inverse of :func:`arch_of`."""
+  """Inverse of :func:`arch_of` (imports a user's ``'module:Class'``)."""
   cls_name = arch.get('class')
-  if cls_name not in _CLASSES:
+  if cls_name in _CLASSES:
+    cls = _CLASSES[cls_name]
+  elif isinstance(cls_name, str) and ':' in cls_name:
+    cls, _ = resolve(cls_name)
+  else:
     raise ValueError(
       f'Architecture names unknown model class {cls_name!r}; known: '
-      f'{sorted(_CLASSES)}.'
+      f"{sorted(_CLASSES)}, or a user's class as 'module:Class'."
     )
   kwargs = {k: _from_json(v) for k, v in arch['kwargs'].items()}
-  return _CLASSES[cls_name](**kwargs)
+  return cls(**kwargs)
 
 
 def _to_json(v):
@@ -322,9 +394,11 @@ __all__ = [
   'arch_of',
   'check_input',
   'check_widths',
+  'class_name',
   'from_arch',
   'get_model',
   'init',
+  'resolve',
   'responses',
   'model_variables',
   'widths_of',
