@@ -30,6 +30,7 @@ user's own Flax CNN gets its structure without writing one
 to the groups by 2 log2(n) abstract inits with some widths bumped by one.
 """
 
+import collections
 import dataclasses
 import functools
 from collections.abc import Sequence
@@ -65,6 +66,10 @@ _REDUCE = frozenset(
 _CUMULATIVE = frozenset('cumsum cumprod cummax cummin cumlogsumexp'.split())
 # Call-like primitives whose sub-jaxpr takes the equation's operands as they
 # are (scan, while and cond slice or select them, so they stay unsupported).
+# Ops that carry a leaf (or a layer's output) through unchanged in value.
+_CARRY = frozenset(
+  ('reshape', 'broadcast_in_dim', 'convert_element_type', 'squeeze')
+)
 _CALLS = frozenset(
   'jit pjit closed_call core_call named_call remat remat2 checkpoint '
   'custom_jvp_call custom_vjp_call custom_vjp_call_jaxpr'.split()
@@ -127,6 +132,9 @@ class _Spaces:
     # (params space, concatenation) pairs: leaves that hold a concat's
     # channels (a BN after a DenseNet concat), one slice per part.
     self.shared: list[tuple[int, _Cat]] = []
+    # (layer, BN module, the values between them): see _Tracer._follow.
+    self.bn_after: list[tuple[str, str, tuple]] = []
+    self.reads: collections.Counter = collections.Counter()
 
   def new(self, size, leaf=None) -> int:
     self.parent.append(len(self.parent))
@@ -192,6 +200,10 @@ class _Spaces:
     return None
 
 
+def _literal(v) -> bool:
+  return isinstance(v, jex.Literal)
+
+
 def _leaf_key(path) -> str:
   return '/'.join(str(getattr(k, 'key', k)) for k in path)
 
@@ -204,6 +216,9 @@ class _Tracer:
     self.labels: dict[Any, tuple] = {}
     self.kind: dict[Any, str] = {}  # 'act' | 'param' | 'const'
     self.taint: dict[Any, frozenset] = {}  # consts leaves a value reads
+    # ('leaf', key): a reshape / broadcast / cast of one variable leaf;
+    # ('layer', path, values): a layer's output, plus its own bias at most.
+    self.origin: dict[Any, tuple] = {}
 
   def read(self, v):
     if isinstance(v, jex.Literal):
@@ -226,7 +241,43 @@ class _Tracer:
       self.write(v, lab, k, t)
     for eqn in jaxpr.eqns:
       self.eqn(eqn)
+    self.s.reads.update(v for v in jaxpr.outvars if not _literal(v))
     return [self.read(v) for v in jaxpr.outvars]
+
+  def _follow(self, eqn, name):
+    """Tracks layer outputs into the BN that reads them (``bn_after``).
+
+    A conv or dense output, plus its own bias, that a BN's mean is
+    subtracted from is that BN's input; every value on the way must have no
+    other reader (checked when the walk ends), so the BN sees all of it.
+    """
+    self.s.reads.update(v for v in eqn.invars if not _literal(v))
+    if len(eqn.outvars) != 1:
+      return
+    ins = [None if _literal(v) else self.origin.get(v) for v in eqn.invars]
+    leaves = [o[1] for o in ins if o and o[0] == 'leaf']
+    layers = [o for o in ins if o and o[0] == 'layer']
+    out = eqn.outvars[0]
+    if name in _CARRY and len(ins) == 1 and ins[0]:
+      if ins[0][0] == 'leaf':
+        self.origin[out] = ins[0]
+      elif name == 'convert_element_type':  # a layer's output, recast
+        self.origin[out] = (*ins[0][:2], (*ins[0][2], out))
+    elif name in ('conv_general_dilated', 'dot_general'):
+      kernels = [k for k in leaves if k.startswith('params/')]
+      if len(kernels) == 1 and kernels[0].endswith('/kernel'):
+        self.origin[out] = ('layer', _module(kernels[0]), (out,))
+    elif name in ('add', 'sub') and len(layers) == 1 and len(leaves) == 1:
+      (_, path, values), key = layers[0], leaves[0]
+      if name == 'add' and key == f'params/{path}/bias':
+        self.origin[out] = ('layer', path, (*values, out))
+      elif (
+        name == 'sub'
+        and ins[0] is layers[0]
+        and key.startswith('batch_stats/')
+        and key.endswith('/mean')
+      ):
+        self.s.bn_after.append((path, _module(key), values))
 
   # -- one equation --------------------------------------------------------
   def eqn(self, eqn):
@@ -241,6 +292,7 @@ class _Tracer:
     kind = 'act' if 'act' in kinds else 'param' if 'param' in kinds else 'const'
     taint = frozenset().union(*(t for _, _, t in ins))
     name = eqn.primitive.name
+    self._follow(eqn, name)
     sub = self._sub_jaxpr(eqn, shapes)
     if sub is not None:
       outs = self.run(
@@ -584,6 +636,8 @@ def _trace(model, variables, sample, kw):
       f'discover: {type(model).__name__}.apply closed over {n_const} '
       'unexpected inputs.'
     )
+  for v, (path, _) in zip(jaxpr.invars, leaves):
+    tracer.origin[v] = ('leaf', _leaf_key(path))
   outs = tracer.run(jaxpr, in_labels, in_kinds, in_taints)
   head = []
   for labels, _, _ in outs:
@@ -705,10 +759,20 @@ def discover(
     )
     head = mods[0] if len(mods) == 1 else ''
   return Discovery(
-    structure_lib.Structure(tuple(groups), index_maps, head),
+    structure_lib.Structure(tuple(groups), index_maps, head, _bn_after(spaces)),
     {f.name: spaces.nodes[f.root].size for f in kept},
     pinned,
   )
+
+
+def _bn_after(spaces) -> tuple[tuple[str, str], ...]:
+  """(layer, BN) pairs whose values between them have no other reader."""
+  found = {}
+  for layer, bn, values in spaces.bn_after:
+    ok = all(spaces.reads[v] == 1 for v in values)
+    found.setdefault(layer, set()).add(bn if ok else None)
+  pairs = [(k, bns.pop()) for k, bns in found.items() if len(bns) == 1]
+  return tuple(sorted((k, b) for k, b in pairs if b is not None))
 
 
 def _through_ones(model, sample, kw) -> Discovery:
@@ -790,9 +854,7 @@ def _through_ones(model, sample, kw) -> Discovery:
         'part of it that is not a group. Trace it with widths >= 2.'
       )
   return Discovery(
-    structure_lib.Structure(
-      tuple(groups), d.structure.index_maps, d.structure.head
-    ),
+    dataclasses.replace(d.structure, groups=tuple(groups)),
     {g.name: int(model.widths[g.index]) for g in groups},
     d.pinned,
   )

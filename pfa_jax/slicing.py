@@ -188,12 +188,17 @@ def merged(edits: list[Edit], variables) -> list[Edit]:
   return out
 
 
-def _offset_target(name, cons_path, flat_params, flat_stats):
-  """Where a fold's constant goes: the consumer's bias, or its BN's mean."""
+def _offset_target(name, cons_path, flat_params, flat_stats, bn_after):
+  """Where a fold's constant goes: the consumer's bias, or its BN's mean.
+
+  The BN is the structure's ``bn_after`` entry for the consumer, or this
+  package's ``<parent>/bn``.
+  """
   bias = f'{cons_path}/bias'
   if bias in flat_params:
     return 'params', bias, 1.0
-  mean = f'{cons_path.rpartition("/")[0]}/bn/mean'
+  bn = dict(bn_after).get(cons_path, f'{cons_path.rpartition("/")[0]}/bn')
+  mean = f'{bn}/mean'
   if mean in flat_stats:
     return 'batch_stats', mean, -1.0  # BN subtracts its mean
   raise ValueError(
@@ -254,7 +259,7 @@ def apply_folds(model: nn.Module, variables, plan) -> dict:
       flat['params'][path] = w.astype(dtype)
       if offset is not None:
         coll, leaf, sign = _offset_target(
-          name, cons.path, flat['params'], flat['batch_stats']
+          name, cons.path, flat['params'], flat['batch_stats'], s.bn_after
         )
         delta = np.einsum('r,...ro->...o', offset, wr)
         delta = delta.reshape(-1, delta.shape[-1]).sum(0)

@@ -201,6 +201,33 @@ def _by_hand_dense(w):
   )
 
 
+class BiasFree(nn.Module):
+  """Bias-free convs, each followed by its BN module (the usual wiring)."""
+
+  widths: tuple[int, ...] = (6, 5)
+  num_classes: int = 3
+  wiring: str = 'direct'  # b_bn reads b's output: directly / after a ReLU
+  # / as well as the add that follows it
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    bn = functools.partial(_bn, train=train)
+    h = nn.Conv(self.widths[0], (3, 3), use_bias=False, name='a')(x)
+    h = nn.relu(bn('a_bn')(h))
+    y = nn.Conv(self.widths[1], (1, 1), use_bias=False, name='b')(h)
+    if self.wiring == 'direct':
+      h = bn('b_bn')(y)
+    elif self.wiring == 'relu_first':
+      h = bn('b_bn')(nn.relu(y))
+    else:
+      h = bn('b_bn')(y) + y
+    h = nn.relu(h)
+    return nn.Dense(self.num_classes, name='out')(jnp.mean(h, (1, 2)))
+
+  def structure(self):
+    return _discovered(self)
+
+
 def _by_hand_branchy(w):
   cat = w[0] + w[1]
   return structure_lib.Structure(
@@ -690,6 +717,60 @@ class UserModelsTest(parameterized.TestCase):
     self.assertLess(
       _rel_err(out.model.apply(out.variables, x), mm.apply(mv, x)), 1e-5
     )
+
+  @parameterized.parameters(
+    ('direct', (('a', 'a_bn'), ('b', 'b_bn'))),
+    ('relu_first', (('a', 'a_bn'),)),
+    ('shared', (('a', 'a_bn'),)),
+  )
+  def test_bn_after_a_layer_reads_only_its_output(self, wiring, want):
+    found = discover.discover(BiasFree(wiring=wiring), SHAPE)
+    self.assertEqual(found.structure.bn_after, want)
+
+  @parameterized.parameters('fcp', 'ls')
+  def test_fold_offset_goes_to_the_bn_after_a_bias_free_layer(self, method):
+    # Channel 3 of group 'a' is, after a_bn and the ReLU, 0.5 x channel 1 +
+    # 1: its filter is 0.01 x filter 1 (L1 drops it, FCP pairs it) and a_bn
+    # undoes the scale; a large BN bias keeps both channels above zero. The
+    # fold's constant must go into b_bn's mean, as 'b' has no bias; b is
+    # 1x1, so zero padding adds no error and the fold is exact.
+    model = BiasFree()
+    variables, x = _init(model)
+    alpha, beta, gamma, eps = 0.5, 1.0, 0.01, 1e-5  # flax BN's epsilon
+    p = flax.traverse_util.flatten_dict(variables['params'], sep='/')
+    bs = flax.traverse_util.flatten_dict(variables['batch_stats'], sep='/')
+    p = {k: np.array(v) for k, v in p.items()}
+    bs = {k: np.array(v) for k, v in bs.items()}
+    p['a/kernel'][..., 3] = gamma * p['a/kernel'][..., 1]
+    p['a_bn/bias'][1] = 20.0
+    p['a_bn/scale'][3] = alpha * p['a_bn/scale'][1]
+    p['a_bn/bias'][3] = alpha * p['a_bn/bias'][1] + beta
+    bs['a_bn/mean'][3] = gamma * bs['a_bn/mean'][1]
+    bs['a_bn/var'][3] = gamma**2 * (bs['a_bn/var'][1] + eps) - eps
+    variables = {
+      'params': flax.traverse_util.unflatten_dict(p, sep='/'),
+      'batch_stats': flax.traverse_util.unflatten_dict(bs, sep='/'),
+    }
+    kw = dict(recipe={'a': model.widths[0] - 1}, groups=['a'])
+    if method == 'fcp':
+      out = methods.prune('fcp', model, variables, batches=_batches(), **kw)
+      self.assertEqual(out.report['pairs']['a'], [[1, 3]])
+    else:
+      out = methods.prune(
+        'l1',
+        model,
+        variables,
+        batches=_batches(),
+        compensation='ls',
+        ridge=0.0,
+        **kw,
+      )
+      np.testing.assert_array_equal(out.keep['a'], [0, 1, 2, 4, 5])
+    x = _batches(n=1, size=4, seed=9)[0]['image']
+    full = model.apply(variables, x)
+    self.assertLess(_rel_err(out.model.apply(out.variables, x), full), 1e-4)
+    pm, pv = slicing.prune(model, variables, out.plan.keep)
+    self.assertGreater(_rel_err(pm.apply(pv, x), full), 1e-3)
 
   @parameterized.parameters('cf', 'fcp')
   def test_fold_methods_name_a_stream(self, method):

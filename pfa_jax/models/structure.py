@@ -121,6 +121,11 @@ class Structure:
   # The module that writes the logits (its leaves' last axis is the
   # classes): what `slicing.restrict_classes` slices for a class subset.
   head: str = ''
+  # (layer, BN module) pairs: a BN that reads the layer's output, and only
+  # it, directly (after the layer's own bias at most), so a constant added
+  # to that output is absorbed by the BN's mean. Where a fold's offset goes
+  # for a bias-free layer; this package's layers put their BN at `../bn`.
+  bn_after: tuple[tuple[str, str], ...] = ()
 
   @property
   def names(self) -> tuple[str, ...]:
