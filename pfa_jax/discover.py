@@ -64,12 +64,12 @@ _REDUCE = frozenset(
   'argmax argmin'.split()
 )
 _CUMULATIVE = frozenset('cumsum cumprod cummax cummin cumlogsumexp'.split())
-# Call-like primitives whose sub-jaxpr takes the equation's operands as they
-# are (scan, while and cond slice or select them, so they stay unsupported).
 # Ops that carry a leaf (or a layer's output) through unchanged in value.
 _CARRY = frozenset(
   ('reshape', 'broadcast_in_dim', 'convert_element_type', 'squeeze')
 )
+# Call-like primitives whose sub-jaxpr takes the equation's operands as they
+# are (scan, while and cond slice or select them, so they stay unsupported).
 _CALLS = frozenset(
   'jit pjit closed_call core_call named_call remat remat2 checkpoint '
   'custom_jvp_call custom_vjp_call custom_vjp_call_jaxpr'.split()
