@@ -10,8 +10,11 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 import tensorflow_datasets as tfds
@@ -38,6 +41,24 @@ class ResNet(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     h = nn.relu(nn.Conv(self.widths[0], (3, 3), name='conv')(x))
+    return nn.Dense(self.num_classes, name='out')(jnp.mean(h, (1, 2)))
+
+  def structure(self):
+    return discover.cached(self, (1, 8, 8, 3)).structure
+
+
+class WithFunctions(nn.Module):
+  """A user's class with fields JSON cannot hold (an activation, a dtype)."""
+
+  widths: tuple[int, ...] = (4,)
+  num_classes: int = 2
+  act: Callable = nn.relu
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    h = nn.Conv(self.widths[0], (3, 3), dtype=self.dtype, name='conv')(x)
+    h = self.act(h)
     return nn.Dense(self.num_classes, name='out')(jnp.mean(h, (1, 2)))
 
   def structure(self):
@@ -77,6 +98,23 @@ class RegistryTest(absltest.TestCase):
     ours = models.get_model('resnet8', num_classes=3)
     self.assertEqual(models.arch_of(ours)['class'], 'ResNet')
     self.assertEqual(models.from_arch(models.arch_of(ours)), ours)
+
+
+class ArchTest(absltest.TestCase):
+  def test_fields_json_cannot_hold_are_left_to_their_defaults(self):
+    model = WithFunctions(widths=(3,))
+    arch = models.arch_of(model)
+    self.assertEqual(arch['kwargs'], {'widths': [3], 'num_classes': 2})
+    self.assertEqual(json.loads(json.dumps(arch)), arch)
+    x = jnp.ones((1, 8, 8, 3))
+    v = model.init(jax.random.key(0), x)
+    rebuilt = models.from_arch(arch)
+    self.assertIs(rebuilt.act, nn.relu)
+    np.testing.assert_array_equal(rebuilt.apply(v, x), model.apply(v, x))
+
+  def test_a_field_no_checkpoint_can_record_is_named(self):
+    with self.assertRaisesRegex(ValueError, r"field 'act' = .*gelu"):
+      models.arch_of(WithFunctions(act=nn.gelu))
 
 
 def _config(workdir_recipes):

@@ -15,6 +15,7 @@ restored in a new process by importing it.
 
 import dataclasses
 import importlib
+import json
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -281,13 +282,46 @@ def for_inference(model: nn.Module) -> nn.Module:
 
 
 def arch_of(model: nn.Module) -> dict[str, Any]:
-  """A JSON-serialisable description that :func:`from_arch` rebuilds."""
+  """A JSON-serialisable description that :func:`from_arch` rebuilds.
+
+  Every field is recorded, except one whose value is not JSON (a user's
+  ``act=nn.relu`` or ``dtype=jnp.float32``) and is its default, which the
+  rebuilt model takes again.
+
+  Raises:
+    ValueError: naming a field whose value is neither JSON nor its default
+      (no checkpoint could record it); the training and compression jobs
+      call this before any work.
+  """
   kwargs = {}
   for f in dataclasses.fields(model):
     if f.name in ('parent', 'name'):
       continue
-    kwargs[f.name] = _to_json(getattr(model, f.name))
+    value = _to_json(getattr(model, f.name))
+    try:
+      json.dumps(value)
+    except (TypeError, ValueError):
+      if _is_default(f, getattr(model, f.name)):
+        continue
+      raise ValueError(
+        f'{class_name(type(model))}: field {f.name!r} = {value!r} is not '
+        'JSON (ints, floats, strings, bools, None, tuples) and not its '
+        'default, so an architecture (a checkpoint) cannot record it; make '
+        'it the default or a JSON value.'
+      ) from None
+    kwargs[f.name] = value
   return {'class': class_name(type(model)), 'kwargs': kwargs}
+
+
+def _is_default(field: dataclasses.Field, value) -> bool:
+  if field.default is dataclasses.MISSING:
+    return False
+  if value is field.default:
+    return True
+  try:
+    return type(value) is type(field.default) and bool(value == field.default)
+  except Exception:  # noqa: BLE001 - an ambiguous comparison is no match
+    return False
 
 
 def from_arch(arch: Mapping[str, Any]) -> nn.Module:
