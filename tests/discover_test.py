@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import io
 import os
+from typing import Any
 
 import flax
 import flax.linen as nn
@@ -223,6 +224,50 @@ class BiasFree(nn.Module):
       h = bn('b_bn')(y) + y
     h = nn.relu(h)
     return nn.Dense(self.num_classes, name='out')(jnp.mean(h, (1, 2)))
+
+  def structure(self):
+    return _discovered(self)
+
+
+class _Block(nn.Module):
+  """flax/examples/imagenet's ResNetBlock, with its inner width apart."""
+
+  filters: int
+  inner: int
+  conv: Any
+  norm: Any
+  strides: tuple[int, int] = (1, 1)
+
+  @nn.compact
+  def __call__(self, x):
+    y = nn.relu(self.norm()(self.conv(self.inner, (3, 3), self.strides)(x)))
+    y = self.conv(self.filters, (3, 3))(y)
+    y = self.norm(scale_init=nn.initializers.zeros_init())(y)
+    if x.shape != y.shape:
+      x = self.conv(self.filters, (1, 1), self.strides, name='conv_proj')(x)
+      x = self.norm(name='norm_proj')(x)
+    return nn.relu(x + y)
+
+
+class FlaxExampleResNet(nn.Module):
+  """A ResNet as flax's own example writes it: nested blocks, automatic
+  module names, bias-free convs, projection shortcuts, zero-init BN."""
+
+  widths: tuple[int, ...] = (8, 6, 16, 12, 16, 12, 32, 24)  # stream, inner
+  num_classes: int = 5
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    conv = functools.partial(nn.Conv, use_bias=False)
+    norm = functools.partial(
+      nn.BatchNorm, use_running_average=not train, momentum=0.9
+    )
+    x = nn.relu(norm(name='bn_init')(conv(self.widths[0], (3, 3))(x)))
+    for i in range(4):
+      w, inner = self.widths[2 * i], self.widths[2 * i + 1]
+      strides = (2, 2) if i else (1, 1)
+      x = _Block(w, inner, conv, norm, strides)(x)
+    return nn.Dense(self.num_classes)(jnp.mean(x, axis=(1, 2)))
 
   def structure(self):
     return _discovered(self)
@@ -771,6 +816,56 @@ class UserModelsTest(parameterized.TestCase):
     self.assertLess(_rel_err(out.model.apply(out.variables, x), full), 1e-4)
     pm, pv = slicing.prune(model, variables, out.plan.keep)
     self.assertGreater(_rel_err(pm.apply(pv, x), full), 1e-3)
+
+  def test_flax_example_resnet(self):
+    model = FlaxExampleResNet()
+    s = model.structure()
+    blocks = [f'_Block_{i}' for i in range(4)]
+    self.assertEqual(
+      s.names,
+      tuple(
+        n
+        for i, b in enumerate(blocks)
+        for n in (f'stream{i + 1}', f'{b}/Conv_0')
+      ),
+    )
+    self.assertEqual(
+      sorted(s.group('stream2').producers),
+      sorted(
+        f'_Block_1/{m}'
+        for m in ('Conv_1', 'BatchNorm_1', 'conv_proj', 'norm_proj')
+      ),
+    )
+    self.assertEqual(
+      sorted(c.path for c in s.group('stream2').consumers),
+      ['_Block_2/Conv_0', '_Block_2/conv_proj'],
+    )
+    self.assertIn(('_Block_1/conv_proj', '_Block_1/norm_proj'), s.bn_after)
+    variables, x = _init(model)
+    batches = _batches(n=1)
+    for name, kw in (
+      ('pfa', dict(recipe='flops:0.5', groups='inner+stream')),
+      ('l1', dict(recipe='keep:0.5', compensation='ls')),
+      ('cf', dict(recipe='prune:0.5', groups='inner')),
+      ('fcp', dict(recipe='prune:0.5', groups='inner')),
+      ('slim', dict(recipe='prune:0.3')),
+    ):
+      with self.subTest(name):
+        out = methods.prune(name, model, variables, batches=batches, **kw)
+        self.assertLess(sum(out.model.widths), sum(model.widths))
+        mm, mv = slicing.mask(model, variables, out.plan)
+        self.assertLess(
+          _rel_err(out.model.apply(out.variables, x), mm.apply(mv, x)), 1e-5
+        )
+    fn = costs.cost_fn(model, SHAPE[1:], 'flops')
+    rng = np.random.default_rng(4)
+    for _ in range(3):
+      widths = {
+        n: int(rng.integers(1, model.widths[s.group(n).index] + 1))
+        for n in s.names
+      }
+      small = structure_lib.with_widths(model, widths)
+      self.assertEqual(fn(widths), costs.count(small, SHAPE[1:])['flops'])
 
   @parameterized.parameters('cf', 'fcp')
   def test_fold_methods_name_a_stream(self, method):
