@@ -65,6 +65,21 @@ class WithFunctions(nn.Module):
     return discover.cached(self, (1, 8, 8, 3)).structure
 
 
+class NoTrain(nn.Module):
+  """A user's class whose __call__ takes no ``train`` argument."""
+
+  widths: tuple[int, ...] = (4,)
+  num_classes: int = 2
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.relu(nn.Conv(self.widths[0], (3, 3))(x))
+    return nn.Dense(self.num_classes)(jnp.mean(h, (1, 2)))
+
+  def structure(self):
+    return discover.cached(self, (1, 8, 8, 3)).structure
+
+
 class RegistryTest(absltest.TestCase):
   def test_import_path_builds_the_class(self):
     m = models.get_model(_PATH, num_classes=7, width_mult=0.5, conv_impl='auto')
@@ -80,6 +95,7 @@ class RegistryTest(absltest.TestCase):
       ('experiments.user_model:Nope', "has no flax module class 'Nope'"),
       ('flax.linen:Dense', r"lacks a 'widths' field, a 'num_classes' field"),
       ('__main__:Net', 'exists only in that process'),
+      (f'{__name__}:NoTrain', r'lacks a `train` argument to __call__'),
     ]
     for name, pattern in cases:
       with self.subTest(name), self.assertRaisesRegex(ValueError, pattern):

@@ -15,6 +15,7 @@ restored in a new process by importing it.
 
 import dataclasses
 import importlib
+import inspect
 import json
 import math
 from collections.abc import Mapping
@@ -109,6 +110,11 @@ def resolve(name: str) -> tuple[type, dict[str, Any]]:
   lacks = [f'a {n!r} field' for n in _NEEDS if n not in fields]
   if not callable(getattr(obj, 'structure', None)):
     lacks.append('a structure() method (pfa_jax.discover.cached gives one)')
+  params = inspect.signature(obj.__call__).parameters
+  if 'train' not in params and not any(
+    p.kind is p.VAR_KEYWORD for p in params.values()
+  ):
+    lacks.append('a `train` argument to __call__ (BN and dropout mode)')
   if lacks:
     raise ValueError(f'Model {name!r} lacks {", ".join(lacks)}.')
   return obj, {}
