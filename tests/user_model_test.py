@@ -80,6 +80,20 @@ class NoTrain(nn.Module):
     return discover.cached(self, (1, 8, 8, 3)).structure
 
 
+class NoDefaultWidths(nn.Module):
+  """A user's class whose widths have no default."""
+
+  widths: tuple[int, ...] | None = None
+  num_classes: int = 2
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    return nn.Dense(self.num_classes)(jnp.mean(x, (1, 2)))
+
+  def structure(self):
+    return discover.cached(self, (1, 8, 8, 3)).structure
+
+
 class RegistryTest(absltest.TestCase):
   def test_import_path_builds_the_class(self):
     m = models.get_model(_PATH, num_classes=7, width_mult=0.5, conv_impl='auto')
@@ -96,6 +110,7 @@ class RegistryTest(absltest.TestCase):
       ('flax.linen:Dense', r"lacks a 'widths' field, a 'num_classes' field"),
       ('__main__:Net', 'exists only in that process'),
       (f'{__name__}:NoTrain', r'lacks a `train` argument to __call__'),
+      (f'{__name__}:NoDefaultWidths', 'its widths field has no default'),
     ]
     for name, pattern in cases:
       with self.subTest(name), self.assertRaisesRegex(ValueError, pattern):
