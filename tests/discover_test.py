@@ -330,6 +330,23 @@ def _rel_err(a, b):
   return float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-30))
 
 
+def _pruned_vs_masked(model, variables, out, x):
+  """Relative gap between a prune result and the masked dense network."""
+  mm, mv = slicing.mask(model, variables, out.plan)
+  return _rel_err(out.model.apply(out.variables, x), mm.apply(mv, x))
+
+
+def _exact_only_with_fold(model, variables, out) -> tuple[float, float]:
+  """(pruned with folds, pruned without) relative errors to the full net."""
+  x = _batches(n=1, size=4, seed=9)[0]['image']
+  full = model.apply(variables, x)
+  pm, pv = slicing.prune(model, variables, out.plan.keep)
+  return (
+    _rel_err(out.model.apply(out.variables, x), full),
+    _rel_err(pm.apply(pv, x), full),
+  )
+
+
 class RegisteredModelsTest(parameterized.TestCase):
   @parameterized.named_parameters(*[(n, n) for n in models.MODELS])
   def test_hand_written_structure_matches_jaxpr(self, name):
@@ -564,10 +581,7 @@ class UserModelsTest(parameterized.TestCase):
     )
     self.assertLess(sum(out.model.widths), sum(model.widths))
     x = batches[0]['image'][:4]
-    mm, mv = slicing.mask(model, variables, out.plan)
-    self.assertLess(
-      _rel_err(out.model.apply(out.variables, x), mm.apply(mv, x)), 1e-5
-    )
+    self.assertLess(_pruned_vs_masked(model, variables, out, x), 1e-5)
 
   def test_slimming_reads_the_bns_after_a_concatenation(self):
     model = DenseBlock()
@@ -602,10 +616,7 @@ class UserModelsTest(parameterized.TestCase):
       if want.size == 0:
         want = np.array([np.argmax(score[n])])
       np.testing.assert_array_equal(out.keep[n], want, err_msg=n)
-    mm, mv = slicing.mask(model, variables, out.plan)
-    self.assertLess(
-      _rel_err(out.model.apply(out.variables, x), mm.apply(mv, x)), 1e-5
-    )
+    self.assertLess(_pruned_vs_masked(model, variables, out, x), 1e-5)
 
   @parameterized.named_parameters(
     ('branchy', Branchy), ('densenet', DenseBlock)
@@ -619,10 +630,7 @@ class UserModelsTest(parameterized.TestCase):
     ls = methods.prune('l1', model, variables, compensation='ls', **kw)
     plain = methods.prune('l1', model, variables, **kw)
     self.assertEqual(sorted(ls.plan.folds), sorted(model.structure().names))
-    mm, mv = slicing.mask(model, variables, ls.plan)
-    self.assertLess(
-      _rel_err(ls.model.apply(ls.variables, x), mm.apply(mv, x)), 1e-5
-    )
+    self.assertLess(_pruned_vs_masked(model, variables, ls, x), 1e-5)
     # The folds predict the removed channels: closer to the full network.
     full = model.apply(variables, x)
     self.assertLess(
@@ -642,13 +650,7 @@ class UserModelsTest(parameterized.TestCase):
     variables, x = _init(model)
     for name, recipe in (('l1', 'keep:0.5'), ('random', 'keep:0.5')):
       out = methods.prune(name, model, variables, recipe=recipe, rng=0)
-      masked = slicing.mask(model, variables, out.plan)
-      self.assertLess(
-        _rel_err(
-          out.model.apply(out.variables, x), masked[0].apply(masked[1], x)
-        ),
-        1e-5,
-      )
+      self.assertLess(_pruned_vs_masked(model, variables, out, x), 1e-5)
       self.assertLess(sum(out.model.widths), sum(model.widths))
 
   def test_cf_reads_the_maps_the_next_layer_reads(self):
@@ -718,11 +720,9 @@ class UserModelsTest(parameterized.TestCase):
       self.assertEqual(sorted([int(delegate[0]), delegate[1]]), [1, 3])
     else:
       self.assertEqual(out.report['pairs']['e'], [[1, 3]])  # 3 is smaller
-    x = _batches(n=1, size=4, seed=9)[0]['image']
-    full = model.apply(variables, x)
-    self.assertLess(_rel_err(out.model.apply(out.variables, x), full), 1e-4)
-    pm, pv = slicing.prune(model, variables, out.plan.keep)
-    self.assertGreater(_rel_err(pm.apply(pv, x), full), 1e-3)
+    with_fold, without = _exact_only_with_fold(model, variables, out)
+    self.assertLess(with_fold, 1e-4)
+    self.assertGreater(without, 1e-3)
 
   def test_fcp_pairs_the_layers_kernel_not_its_depthwise_one(self):
     # Group 'c' is written by conv 'c', depthwise 'dw' and BN 'dw_bn'.
@@ -758,10 +758,7 @@ class UserModelsTest(parameterized.TestCase):
     inner = [g.name for g in model.structure().groups if not g.stream]
     self.assertEqual(sorted(out.plan.folds), sorted(inner))
     self.assertLess(sum(out.model.widths), sum(model.widths))
-    mm, mv = slicing.mask(model, variables, out.plan)
-    self.assertLess(
-      _rel_err(out.model.apply(out.variables, x), mm.apply(mv, x)), 1e-5
-    )
+    self.assertLess(_pruned_vs_masked(model, variables, out, x), 1e-5)
 
   @parameterized.parameters(
     ('direct', (('a', 'a_bn'), ('b', 'b_bn'))),
@@ -811,11 +808,9 @@ class UserModelsTest(parameterized.TestCase):
         **kw,
       )
       np.testing.assert_array_equal(out.keep['a'], [0, 1, 2, 4, 5])
-    x = _batches(n=1, size=4, seed=9)[0]['image']
-    full = model.apply(variables, x)
-    self.assertLess(_rel_err(out.model.apply(out.variables, x), full), 1e-4)
-    pm, pv = slicing.prune(model, variables, out.plan.keep)
-    self.assertGreater(_rel_err(pm.apply(pv, x), full), 1e-3)
+    with_fold, without = _exact_only_with_fold(model, variables, out)
+    self.assertLess(with_fold, 1e-4)
+    self.assertGreater(without, 1e-3)
 
   def test_flax_example_resnet(self):
     model = FlaxExampleResNet()
@@ -853,10 +848,7 @@ class UserModelsTest(parameterized.TestCase):
       with self.subTest(name):
         out = methods.prune(name, model, variables, batches=batches, **kw)
         self.assertLess(sum(out.model.widths), sum(model.widths))
-        mm, mv = slicing.mask(model, variables, out.plan)
-        self.assertLess(
-          _rel_err(out.model.apply(out.variables, x), mm.apply(mv, x)), 1e-5
-        )
+        self.assertLess(_pruned_vs_masked(model, variables, out, x), 1e-5)
     fn = costs.cost_fn(model, SHAPE[1:], 'flops')
     rng = np.random.default_rng(4)
     for _ in range(3):

@@ -110,6 +110,14 @@ def pair_regularizer(kernel, pairs: Sequence[tuple[int, int]], lam: float):
   return lam * jnp.sum(1.0 - corr)
 
 
+def _check_not_stream(group) -> None:
+  if group.stream:
+    raise ValueError(
+      f'Layer {group.name!r} is a residual stream; FCP pairs the filters of '
+      "one layer and folds into next-layer weights: use groups='inner'."
+    )
+
+
 def filter_key(flat: Mapping[str, jax.Array], group) -> str:
   """The ``'/'``-joined params key of the kernel whose filters FCP pairs.
 
@@ -122,11 +130,7 @@ def filter_key(flat: Mapping[str, jax.Array], group) -> str:
   Raises:
     ValueError: for a residual stream, or a group with no such kernel.
   """
-  if group.stream:
-    raise ValueError(
-      f'Layer {group.name!r} is a residual stream; FCP pairs the filters of '
-      "one layer and folds into next-layer weights: use groups='inner'."
-    )
+  _check_not_stream(group)
   kernels = {
     k: v
     for prod in group.producers
@@ -153,8 +157,7 @@ def regularizer(model, pairs: Mapping[str, Sequence], lam: float):
   s = model.structure()
   groups = {name: s.group(name) for name in pairs}
   for g in groups.values():
-    if g.stream:
-      filter_key({}, g)  # raises, naming the stream
+    _check_not_stream(g)
 
   def fn(params):
     flat = traverse_util.flatten_dict(params, sep='/')

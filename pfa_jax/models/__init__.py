@@ -75,8 +75,9 @@ def resolve(name: str) -> tuple[type, dict[str, Any]]:
 
   Raises:
     ValueError: an unknown name, a module that does not import, no such
-      class, or a class without a ``widths`` / ``num_classes`` field or a
-      ``structure()`` method; the message names what is missing.
+      class, or a class without a ``widths`` / ``num_classes`` field, a
+      ``structure()`` method or a ``train`` argument; the message names
+      what is missing.
   """
   if isinstance(name, str) and name in MODELS:
     return MODELS[name]
@@ -303,11 +304,12 @@ def arch_of(model: nn.Module) -> dict[str, Any]:
   for f in dataclasses.fields(model):
     if f.name in ('parent', 'name'):
       continue
-    value = _to_json(getattr(model, f.name))
+    raw = getattr(model, f.name)
+    value = _to_json(raw)
     try:
       json.dumps(value)
     except (TypeError, ValueError):
-      if _is_default(f, getattr(model, f.name)):
+      if _is_default(f, raw):
         continue
       raise ValueError(
         f'{class_name(type(model))}: field {f.name!r} = {value!r} is not '
