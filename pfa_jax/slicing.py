@@ -188,11 +188,11 @@ def merged(edits: list[Edit], variables) -> list[Edit]:
   return out
 
 
-def _offset_target(name, cons_path, flat_params, flat_stats, bn_after):
+def _offset_target(cons_path, flat_params, flat_stats, bn_after):
   """Where a fold's constant goes: the consumer's bias, or its BN's mean.
 
   The BN is the structure's ``bn_after`` entry for the consumer, or this
-  package's ``<parent>/bn``.
+  package's ``<parent>/bn``. ``None`` where there is neither.
   """
   bias = f'{cons_path}/bias'
   if bias in flat_params:
@@ -201,10 +201,24 @@ def _offset_target(name, cons_path, flat_params, flat_stats, bn_after):
   mean = f'{bn}/mean'
   if mean in flat_stats:
     return 'batch_stats', mean, -1.0  # BN subtracts its mean
-  raise ValueError(
-    f'Layer {name!r}: consumer {cons_path!r} has neither a bias nor a '
-    'following BN to absorb the fold offset; use a fold without offset.'
-  )
+  return None
+
+
+def offset_free(model: nn.Module, variables, name: str) -> list[str]:
+  """Consumers of group ``name`` that cannot absorb a fold's constant.
+
+  A fold's offset goes to each consumer's bias or to the BN right after it;
+  a bias-free consumer with no such BN has nowhere to put it. Methods fit
+  their folds without an intercept for a group that has one of these.
+  """
+  s = model.structure()
+  flat = {c: _flat(variables, c) for c in _COLLECTIONS}
+  return [
+    c.path
+    for c in map(structure_lib.as_consumer, s.group(name).consumers)
+    if _offset_target(c.path, flat['params'], flat['batch_stats'], s.bn_after)
+    is None
+  ]
 
 
 def apply_folds(model: nn.Module, variables, plan) -> dict:
@@ -258,9 +272,16 @@ def apply_folds(model: nn.Module, variables, plan) -> dict:
       dtype = np.asarray(flat['params'][path]).dtype
       flat['params'][path] = w.astype(dtype)
       if offset is not None:
-        coll, leaf, sign = _offset_target(
-          name, cons.path, flat['params'], flat['batch_stats'], s.bn_after
+        target = _offset_target(
+          cons.path, flat['params'], flat['batch_stats'], s.bn_after
         )
+        if target is None:
+          raise ValueError(
+            f'Layer {name!r}: consumer {cons.path!r} has neither a bias nor '
+            'a following BN to absorb the fold offset; use a fold without '
+            'offset.'
+          )
+        coll, leaf, sign = target
         delta = np.einsum('r,...ro->...o', offset, wr)
         delta = delta.reshape(-1, delta.shape[-1]).sum(0)
         old = np.asarray(flat[coll][leaf])

@@ -131,6 +131,32 @@ class LsFoldTest(parameterized.TestCase):
       np.testing.assert_allclose(fold.matrix, coef[:-1].T, atol=1e-9)
       np.testing.assert_allclose(fold.offset, coef[-1], atol=1e-9)
 
+  @parameterized.parameters(0.0, 1e-3)
+  def test_without_intercept_matches_regression_through_the_origin(self, ridge):
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(150, 6)) @ rng.normal(size=(6, 6)) + 2.0
+    keep, removed = np.array([0, 1, 4]), np.array([2, 3, 5])
+    m = x.shape[0]
+    fold = compensation.ls_fold(
+      np.cov(x.T), x.mean(0), keep, ridge, intercept=False, count=m
+    )
+    self.assertIsNone(fold.offset)
+    # Reference: ridge regression without an intercept column on the raw
+    # samples, as an augmented float64 least-squares system.
+    xk, xr = x[:, keep], x[:, removed]
+    lam = ridge * np.trace(xk.T @ xk) / len(keep)
+    a = np.vstack([xk, np.sqrt(lam) * np.eye(len(keep))])
+    y = np.vstack([xr, np.zeros((len(keep), len(removed)))])
+    bt = np.linalg.lstsq(a, y, rcond=None)[0]
+    np.testing.assert_allclose(fold.matrix, bt.T, atol=1e-10)
+    # The explained share is of the second moment, from the residual.
+    resid = xr - xk @ fold.matrix.T
+    np.testing.assert_allclose(
+      compensation.explained(np.cov(x.T), keep, fold, x.mean(0), m),
+      1 - np.sum(resid**2) / np.sum(xr**2),
+      atol=1e-10,
+    )
+
   def test_singular_kept_covariance(self):
     rng = np.random.default_rng(1)
     x = rng.normal(size=(50, 3))

@@ -347,6 +347,49 @@ def _exact_only_with_fold(model, variables, out) -> tuple[float, float]:
   )
 
 
+def _scaled_channel(model, beta):
+  """``model``'s variables with channel 3 of group 'a', after a_bn and the
+  ReLU, equal to 0.5 x channel 1 + ``beta``: its filter is 0.01 x filter 1
+  (L1 drops it, FCP pairs it), a_bn undoes the scale, and a large BN bias
+  keeps both channels above zero."""
+  variables, _ = _init(model)
+  alpha, gamma, eps = 0.5, 0.01, 1e-5  # flax BN's epsilon
+  p = flax.traverse_util.flatten_dict(variables['params'], sep='/')
+  bs = flax.traverse_util.flatten_dict(variables['batch_stats'], sep='/')
+  p = {k: np.array(v) for k, v in p.items()}
+  bs = {k: np.array(v) for k, v in bs.items()}
+  p['a/kernel'][..., 3] = gamma * p['a/kernel'][..., 1]
+  p['a_bn/bias'][1] = 20.0
+  p['a_bn/scale'][3] = alpha * p['a_bn/scale'][1]
+  p['a_bn/bias'][3] = alpha * p['a_bn/bias'][1] + beta
+  bs['a_bn/mean'][3] = gamma * bs['a_bn/mean'][1]
+  bs['a_bn/var'][3] = gamma**2 * (bs['a_bn/var'][1] + eps) - eps
+  return {
+    'params': flax.traverse_util.unflatten_dict(p, sep='/'),
+    'batch_stats': flax.traverse_util.unflatten_dict(bs, sep='/'),
+  }
+
+
+def _fold_channel_3(model, variables, method):
+  """FCP, or L1 + exact LS, dropping channel 3 of group 'a'."""
+  kw = dict(recipe={'a': model.widths[0] - 1}, groups=['a'])
+  if method == 'fcp':
+    out = methods.prune('fcp', model, variables, batches=_batches(), **kw)
+    assert out.report['pairs']['a'] == [[1, 3]], out.report['pairs']
+    return out
+  out = methods.prune(
+    'l1',
+    model,
+    variables,
+    batches=_batches(),
+    compensation='ls',
+    ridge=0.0,
+    **kw,
+  )
+  np.testing.assert_array_equal(out.keep['a'], [0, 1, 2, 4, 5])
+  return out
+
+
 class RegisteredModelsTest(parameterized.TestCase):
   @parameterized.named_parameters(*[(n, n) for n in models.MODELS])
   def test_hand_written_structure_matches_jaxpr(self, name):
@@ -772,42 +815,33 @@ class UserModelsTest(parameterized.TestCase):
   @parameterized.parameters('fcp', 'ls')
   def test_fold_offset_goes_to_the_bn_after_a_bias_free_layer(self, method):
     # Channel 3 of group 'a' is, after a_bn and the ReLU, 0.5 x channel 1 +
-    # 1: its filter is 0.01 x filter 1 (L1 drops it, FCP pairs it) and a_bn
-    # undoes the scale; a large BN bias keeps both channels above zero. The
-    # fold's constant must go into b_bn's mean, as 'b' has no bias; b is
-    # 1x1, so zero padding adds no error and the fold is exact.
+    # 1. The fold's constant must go into b_bn's mean, as 'b' has no bias;
+    # b is 1x1, so zero padding adds no error and the fold is exact.
     model = BiasFree()
-    variables, x = _init(model)
-    alpha, beta, gamma, eps = 0.5, 1.0, 0.01, 1e-5  # flax BN's epsilon
-    p = flax.traverse_util.flatten_dict(variables['params'], sep='/')
-    bs = flax.traverse_util.flatten_dict(variables['batch_stats'], sep='/')
-    p = {k: np.array(v) for k, v in p.items()}
-    bs = {k: np.array(v) for k, v in bs.items()}
-    p['a/kernel'][..., 3] = gamma * p['a/kernel'][..., 1]
-    p['a_bn/bias'][1] = 20.0
-    p['a_bn/scale'][3] = alpha * p['a_bn/scale'][1]
-    p['a_bn/bias'][3] = alpha * p['a_bn/bias'][1] + beta
-    bs['a_bn/mean'][3] = gamma * bs['a_bn/mean'][1]
-    bs['a_bn/var'][3] = gamma**2 * (bs['a_bn/var'][1] + eps) - eps
-    variables = {
-      'params': flax.traverse_util.unflatten_dict(p, sep='/'),
-      'batch_stats': flax.traverse_util.unflatten_dict(bs, sep='/'),
-    }
-    kw = dict(recipe={'a': model.widths[0] - 1}, groups=['a'])
-    if method == 'fcp':
-      out = methods.prune('fcp', model, variables, batches=_batches(), **kw)
-      self.assertEqual(out.report['pairs']['a'], [[1, 3]])
-    else:
-      out = methods.prune(
-        'l1',
-        model,
-        variables,
-        batches=_batches(),
-        compensation='ls',
-        ridge=0.0,
-        **kw,
-      )
-      np.testing.assert_array_equal(out.keep['a'], [0, 1, 2, 4, 5])
+    variables = _scaled_channel(model, beta=1.0)
+    out = _fold_channel_3(model, variables, method)
+    self.assertIsNotNone(out.plan.folds['a'].offset)
+    with_fold, without = _exact_only_with_fold(model, variables, out)
+    self.assertLess(with_fold, 1e-4)
+    self.assertGreater(without, 1e-3)
+
+  @parameterized.parameters('fcp', 'ls')
+  def test_fold_without_a_place_for_its_offset_has_none(self, method):
+    # 'b' has no bias and its BN follows a ReLU: a constant has nowhere to
+    # go, so the fold goes through the origin. Channel 3 = 0.5 x channel 1
+    # exactly: that fold is exact (and was an error before).
+    model = BiasFree(wiring='relu_first')
+    variables = _scaled_channel(model, beta=0.0)
+    self.assertEqual(slicing.offset_free(model, variables, 'a'), ['b'])
+    out = _fold_channel_3(model, variables, method)
+    self.assertIsNone(out.plan.folds['a'].offset)
+    np.testing.assert_allclose(
+      out.plan.folds['a'].matrix, [[0.0, 0.5, 0.0, 0.0, 0.0]], atol=1e-5
+    )
+    if method == 'ls':
+      info = out.report['compensation_detail']['groups']['a']
+      self.assertFalse(info['intercept'])
+      self.assertAlmostEqual(info['explained_second_moment'], 1.0, 5)
     with_fold, without = _exact_only_with_fold(model, variables, out)
     self.assertLess(with_fold, 1e-4)
     self.assertGreater(without, 1e-3)

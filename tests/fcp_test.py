@@ -148,6 +148,20 @@ class FoldTest(absltest.TestCase):
     a, b = fcp.fold_pair(np.zeros((2, 2)), np.array([0.5, 1.5]), 0, 1)
     self.assertEqual((a, b), (0.0, 1.5))  # constant partner: the mean
 
+  def test_fold_pair_through_the_origin(self):
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(80, 3)) + 1.5
+    a, b = fcp.fold_pair(
+      np.cov(x.T), x.mean(0), 0, 2, intercept=False, count=80
+    )
+    self.assertIsNone(b)
+    self.assertAlmostEqual(a, x[:, 0] @ x[:, 2] / (x[:, 0] @ x[:, 0]), 12)
+    fold = fcp.pair_fold(
+      np.cov(x.T), x.mean(0), [0, 1], [(0, 2)], intercept=False, count=80
+    )
+    self.assertIsNone(fold.offset)
+    np.testing.assert_allclose(fold.matrix, [[a, 0.0]])
+
   def test_pair_fold_layout(self):
     cov = np.array([[2.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 0.0, 3.0]])
     fold = fcp.pair_fold(cov, np.array([1.0, 0.0, 2.0]), [0, 1], [(0, 2)])

@@ -41,6 +41,15 @@ Decisions:
   channel-last flatten are extra samples of the same channels, so the input
   ``[N, P·span]`` is read as ``[N·P, span]``.
 * An existing fold of a compensated group (CF's, FCP's) is replaced.
+* **No intercept where no consumer can take it.** The constant ``c`` goes
+  to each consumer's bias, or to the BN right after it
+  (:func:`pfa_jax.slicing.offset_free`). A group read by a bias-free layer
+  with no such BN is fitted through the origin from the second moments
+  instead (``intercept: false`` in the report); a constant in the removed
+  channels is then lost, as without compensation, while their variation
+  is still predicted.
+* **Unread groups** (a layer whose output nothing reads) have nothing to
+  fold into: skipped, and named in the report.
 """
 
 import functools
@@ -212,17 +221,34 @@ def _removed(width: int, keep) -> tuple[np.ndarray, np.ndarray]:
   return keep, np.setdiff1d(np.arange(width), keep)
 
 
-def ls_fold(cov, mean, keep, ridge: float = 1e-3) -> plan_lib.Fold:
+def second_moment(cov, mean, count=None) -> np.ndarray:
+  """``E[x xᵀ]`` from the unbiased covariance of ``count`` samples and their
+  mean (``count=None``: ``cov`` is the population covariance)."""
+  cov = np.asarray(cov, np.float64)
+  mean = np.asarray(mean, np.float64)
+  scale = 1.0 if count is None else (count - 1) / count
+  return scale * cov + np.outer(mean, mean)
+
+
+def ls_fold(
+  cov, mean, keep, ridge: float = 1e-3, *, intercept: bool = True, count=None
+):
   """Least-squares fold ``x_r ≈ B x_k + c`` from covariance and mean.
 
   Args:
     cov: [C, C] covariance of the consumer's input channels.
     mean: [C] their mean.
     keep: sorted kept channel indices.
-    ridge: λ = ridge · tr(Σ_kk) / n_k is added to Σ_kk's diagonal (>= 0).
+    ridge: λ = ridge · tr(A_kk) / n_k is added to A_kk's diagonal (>= 0).
+    intercept: fit ``c`` (A = Σ, the covariance). Without it the fit goes
+      through the origin, ``x_r ≈ B x_k`` from the second moments
+      A = Σ + μμᵀ, and the fold has no offset: for consumers with neither a
+      bias nor a BN to take one.
+    count: samples behind the unbiased ``cov``, for the second moments
+      (:func:`second_moment`); unused with ``intercept``.
 
   Returns:
-    ``Fold(matrix=B [n_r, n_k], offset=c [n_r])`` (float64).
+    ``Fold(matrix=B [n_r, n_k], offset=c [n_r] or None)`` (float64).
   """
   cov = np.asarray(cov, np.float64)
   mean = np.asarray(mean, np.float64)
@@ -236,23 +262,32 @@ def ls_fold(cov, mean, keep, ridge: float = 1e-3) -> plan_lib.Fold:
   if not ridge >= 0:
     raise ValueError(f'ridge must be >= 0, got {ridge}.')
   keep, removed = _removed(c, keep)
-  s_kk = cov[np.ix_(keep, keep)]
-  s_rk = cov[np.ix_(removed, keep)]
-  lam = ridge * np.trace(s_kk) / len(keep)
-  a = s_kk + lam * np.eye(len(keep))
+  m = cov if intercept else second_moment(cov, mean, count)
+  a_kk = m[np.ix_(keep, keep)]
+  a_rk = m[np.ix_(removed, keep)]
+  lam = ridge * np.trace(a_kk) / len(keep)
+  a = a_kk + lam * np.eye(len(keep))
   try:
     if lam <= 0:
       raise np.linalg.LinAlgError
-    b = np.linalg.solve(a, s_rk.T).T
+    b = np.linalg.solve(a, a_rk.T).T
   except np.linalg.LinAlgError:
-    b = s_rk @ np.linalg.pinv(a, hermitian=True)
-  offset = mean[removed] - b @ mean[keep]
-  return plan_lib.Fold(matrix=b, offset=offset)
+    b = a_rk @ np.linalg.pinv(a, hermitian=True)
+  if not intercept:
+    return plan_lib.Fold(matrix=b)
+  return plan_lib.Fold(matrix=b, offset=mean[removed] - b @ mean[keep])
 
 
-def explained(cov, keep, fold: plan_lib.Fold) -> float:
-  """Fraction of the removed channels' variance the fold predicts."""
+def explained(cov, keep, fold: plan_lib.Fold, mean=None, count=None) -> float:
+  """Fraction of the removed channels' variance the fold predicts.
+
+  For a fold without offset, pass ``mean`` (and ``count``): the fraction is
+  then of their second moment (what removing them loses), the fold's
+  residual measured the same way.
+  """
   cov = np.asarray(cov, np.float64)
+  if fold.offset is None and mean is not None:
+    cov = second_moment(cov, mean, count)
   keep, removed = _removed(cov.shape[0], keep)
   b = np.asarray(fold.matrix, np.float64)
   s_rr = cov[np.ix_(removed, removed)]
@@ -264,6 +299,7 @@ def explained(cov, keep, fold: plan_lib.Fold) -> float:
 
 
 def _groups_to_fold(model, plan, groups):
+  """(groups to fold, skipped streams, skipped unread groups)."""
   s = model.structure()
   if groups is not None:
     for name in groups:
@@ -274,14 +310,22 @@ def _groups_to_fold(model, plan, groups):
         )
       if name not in plan.keep:
         raise ValueError(f'Layer {name!r} is not pruned by this plan.')
+      if not s.group(name).consumers:
+        raise ValueError(
+          f'Layer {name!r} has no consumer layer (nothing reads its '
+          'channels), so there is nothing to compensate.'
+        )
     names = list(groups)
   else:
-    names = [n for n in plan.keep if not s.group(n).stream]
+    names = [
+      n for n in plan.keep if not s.group(n).stream and s.group(n).consumers
+    ]
   width = {g.name: int(model.widths[g.index]) for g in s.groups}
   order = {n: i for i, n in enumerate(s.names)}
   names = [n for n in names if len(plan.keep[n]) < width[n]]
   skipped = sorted(n for n in plan.keep if s.group(n).stream)
-  return sorted(names, key=order.get), skipped
+  unread = sorted(n for n in plan.keep if not s.group(n).consumers)
+  return sorted(names, key=order.get), skipped, unread
 
 
 def compensate(
@@ -302,7 +346,10 @@ def compensate(
     plan: a :class:`~pfa_jax.plan.Plan` (or a bare keep tree).
     batches: re-iterable ``{'image', 'mask'}`` batches (training data).
     groups: groups to compensate; None means every non-stream group the
-      plan prunes (streams are skipped and listed in the report).
+      plan prunes that some layer reads (streams and unread groups are
+      skipped and listed in the report). A group with a consumer that has
+      neither a bias nor a BN after it is fitted without intercept
+      (:func:`ls_fold`).
     ridge: relative ridge of :func:`ls_fold`.
     sequential: re-collect each group's statistics after the upstream
       folds (see the module docstring); default one-shot.
@@ -314,7 +361,8 @@ def compensate(
   """
   plan = plan_lib.as_plan(plan)
   slicing.check_keep(model, plan.keep)
-  names, skipped = _groups_to_fold(model, plan, groups)
+  names, skipped, unread = _groups_to_fold(model, plan, groups)
+  intercept = {n: not slicing.offset_free(model, variables, n) for n in names}
   stats_fn = stats_fn or input_stats
   folds = dict(plan.folds)
   per_group = {}
@@ -327,11 +375,15 @@ def compensate(
       _, masked = slicing.mask(model, variables, upstream)
       # All groups each pass: one compiled step serves every pass.
       st = stats_fn(model, masked, batches, names)[name]
-      folds[name], per_group[name] = _fold_one(name, st, plan, ridge)
+      folds[name], per_group[name] = _fold_one(
+        name, st, plan, ridge, intercept[name]
+      )
   else:
     states = stats_fn(model, variables, batches, names) if names else {}
     for name in names:
-      folds[name], per_group[name] = _fold_one(name, states[name], plan, ridge)
+      folds[name], per_group[name] = _fold_one(
+        name, states[name], plan, ridge, intercept[name]
+      )
   report = dict(plan.report)
   report['compensation_detail'] = {
     'kind': 'ls',
@@ -339,16 +391,19 @@ def compensate(
     'statistics': 'sequential' if sequential else 'one-shot',
     'groups': per_group,
     'skipped_streams': skipped,
+    'skipped_unread': unread,
   }
   return plan_lib.Plan(keep=plan.keep, folds=folds, report=report)
 
 
-def _fold_one(name, state, plan, ridge):
+def _fold_one(name, state, plan, ridge, intercept=True):
   cov = stats.covariance(state, name=name)
   mean = stats.mean(state, name=name)
-  fold = ls_fold(cov, mean, plan.keep[name], ridge)
-  info = {
-    'samples': stats.count(state),
-    'explained_variance': explained(cov, plan.keep[name], fold),
-  }
+  n = stats.count(state)
+  fold = ls_fold(
+    cov, mean, plan.keep[name], ridge, intercept=intercept, count=n
+  )
+  info = {'samples': n, 'intercept': intercept}
+  key = 'explained_variance' if intercept else 'explained_second_moment'
+  info[key] = explained(cov, plan.keep[name], fold, mean, n)
   return fold, info

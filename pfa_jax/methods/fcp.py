@@ -20,7 +20,9 @@ Only the abstract is public (METHODS §3), so this is an interpretation:
 The rounds and training are the edge's schedule; everything here is pure.
 Decisions: in a pair the filter whose responses have the smaller variance
 is dropped (the fold's residual is var_drop·(1 − ρ²), so this loses less);
-without responses the higher index goes. Filters with zero weight variance
+without responses the higher index goes. Where a consumer of the layer has
+neither a bias nor a BN after it to take the constant ``b``, the fold goes
+through the origin (``a`` from the second moments, no offset). Filters with zero weight variance
 have correlation 0 with every other filter. A round drops at most
 ⌊C/2⌋ filters per layer (the pairs are disjoint); a larger request is capped
 and the cap reported.
@@ -34,6 +36,7 @@ import numpy as np
 from flax import traverse_util
 
 from pfa_jax import plan as plan_lib
+from pfa_jax import slicing
 from pfa_jax import stats
 from pfa_jax.methods import base
 from pfa_jax.methods import compensation
@@ -170,20 +173,31 @@ def regularizer(model, pairs: Mapping[str, Sequence], lam: float):
   return fn
 
 
-def fold_pair(cov, mean, keep: int, drop: int) -> tuple[float, float]:
+def fold_pair(
+  cov, mean, keep: int, drop: int, *, intercept: bool = True, count=None
+) -> tuple[float, float | None]:
   """``x_drop ≈ a·x_keep + b``: least squares with an intercept.
 
   ``cov`` [C, C] and ``mean`` [C] are the consumer input's statistics over
-  every spatial position. A constant ``x_keep`` gives ``a = 0``.
+  every spatial position. A constant ``x_keep`` gives ``a = 0``. Without
+  ``intercept`` the line goes through the origin (``a`` from the second
+  moments, :func:`compensation.second_moment` of ``count`` samples) and
+  ``b`` is ``None``.
   """
   cov = np.asarray(cov, np.float64)
   mean = np.asarray(mean, np.float64)
+  if not intercept:
+    cov = compensation.second_moment(cov, mean, count)
   var = cov[keep, keep]
   a = float(cov[drop, keep] / var) if var > 0 else 0.0
+  if not intercept:
+    return a, None
   return a, float(mean[drop] - a * mean[keep])
 
 
-def pair_fold(cov, mean, keep, pairs) -> plan_lib.Fold:
+def pair_fold(
+  cov, mean, keep, pairs, *, intercept=True, count=None
+) -> plan_lib.Fold:
   """The group's :class:`~pfa_jax.plan.Fold` for its dropped pair members."""
   keep = np.asarray(keep, np.int64)
   col = {int(k): j for j, k in enumerate(keep)}
@@ -192,10 +206,12 @@ def pair_fold(cov, mean, keep, pairs) -> plan_lib.Fold:
   b = np.zeros((len(drops), len(keep)))
   c = np.zeros(len(drops))
   for i, d in enumerate(drops):
-    a, off = fold_pair(cov, mean, partner[d], d)
+    a, off = fold_pair(
+      cov, mean, partner[d], d, intercept=intercept, count=count
+    )
     b[i, col[partner[d]]] = a
-    c[i] = off
-  return plan_lib.Fold(matrix=b, offset=c)
+    c[i] = 0.0 if off is None else off
+  return plan_lib.Fold(matrix=b, offset=c if intercept else None)
 
 
 # ---------------------------------------------------------------------------
@@ -233,9 +249,14 @@ def collect(model, variables, batches, groups, hparams):
         f'Layer {name!r} is a residual stream; FCP folds into next-layer '
         "weights, which identity shortcuts lack: use groups='inner'."
       )
+    if not model.structure().group(name).consumers:
+      raise ValueError(
+        f'Layer {name!r} has no consumer layer (nothing reads its channels):'
+        ' FCP folds into next-layer weights and has none to fold into.'
+      )
   states = compensation.input_stats(model, variables, batches, groups)
   return {
-    n: (stats.covariance(s, name=n), stats.mean(s, name=n))
+    n: (stats.covariance(s, name=n), stats.mean(s, name=n), stats.count(s))
     for n, s in states.items()
   }
 
@@ -261,7 +282,7 @@ def plan(ctx: base.Context) -> plan_lib.Plan:
     if n > c // 2:
       capped[name] = n
       n = c // 2
-    cov, mean = ctx.stats[name]
+    cov, mean, count = ctx.stats[name]
     given = (ctx.hparams['pairs'] or {}).get(name)
     if given is not None:
       pairs[name] = _orient(name, given, c, np.diag(cov))
@@ -271,7 +292,14 @@ def plan(ctx: base.Context) -> plan_lib.Plan:
     drops = {d for _, d in pairs[name]}
     keep[name] = np.array([i for i in range(c) if i not in drops], np.int64)
     if drops:
-      folds[name] = pair_fold(cov, mean, keep[name], pairs[name])
+      folds[name] = pair_fold(
+        cov,
+        mean,
+        keep[name],
+        pairs[name],
+        intercept=not slicing.offset_free(ctx.model, ctx.variables, name),
+        count=count,
+      )
   return plan_lib.Plan(
     keep=keep,
     folds=folds,
