@@ -1,0 +1,300 @@
+"""Random Flax CNNs, and their channel structure derived from their recipe.
+
+A net is a *spec*: a tuple of ops, each reading earlier tensors by index
+(tensor 0 is the image), interpreted by :class:`RandomNet`. The ops are the
+wirings users write: convs with or without bias and with BN before or after
+the ReLU, depthwise convs, residual adds into a stream, channel
+concatenations, separate BN modules (also over a concatenation), pooling,
+squeeze-excitation gates, and a head that averages or flattens, with or
+without a hidden dense layer.
+
+:func:`expected` derives the structure from the spec alone, by bookkeeping of
+which op writes and reads which ``widths`` entry: an independent account of
+what :mod:`pfa_jax.discover` finds in the jaxpr.
+"""
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+from pfa_jax import discover
+
+SIZE = 8  # input images are SIZE x SIZE x 3
+POSTS = ('none', 'relu', 'bn_relu', 'relu_bn')
+
+
+def _post(y, post, name, train):
+  bn = lambda: nn.BatchNorm(use_running_average=not train, name=name)  # noqa: E731
+  if post == 'relu':
+    return nn.relu(y)
+  if post == 'bn_relu':
+    return nn.relu(bn()(y))
+  if post == 'relu_bn':
+    return bn()(nn.relu(y))
+  if post == 'bn':
+    return bn()(y)
+  return y
+
+
+class RandomNet(nn.Module):
+  """Interprets a spec (module docstring)."""
+
+  spec: tuple
+  widths: tuple[int, ...]
+  num_classes: int = 3
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    w, ts = self.widths, [x]
+    for i, (kind, *a) in enumerate(self.spec):
+      if kind == 'conv':
+        src, g, k, stride, bias, post = a
+        y = nn.Conv(
+          w[g], (k, k), strides=stride, use_bias=bias, name=f'conv{i}'
+        )(ts[src])
+        y = _post(y, post, f'bn{i}', train)
+      elif kind == 'dw':
+        src, post = a
+        c = ts[src].shape[-1]
+        y = nn.Conv(c, (3, 3), feature_group_count=c, name=f'dw{i}')(ts[src])
+        y = _post(y, post, f'bn{i}', train)
+      elif kind == 'add':
+        y = ts[a[0]] + ts[a[1]]
+        y = nn.relu(y) if a[2] else y
+      elif kind == 'cat':
+        y = jnp.concatenate([ts[a[0]], ts[a[1]]], axis=-1)
+      elif kind == 'bn':
+        y = _post(ts[a[0]], 'bn_relu' if a[1] else 'bn', f'bn{i}', train)
+      elif kind == 'pool':
+        pool = nn.max_pool if a[1] == 'max' else nn.avg_pool
+        y = pool(ts[a[0]], (2, 2), strides=(2, 2))
+      elif kind == 'se':
+        src, g = a
+        h = ts[src]
+        s = nn.relu(nn.Dense(w[g], name=f'se_down{i}')(jnp.mean(h, (1, 2))))
+        s = nn.sigmoid(nn.Dense(h.shape[-1], name=f'se_up{i}')(s))
+        y = h * s[:, None, None, :]
+      elif kind == 'head':
+        src, how, hidden = a
+        h = ts[src]
+        if how == 'mean':
+          h = jnp.mean(h, (1, 2))
+        else:
+          h = h.reshape((h.shape[0], -1))
+        if hidden >= 0:
+          h = nn.relu(nn.Dense(w[hidden], name='fc')(h))
+        return nn.Dense(self.num_classes, name='out')(h)
+      else:
+        raise ValueError(f'unknown op {kind!r}')
+      ts.append(y)
+    raise ValueError('a spec ends with a head')
+
+  def structure(self):
+    return discover.cached(self, (1, SIZE, SIZE, 3)).structure
+
+
+@dataclasses.dataclass
+class _Tensor:
+  size: int  # spatial
+  parts: tuple[int, ...]  # the widths entry of each concatenated part
+  writer: str | None = None  # the conv or BN whose raw output this is
+
+
+def spec(seed: int, n_ops: int = 7) -> tuple[tuple, tuple[int, ...]]:
+  """A random (spec, widths): each widths entry sets one group."""
+  rng = np.random.default_rng(seed)
+  ops: list[tuple] = []
+  ts = [_Tensor(SIZE, ())]
+  widths: list[int] = []
+
+  def new_width():
+    widths.append(int(rng.choice([1, 2, 3, 4, 5, 6], p=[0.1] + [0.18] * 5)))
+    return len(widths) - 1
+
+  def pick(ok):
+    cands = [i for i, t in enumerate(ts) if ok(t)]
+    if not cands:
+      return None
+    recent = cands[-3:]  # mostly the latest tensors, sometimes older ones
+    return int(rng.choice(recent if rng.random() < 0.7 else cands))
+
+  def conv(src, g, k=None, stride=1, post=None, bias=None):
+    k = int(rng.choice([1, 3])) if k is None else k
+    post = str(rng.choice(POSTS)) if post is None else post
+    bias = bool(rng.random() < 0.5) if bias is None else bias
+    ops.append(('conv', src, g, k, stride, bias, post))
+    ts.append(_Tensor(-(-ts[src].size // stride), (g,)))
+    return len(ts) - 1
+
+  conv(0, new_width())
+  grouped = lambda t: bool(t.parts)  # noqa: E731
+  single = lambda t: len(t.parts) == 1  # noqa: E731
+  while len(ops) < n_ops:
+    kind = str(rng.choice(['conv', 'res', 'dw', 'cat', 'bn', 'pool', 'se']))
+    if kind == 'conv':
+      src = pick(grouped)
+      stride = 2 if ts[src].size >= 4 and rng.random() < 0.3 else 1
+      conv(src, new_width(), stride=stride)
+    elif kind == 'res':
+      src = pick(single)
+      (g,) = ts[src].parts
+      h = conv(src, new_width(), k=3)
+      y = conv(h, g, post=str(rng.choice(['none', 'bn'])))
+      ops.append(('add', src, y, bool(rng.random() < 0.7)))
+      ts.append(_Tensor(ts[src].size, (g,)))
+    elif kind == 'dw':
+      src = pick(single)
+      ops.append(('dw', src, str(rng.choice(POSTS))))
+      ts.append(_Tensor(ts[src].size, ts[src].parts))
+    elif kind == 'cat':
+      a = pick(grouped)
+      b = pick(
+        lambda t, a=ts[a]: (
+          grouped(t) and t.size == a.size and not set(t.parts) & set(a.parts)
+        )
+      )
+      if b is None:
+        continue
+      ops.append(('cat', a, b))
+      ts.append(_Tensor(ts[a].size, ts[a].parts + ts[b].parts))
+    elif kind == 'bn':
+      src = pick(grouped)
+      ops.append(('bn', src, bool(rng.random() < 0.5)))
+      ts.append(_Tensor(ts[src].size, ts[src].parts))
+    elif kind == 'pool':
+      src = pick(lambda t: grouped(t) and t.size >= 2)
+      if src is None:
+        continue
+      ops.append(('pool', src, str(rng.choice(['max', 'avg']))))
+      ts.append(_Tensor(ts[src].size // 2, ts[src].parts))
+    else:  # 'se'
+      src = pick(single)
+      ops.append(('se', src, new_width()))
+      ts.append(_Tensor(ts[src].size, ts[src].parts))
+  last = len(ts) - 1
+  how = 'flatten' if ts[last].size <= 4 and rng.random() < 0.5 else 'mean'
+  hidden = new_width() if rng.random() < 0.4 else -1
+  ops.append(('head', last, how, hidden))
+  return tuple(ops), tuple(widths)
+
+
+@dataclasses.dataclass
+class Group:
+  producers: set = dataclasses.field(default_factory=set)
+  consumers: set = dataclasses.field(default_factory=set)
+  concat_producers: set = dataclasses.field(default_factory=set)
+  writers: int = 0  # convs and dense layers writing it
+
+  def normal(self) -> dict[str, Any]:
+    return {
+      'producers': sorted(self.producers),
+      'consumers': sorted(self.consumers),
+      'concat_producers': sorted(self.concat_producers),
+      'stream': self.writers > 1,
+    }
+
+
+def expected(spec_: tuple, widths: tuple[int, ...]):
+  """({widths index: group}, bn_after pairs), by bookkeeping over the spec."""
+  groups = {g: Group() for g in range(len(widths))}
+  parts: list[tuple[int, ...]] = [()]
+  writer: list[str | None] = [None]  # a layer whose raw output a tensor is
+  readers = np.zeros(len(spec_) + 1, int)
+  for kind, *a in spec_:
+    srcs = {'add': a[:2], 'cat': a[:2]}.get(kind, a[:1])
+    for s in srcs:
+      readers[s] += 1
+  bn_after = set()
+
+  def read(src, path):
+    p = parts[src]
+    offset = 0
+    for g in p:
+      span = None if len(p) == 1 else sum(widths[q] for q in p)
+      groups[g].consumers.add((path, offset, span))
+      offset += widths[g]
+
+  def post(i, g_parts, layer, kind):
+    if kind in ('bn_relu', 'relu_bn', 'bn'):
+      if len(g_parts) == 1:
+        groups[g_parts[0]].producers.add(f'bn{i}')
+      if kind != 'relu_bn' and layer is not None:
+        bn_after.add((layer, f'bn{i}'))
+
+  for i, (kind, *a) in enumerate(spec_):
+    out_parts, out_writer = None, None
+    if kind == 'conv':
+      src, g, _, _, _, p = a
+      read(src, f'conv{i}')
+      groups[g].producers.add(f'conv{i}')
+      groups[g].writers += 1
+      post(i, (g,), f'conv{i}', p)
+      out_parts = (g,)
+      out_writer = f'conv{i}' if p == 'none' else None
+    elif kind == 'dw':
+      src, p = a
+      (g,) = parts[src]
+      groups[g].producers.add(f'dw{i}')
+      post(i, (g,), f'dw{i}', p)
+      out_parts = (g,)
+      out_writer = f'dw{i}' if p == 'none' else None
+    elif kind in ('add', 'cat'):
+      out_parts = parts[a[0]] + (parts[a[1]] if kind == 'cat' else ())
+    elif kind == 'bn':
+      src, _ = a
+      out_parts = parts[src]
+      if len(out_parts) == 1:
+        groups[out_parts[0]].producers.add(f'bn{i}')
+      else:
+        span, offset = sum(widths[q] for q in out_parts), 0
+        for g in out_parts:
+          groups[g].concat_producers.add((f'bn{i}', offset, span))
+          offset += widths[g]
+      if writer[src] is not None and readers[src] == 1:
+        bn_after.add((writer[src], f'bn{i}'))
+    elif kind == 'pool':
+      out_parts = parts[a[0]]
+    elif kind == 'se':
+      src, g = a
+      (s,) = parts[src]
+      read(src, f'se_down{i}')
+      groups[g].producers.add(f'se_down{i}')
+      groups[g].writers += 1
+      groups[g].consumers.add((f'se_up{i}', 0, None))
+      groups[s].producers.add(f'se_up{i}')
+      groups[s].writers += 1
+      out_parts = parts[src]
+    elif kind == 'head':
+      src, _, hidden = a
+      if hidden >= 0:
+        read(src, 'fc')
+        groups[hidden].producers.add('fc')
+        groups[hidden].writers += 1
+        groups[hidden].consumers.add(('out', 0, None))
+      else:
+        read(src, 'out')
+      break
+    parts.append(out_parts)
+    writer.append(out_writer)
+  return groups, bn_after
+
+
+def found(structure) -> dict[int, dict[str, Any]]:
+  """A discovered structure in :meth:`Group.normal`'s form, by index."""
+  out = {}
+  for g in structure.groups:
+    out[g.index] = {
+      'producers': sorted(g.producers),
+      'consumers': sorted(
+        (c, 0, None) if isinstance(c, str) else (c.path, c.offset, c.span)
+        for c in g.consumers
+      ),
+      'concat_producers': sorted(
+        (p.path, p.offset, p.span) for p in g.concat_producers
+      ),
+      'stream': g.stream,
+    }
+  return out
