@@ -27,7 +27,7 @@ It is the reference for the models' hand-written ``structure()`` methods
 (``tests/discover_test.py`` checks every registered model against it), and a
 user's own Flax CNN gets its structure without writing one
 (:func:`cached`). The model's ``widths`` field, when it has one, is matched
-to the groups by 2 log2(n) abstract inits with some widths bumped by one.
+to the groups by 2 log2(n) abstract inits with some widths doubled.
 """
 
 import collections
@@ -197,7 +197,9 @@ class _Spaces:
       reason += ' across a concatenation'
     self.pin(a, reason)
     self.pin(b, reason)
-    return None
+    # The output is still these channels: it carries the pin on, so a bias
+    # added after (a GroupNorm's) cannot start a fresh, prunable space.
+    return a if isinstance(a, int) or not isinstance(b, int) else b
 
 
 def _literal(v) -> bool:
@@ -653,8 +655,19 @@ def _module(key: str) -> str:
   return key.split('/', 1)[1].rpartition('/')[0]
 
 
+def _in(key: str, path: str) -> bool:
+  """Whether leaf ``key`` ('params/a/b/kernel') is, or is under, ``path``."""
+  rest = key.split('/', 1)[1]
+  return rest == path or rest.startswith(path + '/')
+
+
 def _collapse(paths: set[str], all_keys: list[str]) -> list[str]:
-  """Producer modules: the highest prefixes whose every leaf is in paths."""
+  """Producer paths: the highest modules whose every leaf is in ``paths``.
+
+  A leaf whose own module also holds other leaves (a layer-scale parameter
+  beside a block's convs), or that sits at the model's root, is named by its
+  own path ('a/b/gain', 'gain').
+  """
   by_prefix: dict[str, list[str]] = {}
   for key in all_keys:
     if key.split('/', 1)[0] not in _PRODUCING:
@@ -665,10 +678,10 @@ def _collapse(paths: set[str], all_keys: list[str]) -> list[str]:
   out = set()
   for key in paths:
     parts = _module(key).split('/')
-    best = '/'.join(parts)
+    best = key.split('/', 1)[1]
     for i in range(len(parts), 0, -1):
       prefix = '/'.join(parts[:i])
-      if all(k in paths for k in by_prefix[prefix]):
+      if prefix and all(k in paths for k in by_prefix[prefix]):
         best = prefix
       else:
         break
@@ -703,6 +716,20 @@ def discover(
   spaces, head_roots, leaves = _trace(model, variables, sample, apply_kwargs)
 
   found = _spaces_found(spaces, leaves)
+  if widths is not None:
+    # A layout can look per-channel at one width only: a GroupNorm of 2
+    # groups, or a conv of 2 feature groups, on 2 channels. Traced at twice
+    # the widths it groups them, and pruning one channel would break it.
+    doubled = model.clone(widths=tuple(2 * int(w) for w in widths))
+    twice_spaces, _, twice_leaves = _trace(doubled, None, sample, apply_kwargs)
+    twice = {
+      f.kernel: f.pins[0]
+      for f in _spaces_found(twice_spaces, twice_leaves)
+      if f.pins
+    }
+    for f in found:
+      if not f.pins and f.kernel in twice:
+        f.pins.append(f'{twice[f.kernel]} (at twice the widths)')
   names = {f.root: f.name for f in found}
   pinned = {}
   for f in found:
@@ -845,7 +872,7 @@ def _through_ones(model, sample, kw) -> Discovery:
       real[k].shape[-1] == p.span
       for p in g.concat_producers
       for k in real
-      if _module(k) == p.path
+      if _in(k, p.path)
     )
     if not ok:
       raise ValueError(
@@ -887,14 +914,9 @@ def _members(spaces) -> dict[int, list[tuple[str, int]]]:
   return out
 
 
-def _under(module: str, keys) -> list[str]:
-  """The params / batch_stats leaves under ``module``."""
-  return [
-    k
-    for k in keys
-    if k.split('/', 1)[0] in _PRODUCING
-    and (_module(k) + '/').startswith(module + '/')
-  ]
+def _under(path: str, keys) -> list[str]:
+  """The params / batch_stats leaves at or under ``path``."""
+  return [k for k in keys if k.split('/', 1)[0] in _PRODUCING and _in(k, path)]
 
 
 def _spaces_found(spaces, leaves) -> list[_Found]:
@@ -955,10 +977,7 @@ def _spaces_found(spaces, leaves) -> list[_Found]:
     name = (
       f'stream{streams}'
       if stream
-      else next(
-        (m for m in modules if (_module(key) + '/').startswith(m + '/')),
-        _module(key),
-      )
+      else next((m for m in modules if _in(key, m)), _module(key))
     )
     found.append(_Found(root, name, key, modules, cons, shared, stream, pins))
   return found
@@ -967,10 +986,12 @@ def _spaces_found(spaces, leaves) -> list[_Found]:
 def _width_order(model, sample, kw, groups, shapes) -> dict[str, int]:
   """Each group's index in ``model.widths`` (forward order without one).
 
-  Widths are bumped by one in 2 log2(n) abstract inits: round (b, 1) bumps
-  the indices with bit b set, round (b, 0) the others. A group set by one
-  width grows in exactly one round of each pair, which spells its index; a
-  group that grows in both or neither is set by several widths or none.
+  Widths are doubled in 2 log2(n) abstract inits: round (b, 1) doubles the
+  indices with bit b set, round (b, 0) the others. A group set by one width
+  grows in exactly one round of each pair, which spells its index; a group
+  that grows in both or neither is set by several widths or none. Doubling,
+  not adding one, keeps a width divisible by whatever divides it (a
+  GroupNorm's groups, a grouped convolution's).
   """
   widths = getattr(model, 'widths', None)
   if widths is None:
@@ -981,13 +1002,13 @@ def _width_order(model, sample, kw, groups, shapes) -> dict[str, int]:
   for b in range(bits):
     for flip in (1, 0):
       bumped = tuple(
-        w + int((i >> b & 1) == flip) for i, w in enumerate(widths)
+        w * (1 + int((i >> b & 1) == flip)) for i, w in enumerate(widths)
       )
       v = traverse_util.flatten_dict(
         _abstract_variables(model.clone(widths=bumped), sample, kw), sep='/'
       )
       for f in groups:
-        grew[f.name].append(v[f.kernel].shape[-1] - shapes[f.kernel][-1])
+        grew[f.name].append(int(v[f.kernel].shape[-1] > shapes[f.kernel][-1]))
   order, taken = {}, {}
   for name, d in grew.items():
     pairs = list(zip(d[0::2], d[1::2]))

@@ -136,7 +136,7 @@ def leaf_edits(model: nn.Module, variables, keep: Mapping) -> list[Edit]:
       found = False
       for c in _COLLECTIONS:
         for path in flat[c]:
-          if path.startswith(prod + '/'):
+          if structure_lib.holds(path, prod):
             owned = np.arange(np.shape(flat[c][path])[-1])
             edits.append(Edit(c, path, -1, idx, owned))
             found = True
@@ -146,7 +146,7 @@ def leaf_edits(model: nn.Module, variables, keep: Mapping) -> list[Edit]:
       found = False
       for c in _COLLECTIONS:
         for path, leaf in flat[c].items():
-          if path.startswith(prod.path + '/'):
+          if structure_lib.holds(path, prod.path):
             n = np.shape(leaf)[-1]
             if n != prod.span or prod.offset + width > n:
               raise ValueError(

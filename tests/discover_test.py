@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import random_nets
 import references
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -775,6 +776,25 @@ class UserModelsTest(parameterized.TestCase):
     self.assertEqual(
       fcp.filter_key(flat, model.structure().group('c')), 'c/kernel'
     )
+    # A layer of one input before a depthwise conv: both kernels are
+    # [3, 3, 1, C]; the group's own layer is the one (it was neither).
+    spec = (
+      ('conv', 0, 0, 1, 1, True, 'relu'),
+      ('conv', 1, 1, 3, 1, True, 'none'),
+      ('dw', 2, 'bn_relu'),
+      ('head', 3, 'mean', -1),
+    )
+    one = random_nets.RandomNet(spec, (1, 4))
+    one_flat = flax.traverse_util.flatten_dict(
+      jax.eval_shape(one.init, jax.random.key(0), jnp.ones(SHAPE))['params'],
+      sep='/',
+    )
+    self.assertEqual(
+      one.structure().group('conv1').producers[:2], ('bn2', 'conv1')
+    )
+    self.assertEqual(
+      fcp.filter_key(one_flat, one.structure().group('conv1')), 'conv1/kernel'
+    )
     pairs = [(0, 4), (2, 5)]
     got = fcp.regularizer(model, {'c': pairs}, 0.1)(variables['params'])
     k = np.asarray(flat['c/kernel'], np.float64).reshape(-1, model.widths[2])
@@ -944,6 +964,42 @@ class _Pinned(nn.Module):
     return nn.Dense(2, name='out')(jnp.mean(h, (1, 2)))
 
 
+class _Sized(nn.Module):
+  """conv 'a' -> ``middle`` (2 groups) -> 'back' added -> conv 'b'."""
+
+  widths: tuple[int, ...] = (6, 4)
+  middle: str = 'groupnorm'
+  num_classes: int = 2
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    h = _conv(self.widths[0], 'a')(x)
+    if self.middle == 'groupnorm':
+      h = nn.GroupNorm(num_groups=2, name='gn')(h)
+    else:
+      h = nn.Conv(self.widths[0], (3, 3), feature_group_count=2, name='g')(h)
+    h = h + _conv(self.widths[0], 'back')(nn.relu(h))
+    h = nn.relu(_conv(self.widths[1], 'b')(nn.relu(h)))
+    return nn.Dense(self.num_classes, name='out')(jnp.mean(h, (1, 2)))
+
+
+class _RootGain(nn.Module):
+  """A per-channel parameter at the model's root, after conv 'a'."""
+
+  widths: tuple[int, ...] = (5, 4)
+  num_classes: int = 2
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    h = _conv(self.widths[0], 'a')(x)
+    h = h * self.param('gain', nn.initializers.ones, (self.widths[0],))
+    h = nn.relu(_conv(self.widths[1], 'b')(nn.relu(h)))
+    return nn.Dense(self.num_classes, name='out')(jnp.mean(h, (1, 2)))
+
+  def structure(self):
+    return _discovered(self)
+
+
 class ReadmeTest(absltest.TestCase):
   def test_readme_user_model_example_runs_as_written(self):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -988,6 +1044,37 @@ class PinnedTest(parameterized.TestCase):
     self.assertIn(reason, found.pinned[group])
     self.assertNotIn(group, found.structure.names)
     self.assertIn('out', found.pinned)  # the model output
+
+  @parameterized.product(middle=('groupnorm', 'grouped_conv'), width=(2, 6))
+  def test_two_groups_stay_pinned_at_any_width(self, middle, width):
+    # At 2 channels, 2 groups look per-channel in the jaxpr; pruning one
+    # would break the layer, so the trace at twice the widths pins it. The
+    # residual 'back' writes after the layer: that stream must not become a
+    # group of its own beginning at the norm's bias (it did).
+    found = discover.discover(_Sized(widths=(width, 4), middle=middle), SHAPE)
+    self.assertEqual(found.structure.names, ('b',))
+    self.assertEqual(found.pinned.pop('out'), 'the model output')
+    self.assertIn('stream1', found.pinned)  # the layer's output, with 'back'
+    suffix = ' (at twice the widths)' if width == 2 else ''
+    for reason in found.pinned.values():
+      self.assertTrue(reason.endswith(suffix), found.pinned)
+      self.assertIn('group', reason)
+
+  def test_a_root_parameter_is_its_own_producer(self):
+    model = _RootGain()
+    self.assertEqual(model.structure().group('a').producers, ('a', 'gain'))
+    variables, x = _init(model)
+    variables = {
+      'params': {
+        **variables['params'],
+        'gain': jnp.arange(1.0, 6.0),  # not all ones: the slice matters
+      }
+    }
+    keep = {'a': np.array([1, 3]), 'b': np.array([0, 2, 3])}
+    pm, pv = slicing.prune(model, variables, keep)
+    np.testing.assert_array_equal(pv['params']['gain'], [2.0, 4.0])
+    mm, mv = slicing.mask(model, variables, keep)
+    self.assertLess(_rel_err(pm.apply(pv, x), mm.apply(mv, x)), 1e-6)
 
   def test_layernorm_pin_is_needed(self):
     # Forcing 'a' into a structure anyway breaks pruned == masked: the

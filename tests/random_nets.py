@@ -39,6 +39,19 @@ def _post(y, post, name, train):
   return y
 
 
+class _ScaledBlock(nn.Module):
+  """A residual branch with a layer scale, as users nest them: its module
+  holds two groups' layers and the stream's scale."""
+
+  inner: int
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.relu(nn.Conv(self.inner, (3, 3))(x))
+    y = nn.Conv(x.shape[-1], (1, 1))(h)
+    return x + self.param('gain', nn.initializers.ones, (x.shape[-1],)) * y
+
+
 class RandomNet(nn.Module):
   """Interprets a spec (module docstring)."""
 
@@ -77,6 +90,15 @@ class RandomNet(nn.Module):
         s = nn.relu(nn.Dense(w[g], name=f'se_down{i}')(jnp.mean(h, (1, 2))))
         s = nn.sigmoid(nn.Dense(h.shape[-1], name=f'se_up{i}')(s))
         y = h * s[:, None, None, :]
+      elif kind == 'block':
+        src, g = a
+        y = _ScaledBlock(w[g], name=f'block{i}')(ts[src])
+      elif kind == 'gain':  # a per-channel parameter at the model's root
+        c = ts[a[0]].shape[-1]
+        y = ts[a[0]] * self.param(f'gain{i}', nn.initializers.ones, (c,))
+      elif kind == 'gn':  # per channel, or over groups of them (pinned)
+        groups, size = (a[1], None) if a[1] else (None, 1)
+        y = nn.GroupNorm(groups, group_size=size, name=f'gn{i}')(ts[a[0]])
       elif kind == 'head':
         src, how, hidden = a
         h = ts[src]
@@ -133,7 +155,12 @@ def spec(seed: int, n_ops: int = 7) -> tuple[tuple, tuple[int, ...]]:
   grouped = lambda t: bool(t.parts)  # noqa: E731
   single = lambda t: len(t.parts) == 1  # noqa: E731
   while len(ops) < n_ops:
-    kind = str(rng.choice(['conv', 'res', 'dw', 'cat', 'bn', 'pool', 'se']))
+    kind = str(
+      rng.choice(
+        ['conv', 'res', 'dw', 'cat', 'bn', 'pool', 'se', 'block', 'gain', 'gn'],
+        p=[0.14, 0.14, 0.1, 0.12, 0.1, 0.1, 0.1, 0.08, 0.06, 0.06],
+      )
+    )
     if kind == 'conv':
       src = pick(grouped)
       stride = 2 if ts[src].size >= 4 and rng.random() < 0.3 else 1
@@ -170,9 +197,19 @@ def spec(seed: int, n_ops: int = 7) -> tuple[tuple, tuple[int, ...]]:
         continue
       ops.append(('pool', src, str(rng.choice(['max', 'avg']))))
       ts.append(_Tensor(ts[src].size // 2, ts[src].parts))
-    else:  # 'se'
+    elif kind in ('se', 'block'):
       src = pick(single)
-      ops.append(('se', src, new_width()))
+      ops.append((kind, src, new_width()))
+      ts.append(_Tensor(ts[src].size, ts[src].parts))
+    elif kind == 'gain':
+      src = pick(single)
+      ops.append(('gain', src))
+      ts.append(_Tensor(ts[src].size, ts[src].parts))
+    else:  # 'gn': per channel (prunable), or over 2 groups of an even width
+      src = pick(single)
+      (g,) = ts[src].parts
+      groups = 2 if widths[g] % 2 == 0 and rng.random() < 0.5 else None
+      ops.append(('gn', src, groups))
       ts.append(_Tensor(ts[src].size, ts[src].parts))
   last = len(ts) - 1
   how = 'flatten' if ts[last].size <= 4 and rng.random() < 0.5 else 'mean'
@@ -198,7 +235,9 @@ class Group:
 
 
 def expected(spec_: tuple, widths: tuple[int, ...]):
-  """({widths index: group}, bn_after pairs), by bookkeeping over the spec."""
+  """({widths index: group}, bn_after pairs, pinned indices), by bookkeeping
+  over the spec. Pinned groups (a GroupNorm over several channels) are not
+  in the dict."""
   groups = {g: Group() for g in range(len(widths))}
   parts: list[tuple[int, ...]] = [()]
   writer: list[str | None] = [None]  # a layer whose raw output a tensor is
@@ -207,7 +246,7 @@ def expected(spec_: tuple, widths: tuple[int, ...]):
     srcs = {'add': a[:2], 'cat': a[:2]}.get(kind, a[:1])
     for s in srcs:
       readers[s] += 1
-  bn_after = set()
+  bn_after, pinned = set(), set()
 
   def read(src, path):
     p = parts[src]
@@ -267,6 +306,27 @@ def expected(spec_: tuple, widths: tuple[int, ...]):
       groups[s].producers.add(f'se_up{i}')
       groups[s].writers += 1
       out_parts = parts[src]
+    elif kind == 'block':
+      src, g = a
+      (t,) = parts[src]
+      b = f'block{i}'
+      groups[g].producers.add(f'{b}/Conv_0')
+      groups[g].consumers.add((f'{b}/Conv_1', 0, None))
+      groups[t].producers |= {f'{b}/Conv_1', f'{b}/gain'}
+      groups[t].consumers.add((f'{b}/Conv_0', 0, None))
+      groups[g].writers += 1
+      groups[t].writers += 1
+      out_parts = parts[src]
+    elif kind == 'gain':
+      (t,) = parts[a[0]]
+      groups[t].producers.add(f'gain{i}')
+      out_parts = parts[a[0]]
+    elif kind == 'gn':
+      (t,) = parts[a[0]]
+      groups[t].producers.add(f'gn{i}')
+      if a[1]:
+        pinned.add(t)
+      out_parts = parts[a[0]]
     elif kind == 'head':
       src, _, hidden = a
       if hidden >= 0:
@@ -279,7 +339,8 @@ def expected(spec_: tuple, widths: tuple[int, ...]):
       break
     parts.append(out_parts)
     writer.append(out_writer)
-  return groups, bn_after
+  groups = {g: v for g, v in groups.items() if g not in pinned}
+  return groups, bn_after, pinned
 
 
 def found(structure) -> dict[int, dict[str, Any]]:

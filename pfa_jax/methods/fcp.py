@@ -40,6 +40,7 @@ from pfa_jax import slicing
 from pfa_jax import stats
 from pfa_jax.methods import base
 from pfa_jax.methods import compensation
+from pfa_jax.models import structure as structure_lib
 
 _EPS = 1e-12
 
@@ -128,7 +129,9 @@ def filter_key(flat: Mapping[str, jax.Array], group) -> str:
   of its own, a depthwise conv after it (discovered structures of users'
   models have both). The filters are those of the one producer kernel that
   mixes input channels; a lone kernel counts even with one input (a first
-  layer on grey images).
+  layer on grey images). Where a layer of one input has a depthwise conv
+  after it, both kernels are ``[kh, kw, 1, C]``; the group's own layer (the
+  module it is named after) is then the one.
 
   Raises:
     ValueError: for a residual stream, or a group with no such kernel.
@@ -138,10 +141,14 @@ def filter_key(flat: Mapping[str, jax.Array], group) -> str:
     k: v
     for prod in group.producers
     for k, v in flat.items()
-    if k.startswith(prod + '/') and k.endswith('kernel')
+    if structure_lib.holds(k, prod) and k.endswith('kernel')
   }
   if len(kernels) > 1:  # drop depthwise kernels: [kh, kw, 1, C]
-    kernels = {k: v for k, v in kernels.items() if v.shape[-2] > 1}
+    mixing = {k: v for k, v in kernels.items() if v.shape[-2] > 1}
+    own = {
+      k: v for k, v in kernels.items() if structure_lib.holds(k, group.name)
+    }
+    kernels = mixing or own
   if len(kernels) != 1:
     raise ValueError(
       f'Layer {group.name!r}: FCP needs one producer kernel that mixes '

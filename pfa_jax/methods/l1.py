@@ -14,6 +14,7 @@ from flax import traverse_util
 
 from pfa_jax import plan as plan_lib
 from pfa_jax.methods import base
+from pfa_jax.models import structure
 
 # VGG-16 CIFAR: conv1..conv13 + fc1; prune 50% of conv1 and conv8-13.
 LI2017_VGG16 = 'rates:[0.5]+[0.0]*6+[0.5]*6+[0.0]'
@@ -31,7 +32,7 @@ def kernel_scores(model, variables, groups) -> dict[str, np.ndarray]:
     producers = s.group(name).producers
     for prod in producers:
       for k, v in flat.items():
-        if k.startswith(prod + '/') and k.endswith('kernel'):
+        if structure.holds(k, prod) and k.endswith('kernel'):
           w = np.asarray(v, np.float64)
           score = np.abs(w).reshape(-1, w.shape[-1]).sum(axis=0)
           total = score if total is None else total + score

@@ -10,7 +10,9 @@ Each group names
 
 * ``producers``: module paths whose every ``params`` / ``batch_stats`` leaf
   holds the group's channels on its **last** axis (conv kernel ``[H, W, I, O]``,
-  bias, BN scale/bias/mean/var, dense kernel ``[I, O]``);
+  bias, BN scale/bias/mean/var, dense kernel ``[I, O]``), or the path of one
+  such leaf (a root-level ``self.param``, or a layer scale in a block that
+  also holds other layers);
 * ``consumers``: paths of kernels that read the group's channels on axis
   ``-2`` (the input-channel axis of conv ``HWIO`` and dense ``[I, O]``
   kernels). A dense layer after a channel-last flatten reads each channel at
@@ -57,6 +59,12 @@ class Consumer:
   span: int | None = None
 
 
+def holds(key: str, path: str) -> bool:
+  """Whether the flattened leaf ``key`` ('a/b/kernel') is ``path`` or lies in
+  the module ``path``."""
+  return key == path or key.startswith(path + '/')
+
+
 def as_consumer(c) -> Consumer:
   return c if isinstance(c, Consumer) else Consumer(c)
 
@@ -82,7 +90,8 @@ class Group:
   Attributes:
     name: layer name used in every layer tree (widths, spectra, keep-sets).
     index: position of this group's width in the model's ``widths`` field.
-    producers: module paths writing these channels (sliced on the last axis).
+    producers: module (or leaf) paths writing these channels (sliced on the
+      last axis).
     consumers: kernel paths (``str``) or :class:`Consumer` entries reading
       these channels (sliced on axis -2).
     stream: True for a residual stream shared by several producers.
