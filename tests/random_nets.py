@@ -69,6 +69,10 @@ class RandomNet(nn.Module):
           w[g], (k, k), strides=stride, use_bias=bias, name=f'conv{i}'
         )(ts[src])
         y = _post(y, post, f'bn{i}', train)
+      elif kind == 'dense4d':  # a Dense on every position: a 1x1 conv
+        src, g, relu = a
+        y = nn.Dense(w[g], name=f'dense{i}')(ts[src])
+        y = nn.relu(y) if relu else y
       elif kind == 'dw':
         src, post = a
         c = ts[src].shape[-1]
@@ -157,8 +161,21 @@ def spec(seed: int, n_ops: int = 7) -> tuple[tuple, tuple[int, ...]]:
   while len(ops) < n_ops:
     kind = str(
       rng.choice(
-        ['conv', 'res', 'dw', 'cat', 'bn', 'pool', 'se', 'block', 'gain', 'gn'],
-        p=[0.14, 0.14, 0.1, 0.12, 0.1, 0.1, 0.1, 0.08, 0.06, 0.06],
+        [
+          'conv',
+          'res',
+          'proj',
+          'dense4d',
+          'dw',
+          'cat',
+          'bn',
+          'pool',
+          'se',
+          'block',
+          'gain',
+          'gn',
+        ],
+        p=[0.12, 0.1, 0.08, 0.06, 0.1, 0.12, 0.1, 0.08, 0.08, 0.06, 0.05, 0.05],
       )
     )
     if kind == 'conv':
@@ -172,8 +189,22 @@ def spec(seed: int, n_ops: int = 7) -> tuple[tuple, tuple[int, ...]]:
       y = conv(h, g, post=str(rng.choice(['none', 'bn'])))
       ops.append(('add', src, y, bool(rng.random() < 0.7)))
       ts.append(_Tensor(ts[src].size, (g,)))
-    elif kind == 'dw':
-      src = pick(single)
+    elif kind == 'proj':  # a new stream: a shortcut conv plus a branch
+      src = pick(grouped)
+      stride = 2 if ts[src].size >= 4 and rng.random() < 0.5 else 1
+      g = new_width()
+      a = conv(src, g, k=1, stride=stride, post=str(rng.choice(['none', 'bn'])))
+      h = conv(src, new_width(), k=3, stride=stride)
+      b = conv(h, g, post=str(rng.choice(['none', 'bn'])))
+      ops.append(('add', a, b, bool(rng.random() < 0.7)))
+      ts.append(_Tensor(ts[a].size, (g,)))
+    elif kind == 'dense4d':
+      src = pick(grouped)
+      g = new_width()
+      ops.append(('dense4d', src, g, bool(rng.random() < 0.5)))
+      ts.append(_Tensor(ts[src].size, (g,)))
+    elif kind == 'dw':  # on a concatenation too: its BN holds several groups
+      src = pick(grouped)
       ops.append(('dw', src, str(rng.choice(POSTS))))
       ts.append(_Tensor(ts[src].size, ts[src].parts))
     elif kind == 'cat':
@@ -256,10 +287,18 @@ def expected(spec_: tuple, widths: tuple[int, ...]):
       groups[g].consumers.add((path, offset, span))
       offset += widths[g]
 
+  def hold(path, p):  # a module holding a tensor's channels, last axis
+    if len(p) == 1:
+      groups[p[0]].producers.add(path)
+      return
+    span, offset = sum(widths[q] for q in p), 0
+    for g in p:
+      groups[g].concat_producers.add((path, offset, span))
+      offset += widths[g]
+
   def post(i, g_parts, layer, kind):
     if kind in ('bn_relu', 'relu_bn', 'bn'):
-      if len(g_parts) == 1:
-        groups[g_parts[0]].producers.add(f'bn{i}')
+      hold(f'bn{i}', g_parts)
       if kind != 'relu_bn' and layer is not None:
         bn_after.add((layer, f'bn{i}'))
 
@@ -275,23 +314,23 @@ def expected(spec_: tuple, widths: tuple[int, ...]):
       out_writer = f'conv{i}' if p == 'none' else None
     elif kind == 'dw':
       src, p = a
-      (g,) = parts[src]
-      groups[g].producers.add(f'dw{i}')
-      post(i, (g,), f'dw{i}', p)
-      out_parts = (g,)
+      hold(f'dw{i}', parts[src])
+      post(i, parts[src], f'dw{i}', p)
+      out_parts = parts[src]
       out_writer = f'dw{i}' if p == 'none' else None
+    elif kind == 'dense4d':
+      src, g, relu = a
+      read(src, f'dense{i}')
+      groups[g].producers.add(f'dense{i}')
+      groups[g].writers += 1
+      out_parts = (g,)
+      out_writer = None if relu else f'dense{i}'
     elif kind in ('add', 'cat'):
       out_parts = parts[a[0]] + (parts[a[1]] if kind == 'cat' else ())
     elif kind == 'bn':
       src, _ = a
       out_parts = parts[src]
-      if len(out_parts) == 1:
-        groups[out_parts[0]].producers.add(f'bn{i}')
-      else:
-        span, offset = sum(widths[q] for q in out_parts), 0
-        for g in out_parts:
-          groups[g].concat_producers.add((f'bn{i}', offset, span))
-          offset += widths[g]
+      hold(f'bn{i}', out_parts)
       if writer[src] is not None and readers[src] == 1:
         bn_after.add((writer[src], f'bn{i}'))
     elif kind == 'pool':
