@@ -3,10 +3,12 @@
 A net is a *spec*: a tuple of ops, each reading earlier tensors by index
 (tensor 0 is the image), interpreted by :class:`RandomNet`. The ops are the
 wirings users write: convs with or without bias and with BN before or after
-the ReLU, depthwise convs, residual adds into a stream, channel
-concatenations, separate BN modules (also over a concatenation), pooling,
-squeeze-excitation gates, and a head that averages or flattens, with or
-without a hidden dense layer.
+the ReLU, depthwise convs, residual adds into a stream and projection
+shortcuts, channel concatenations, separate BN modules (also over a
+concatenation), pooling, transposed convs, per-position Dense layers,
+squeeze-excitation gates, blocks with a layer scale, root-level parameters,
+GroupNorm per channel or over 2 groups (pinned), and a head that averages
+or flattens, with or without a hidden dense layer.
 
 :func:`expected` derives the structure from the spec alone, by bookkeeping of
 which op writes and reads which ``widths`` entry: an independent account of
@@ -69,6 +71,10 @@ class RandomNet(nn.Module):
           w[g], (k, k), strides=stride, use_bias=bias, name=f'conv{i}'
         )(ts[src])
         y = _post(y, post, f'bn{i}', train)
+      elif kind == 'up':  # a transposed conv doubling the map, then a ReLU
+        src, g = a
+        y = nn.ConvTranspose(w[g], (3, 3), strides=(2, 2), name=f'up{i}')
+        y = nn.relu(y(ts[src]))
       elif kind == 'dense4d':  # a Dense on every position: a 1x1 conv
         src, g, relu = a
         y = nn.Dense(w[g], name=f'dense{i}')(ts[src])
@@ -174,8 +180,23 @@ def spec(seed: int, n_ops: int = 7) -> tuple[tuple, tuple[int, ...]]:
           'block',
           'gain',
           'gn',
+          'up',
         ],
-        p=[0.12, 0.1, 0.08, 0.06, 0.1, 0.12, 0.1, 0.08, 0.08, 0.06, 0.05, 0.05],
+        p=[
+          0.11,
+          0.1,
+          0.08,
+          0.06,
+          0.1,
+          0.11,
+          0.1,
+          0.08,
+          0.08,
+          0.06,
+          0.05,
+          0.04,
+          0.03,
+        ],
       )
     )
     if kind == 'conv':
@@ -198,6 +219,12 @@ def spec(seed: int, n_ops: int = 7) -> tuple[tuple, tuple[int, ...]]:
       b = conv(h, g, post=str(rng.choice(['none', 'bn'])))
       ops.append(('add', a, b, bool(rng.random() < 0.7)))
       ts.append(_Tensor(ts[a].size, (g,)))
+    elif kind == 'up':
+      src = pick(lambda t: grouped(t) and t.size <= 4)
+      if src is None:
+        continue
+      ops.append(('up', src, new_width()))
+      ts.append(_Tensor(2 * ts[src].size, (ops[-1][2],)))
     elif kind == 'dense4d':
       src = pick(grouped)
       g = new_width()
@@ -318,6 +345,12 @@ def expected(spec_: tuple, widths: tuple[int, ...]):
       post(i, parts[src], f'dw{i}', p)
       out_parts = parts[src]
       out_writer = f'dw{i}' if p == 'none' else None
+    elif kind == 'up':
+      src, g = a
+      read(src, f'up{i}')
+      groups[g].producers.add(f'up{i}')
+      groups[g].writers += 1
+      out_parts = (g,)
     elif kind == 'dense4d':
       src, g, relu = a
       read(src, f'dense{i}')

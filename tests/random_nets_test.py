@@ -188,7 +188,12 @@ def _methods_on(test, seed):
     out = methods.prune(name, model, variables, batches=batches, **kw)
     mm, mv = slicing.mask(model, variables, out.plan)
     err = _rel_err(out.model.apply(out.variables, x), mm.apply(mv, x))
-    test.assertLess(err, 1e-5, f'{name}, {msg}')
+    # float32 rounding, scaled by the largest fold coefficient (an LS fit
+    # from 32 samples of a near-constant channel reaches 30).
+    scale = max(
+      [1.0] + [np.abs(f.matrix).max() for f in out.plan.folds.values()]
+    )
+    test.assertLess(err, 1e-5 * scale, f'{name}, {msg}')
     if name == 'l1':
       detail = out.report['compensation_detail']
       test.assertEqual(detail['skipped_unread'], unread, msg)
