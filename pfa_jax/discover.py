@@ -657,8 +657,7 @@ def _module(key: str) -> str:
 
 def _in(key: str, path: str) -> bool:
   """Whether leaf ``key`` ('params/a/b/kernel') is, or is under, ``path``."""
-  rest = key.split('/', 1)[1]
-  return rest == path or rest.startswith(path + '/')
+  return structure_lib.holds(key.split('/', 1)[1], path)
 
 
 def _collapse(paths: set[str], all_keys: list[str]) -> list[str]:

@@ -396,7 +396,7 @@ def compensate(
   return plan_lib.Plan(keep=plan.keep, folds=folds, report=report)
 
 
-def _fold_one(name, state, plan, ridge, intercept=True):
+def _fold_one(name, state, plan, ridge, intercept):
   cov = stats.covariance(state, name=name)
   mean = stats.mean(state, name=name)
   n = stats.count(state)

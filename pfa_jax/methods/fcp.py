@@ -22,8 +22,8 @@ Decisions: in a pair the filter whose responses have the smaller variance
 is dropped (the fold's residual is var_drop·(1 − ρ²), so this loses less);
 without responses the higher index goes. Where a consumer of the layer has
 neither a bias nor a BN after it to take the constant ``b``, the fold goes
-through the origin (``a`` from the second moments, no offset). Filters with zero weight variance
-have correlation 0 with every other filter. A round drops at most
+through the origin (``a`` from the second moments, no offset). Filters with
+zero weight variance have correlation 0 with every other filter. A round drops at most
 ⌊C/2⌋ filters per layer (the pairs are disjoint); a larger request is capped
 and the cap reported.
 """
@@ -211,14 +211,15 @@ def pair_fold(
   drops = sorted(p[1] for p in pairs)
   partner = {int(d): int(k) for k, d in pairs}
   b = np.zeros((len(drops), len(keep)))
-  c = np.zeros(len(drops))
+  c = np.zeros(len(drops)) if intercept else None
   for i, d in enumerate(drops):
     a, off = fold_pair(
       cov, mean, partner[d], d, intercept=intercept, count=count
     )
     b[i, col[partner[d]]] = a
-    c[i] = 0.0 if off is None else off
-  return plan_lib.Fold(matrix=b, offset=c if intercept else None)
+    if intercept:
+      c[i] = off
+  return plan_lib.Fold(matrix=b, offset=c)
 
 
 # ---------------------------------------------------------------------------
@@ -250,13 +251,10 @@ def round_pairs(model, variables, groups, num_pairs: int) -> dict:
 def collect(model, variables, batches, groups, hparams):
   """Consumer-input statistics of every group (for the folds)."""
   del hparams
+  struct = model.structure()
   for name in groups:
-    if model.structure().group(name).stream:
-      raise ValueError(
-        f'Layer {name!r} is a residual stream; FCP folds into next-layer '
-        "weights, which identity shortcuts lack: use groups='inner'."
-      )
-    if not model.structure().group(name).consumers:
+    _check_not_stream(struct.group(name))
+    if not struct.group(name).consumers:
       raise ValueError(
         f'Layer {name!r} has no consumer layer (nothing reads its channels):'
         ' FCP folds into next-layer weights and has none to fold into.'
