@@ -235,9 +235,9 @@ def _group_point(config, workdir):
     if (st.init == 'selection')
     else None
   )
-  full_w = {
-    n: int(model.widths[model.structure().group(n).index]) for n in groups
-  }
+  struct = model.structure()
+  full_w = {n: int(model.widths[struct.group(n).index]) for n in groups}
+  blocks = {n: struct.group(n).blocks for n in groups}
   plans, seeds = [], []
   for i in idx:
     if st.widths == 'pfa':
@@ -251,9 +251,9 @@ def _group_point(config, workdir):
         model, shape, fp['params'], seed=seed, tol=float(st.tol)
       )
     if pearson is not None:
-      keep = select.keep_sets(pearson, w)
+      keep = select.keep_sets(pearson, w, blocks)
     else:
-      keep = sampling.random_keep(full_w, w, seed)
+      keep = sampling.random_keep(full_w, w, seed, blocks)
     plans.append(keep)
     seeds.append(seed)
   variants = [

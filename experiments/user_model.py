@@ -11,6 +11,10 @@ compress it like a registered model, by its import path:
 
 Checkpoints name the class by that path, so ``job=compress`` or
 ``job=evaluate`` in a new process restores it by importing this module.
+
+:class:`NeXtCNN` is a second example: ResNeXt bottlenecks, whose 3x3 convs
+have 8 fixed groups, so the channels they read and write are pruned in
+balanced blocks (``--config.model.name=experiments.user_model:NeXtCNN``).
 """
 
 import functools
@@ -47,6 +51,43 @@ class BranchyCNN(nn.Module):
     h = nn.relu(bn(name='c_bn')(conv(w[5], name='c')(h)))
     h = jnp.mean(h, axis=(1, 2))
     h = nn.relu(nn.Dense(w[6], name='fc1')(h))
+    return nn.Dense(self.num_classes, name='out')(h)
+
+  def structure(self):
+    return discover.cached(self, (1, 32, 32, 3)).structure
+
+
+class NeXtCNN(nn.Module):
+  """Stem, two ResNeXt bottlenecks (3x3 convs of ``cardinality`` groups)."""
+
+  # stem, block 1's 1x1 and grouped 3x3, the residual stream, block 2's
+  # 1x1 and grouped 3x3.
+  widths: tuple[int, ...] = (32, 64, 64, 128, 64, 64)
+  num_classes: int = 10
+  cardinality: int = 8
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    w = self.widths
+    conv = functools.partial(nn.Conv, use_bias=False)
+    bn = functools.partial(
+      nn.BatchNorm, use_running_average=not train, momentum=0.9
+    )
+
+    def bottleneck(h, i, inner, grouped, shortcut):
+      y = nn.relu(bn(name=f'a{i}_bn')(conv(inner, (1, 1), name=f'a{i}')(h)))
+      y = conv(grouped, (3, 3), feature_group_count=self.cardinality,
+               name=f'g{i}')(y)  # fmt: skip
+      y = nn.relu(bn(name=f'g{i}_bn')(y))
+      y = bn(name=f'c{i}_bn')(conv(w[3], (1, 1), name=f'c{i}')(y))
+      return nn.relu(shortcut + y)
+
+    h = nn.relu(bn(name='stem_bn')(conv(w[0], (3, 3), name='stem')(x)))
+    proj = bn(name='proj_bn')(conv(w[3], (1, 1), name='proj')(h))
+    h = bottleneck(h, 1, w[1], w[2], proj)
+    h = nn.max_pool(h, (2, 2), (2, 2))
+    h = bottleneck(h, 2, w[4], w[5], h)
+    h = jnp.mean(nn.max_pool(h, (2, 2), (2, 2)), axis=(1, 2))
     return nn.Dense(self.num_classes, name='out')(h)
 
   def structure(self):

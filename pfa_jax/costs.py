@@ -157,7 +157,8 @@ def _cost_model(model, input_shape):
     for e in slicing.leaf_edits(model, variables, keep):
       if e.collection == 'params':
         axis = e.axis % len(flat[e.path].shape)
-        axes[e.path].setdefault(axis, []).append((pos, len(e.index)))
+        rows = len(e.index) // e.blocks  # a grouped kernel's rows per group
+        axes[e.path].setdefault(axis, []).append((pos, rows))
   spatial = _kernel_spatial(model, variables, x)
 
   def leaf(path, coef):

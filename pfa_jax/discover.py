@@ -33,6 +33,7 @@ to the groups by 2 log2(n) abstract inits with some widths doubled.
 import collections
 import dataclasses
 import functools
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -100,6 +101,8 @@ class _Node:
   pins: list = dataclasses.field(default_factory=list)
   # (kernel path, offset, span) for reads through a concat or a flatten.
   reads: list = dataclasses.field(default_factory=list)
+  # Equal blocks a grouped conv writes or reads (the lcm of its counts).
+  blocks: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +138,10 @@ class _Spaces:
     # (layer, BN module, the values between them): see _Tracer._follow.
     self.bn_after: list[tuple[str, str, tuple]] = []
     self.reads: collections.Counter = collections.Counter()
+    # Grouped convs: (space, kernel leaf key, groups) for each read, and
+    # {kernel leaf key: groups} to compare across widths.
+    self.grouped: list[tuple[int, str, int]] = []
+    self.group_counts: dict[str, int] = {}
 
   def new(self, size, leaf=None) -> int:
     self.parent.append(len(self.parent))
@@ -175,6 +182,7 @@ class _Spaces:
         na.stream |= nb.stream or (na.written and nb.written)
         na.written |= nb.written
         na.reads += nb.reads
+        na.blocks = math.lcm(na.blocks, nb.blocks)
       return self.find(a)
     if (
       type(a) is type(b)
@@ -213,8 +221,9 @@ def _leaf_key(path) -> str:
 class _Tracer:
   """Walks a jaxpr, assigning every variable a label per axis."""
 
-  def __init__(self, spaces: _Spaces):
+  def __init__(self, spaces: _Spaces, grouped=frozenset()):
     self.s = spaces
+    self.grouped = grouped
     self.labels: dict[Any, tuple] = {}
     self.kind: dict[Any, str] = {}  # 'act' | 'param' | 'const'
     self.taint: dict[Any, frozenset] = {}  # consts leaves a value reads
@@ -517,7 +526,9 @@ class _Tracer:
     out = [None] * len(out_shape)
     out[ob] = lhs[lb] if eqn.params['batch_group_count'] == 1 else None
     c_in, c_out = shapes[0][lf], shapes[1][ro]
-    if groups == c_in and c_out == c_in and groups > 1:
+    leaf = self.s.nodes[rhs[ri]].leaf if isinstance(rhs[ri], int) else None
+    fixed = leaf is not None and leaf[0] in self.grouped
+    if groups == c_in and c_out == c_in and groups > 1 and not fixed:
       # Depthwise: output channel c is input channel c's filter, so the
       # layer belongs to its input's group (it writes no new space).
       out[of] = self.s.unify(lhs[lf], rhs[ro], 'depthwise conv')
@@ -525,13 +536,31 @@ class _Tracer:
     if groups == 1:
       self._consume(lhs[lf], rhs[ri], 'conv', shapes[1][ri])
     else:
-      self.s.pin(lhs[lf], f'grouped convolution ({groups} groups)')
-      self.s.pin(rhs[ro], f'grouped convolution ({groups} groups)')
+      self._grouped(lhs[lf], rhs, ri, ro, groups)
     out[of] = rhs[ro]
     if isinstance(rhs[ro], int):
       self.s.writers.append(rhs[ro])
       self.s.write(rhs[ro])
     return out
+
+  def _grouped(self, act, rhs, ri, ro, groups):
+    """A grouped conv: block b of ``act`` feeds block b of its outputs."""
+    why = f'grouped convolution ({groups} groups)'
+    leaf = self.s.nodes[rhs[ri]].leaf if isinstance(rhs[ri], int) else None
+    if leaf is None or not leaf[0].endswith('/kernel') or leaf[1] != -2:
+      self.s.pin(act, f'{why} of a kernel that is not a variable')
+      self.s.pin(rhs[ro], f'{why} of a kernel that is not a variable')
+      return
+    self.s.group_counts[leaf[0]] = groups
+    if isinstance(rhs[ro], int):
+      node = self.s.nodes[self.s.find(rhs[ro])]
+      node.blocks = math.lcm(node.blocks, groups)
+    if not isinstance(act, int):
+      self.s.pin(act, f'{why} over a concatenation or a flatten')
+    else:
+      node = self.s.nodes[self.s.find(act)]
+      node.blocks = math.lcm(node.blocks, groups)
+      self.s.grouped.append((act, leaf[0], groups))
 
   def _op_dot_general(self, eqn, labels, shapes, out_shape, kinds, ins):
     (lc, rc), (lbd, rbd) = eqn.params['dimension_numbers']
@@ -598,8 +627,12 @@ def _as_sample(sample):
   return jax.ShapeDtypeStruct(np.shape(sample), jnp.result_type(sample))
 
 
-def _trace(model, variables, sample, kw):
-  """Labels every axis of ``model.apply``'s jaxpr; returns the spaces."""
+def _trace(model, variables, sample, kw, grouped=frozenset()):
+  """Labels every axis of ``model.apply``'s jaxpr; returns the spaces.
+
+  ``grouped``: kernels of grouped convs that are not depthwise even where
+  their group count equals their width.
+  """
   try:
     if variables is None:
       variables = _abstract_variables(model, sample, kw)
@@ -613,7 +646,7 @@ def _trace(model, variables, sample, kw):
     ) from e
   leaves = jax.tree_util.tree_flatten_with_path(variables)[0]
   spaces = _Spaces()
-  tracer = _Tracer(spaces)
+  tracer = _Tracer(spaces, grouped)
   in_labels, in_kinds, in_taints = [], [], []
   for path, leaf in leaves:
     key = _leaf_key(path)
@@ -712,23 +745,39 @@ def discover(
   widths = getattr(model, 'widths', None)
   if widths is not None and any(int(w) == 1 for w in widths):
     return _through_ones(model, sample, apply_kwargs)
-  spaces, head_roots, leaves = _trace(model, variables, sample, apply_kwargs)
-
-  found = _spaces_found(spaces, leaves)
-  if widths is not None:
+  if widths is None:
+    spaces, head_roots, leaves = _trace(model, variables, sample, apply_kwargs)
+    found = _spaces_found(spaces, leaves)
+  else:
     # A layout can look per-channel at one width only: a GroupNorm of 2
     # groups, or a conv of 2 feature groups, on 2 channels. Traced at twice
     # the widths it groups them, and pruning one channel would break it.
+    # So can a conv of 4 fixed groups on 4 channels look depthwise.
     doubled = model.clone(widths=tuple(2 * int(w) for w in widths))
     twice_spaces, _, twice_leaves = _trace(doubled, None, sample, apply_kwargs)
+    spaces, head_roots, leaves = _trace(
+      model, variables, sample, apply_kwargs, set(twice_spaces.group_counts)
+    )
+    found = _spaces_found(spaces, leaves)
     twice = {
       f.kernel: f.pins[0]
       for f in _spaces_found(twice_spaces, twice_leaves)
       if f.pins
     }
+    counts = (spaces.group_counts, twice_spaces.group_counts)
     for f in found:
       if not f.pins and f.kernel in twice:
         f.pins.append(f'{twice[f.kernel]} (at twice the widths)')
+      # A group count set from a width (``feature_group_count=C // 8``)
+      # would change with the pruned width, and the blocks with it.
+      moved = [k for k in f.grouped if counts[0][k] != counts[1].get(k)]
+      if moved and not f.pins:
+        k = moved[0]
+        f.pins.append(
+          f'grouped convolution {_module(k)!r} has {counts[0][k]} groups, '
+          f'and {counts[1].get(k)} at twice the widths: its group count '
+          'follows a width'
+        )
   names = {f.root: f.name for f in found}
   pinned = {}
   for f in found:
@@ -768,6 +817,7 @@ def discover(
         consumers=tuple(sorted(set(f.consumers), key=_ckey)),
         stream=f.stream,
         concat_producers=tuple(f.concat_producers),
+        blocks=f.blocks,
       )
       for f in kept
     ),
@@ -898,6 +948,8 @@ class _Found:
   concat_producers: list[structure_lib.Producer]
   stream: bool
   pins: list[str]
+  blocks: int = 1
+  grouped: tuple[str, ...] = ()  # grouped convs' kernels that write or read it
 
 
 def _root(spaces, label):
@@ -923,6 +975,9 @@ def _spaces_found(spaces, leaves) -> list[_Found]:
   all_keys = [k for k, _ in leaves]
   members = _members(spaces)
   consumed = {(spaces.find(k), p) for k, p in spaces.consumed}
+  grouped: dict[int, list[tuple[str, int]]] = {}
+  for a, key, groups in spaces.grouped:
+    grouped.setdefault(spaces.find(a), []).append((key, groups))
   writers: dict[int, list[tuple[str, int]]] = {}  # insertion: trace order
   for w in spaces.writers:
     writers.setdefault(spaces.find(w), []).append(spaces.nodes[w].leaf)
@@ -957,6 +1012,9 @@ def _spaces_found(spaces, leaves) -> list[_Found]:
       else:
         pins.append(f'{key} holds these channels on axis {axis}')
     cons += [structure_lib.Consumer(p, o, n) for p, o, n in node.reads]
+    reads = grouped.get(root, [])
+    cons += [structure_lib.Consumer(_module(k), blocks=g) for k, g in reads]
+    convs = [k for k, _ in reads] + [k for k, _ in writes]
     modules = _collapse(prods, all_keys)
     shared = []
     for offset, span in sorted({(o, n) for _, o, n in sliced.get(root, [])}):
@@ -978,7 +1036,20 @@ def _spaces_found(spaces, leaves) -> list[_Found]:
       if stream
       else next((m for m in modules if _in(key, m)), _module(key))
     )
-    found.append(_Found(root, name, key, modules, cons, shared, stream, pins))
+    found.append(
+      _Found(
+        root,
+        name,
+        key,
+        modules,
+        cons,
+        shared,
+        stream,
+        pins,
+        node.blocks,
+        tuple(k for k in convs if k in spaces.group_counts),
+      )
+    )
   return found
 
 
@@ -1079,7 +1150,7 @@ def compare(
       out.append(f'group {name!r} is missing from structure()')
       continue
     a, b = gw[name], gg[name]
-    for field in ('index', 'producers', 'stream', 'concat_producers'):
+    for field in ('index', 'producers', 'stream', 'concat_producers', 'blocks'):
       x, y = getattr(a, field), getattr(b, field)
       if field == 'producers':
         x, y = sorted(x), sorted(y)
@@ -1105,7 +1176,7 @@ def compare(
 
 
 def _ckey(c: structure_lib.Consumer):
-  return (c.path, c.offset, c.span)
+  return (c.path, c.offset, c.span, c.blocks)
 
 
 __all__ = ['Discovery', 'cached', 'check', 'compare', 'discover']

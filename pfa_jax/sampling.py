@@ -31,12 +31,14 @@ leaf edits). The returned widths are then checked against
 :func:`pfa_jax.costs.count` (one abstract trace); a disagreement raises.
 """
 
+import math
 from collections.abc import Iterable, Mapping
 
 import flax.linen as nn
 import numpy as np
 
 from pfa_jax import costs
+from pfa_jax import select
 from pfa_jax.models import structure as structure_lib
 
 METRICS = ('params', 'flops')
@@ -86,7 +88,8 @@ def sample_widths(
     tol: allowed relative deviation of the exact cost from the target.
     metric: 'params' or 'flops' (MACs, as :mod:`pfa_jax.costs` counts them).
     min_width: smallest width per group (an int, or ``{group: int}``).
-    round_to: widths are multiples of this (or the group's full width).
+    round_to: widths are multiples of this and of the group's blocks (a
+      grouped convolution's), or the group's full width.
     check: re-count the result with :func:`pfa_jax.costs.count` (one
       abstract trace, ~0.3 s for SimpleCNN, ~1 s for ResNet-56); bulk
       samplers may skip it, the tests compare both counts on every model.
@@ -116,8 +119,14 @@ def sample_widths(
     )
   pos = np.asarray([cm.names.index(n) for n in names])
   full = cm.full[pos]
+  s = model.structure()
   levels = [
-    _levels(n, int(c), _min_width(min_width, n, c), int(round_to))
+    _levels(
+      n,
+      int(c),
+      _min_width(min_width, n, c),
+      math.lcm(int(round_to), s.group(n).blocks),
+    )
     for n, c in zip(names, full)
   ]
   top = np.asarray([len(lv) - 1 for lv in levels])
@@ -220,17 +229,23 @@ def _repair(idx, cost, tgt, tol, top, gen):
     idx, c = best
   raise ValueError(
     f'No widths reach the target {tgt:.0f} within {tol:.1%} (closest '
-    f'{c}); single-channel steps are too coarse for this model. Raise tol.'
+    f'{c}); the width steps (one channel, or a multiple of round_to or '
+    "of a grouped convolution's blocks) are too coarse for this model. "
+    'Raise tol.'
   )
 
 
 def random_keep(
-  full: Mapping[str, int], widths: Mapping[str, int], rng
+  full: Mapping[str, int],
+  widths: Mapping[str, int],
+  rng,
+  blocks: Mapping[str, int] | None = None,
 ) -> dict[str, np.ndarray]:
   """Uniformly random sorted keep-sets of the given ``widths``.
 
   Used for scratch-initialised random architectures, where *which*
   channels are kept does not change the network (only its widths do).
+  ``blocks``: layer -> equal blocks that keep as many each (default 1).
   """
   gen = _as_rng(rng)
   out = {}
@@ -240,5 +255,10 @@ def random_keep(
     c = int(full[name])
     if not 1 <= int(w) <= c:
       raise ValueError(f'Layer {name!r}: width {w} outside [1, {c}].')
-    out[name] = np.sort(gen.choice(c, int(w), replace=False)).astype(np.int64)
+    b = (blocks or {}).get(name, 1)
+    if b > 1:
+      out[name] = select.balanced(gen.permutation(c), int(w), b)
+    else:
+      out[name] = np.sort(gen.choice(c, int(w), replace=False))
+      out[name] = out[name].astype(np.int64)
   return out

@@ -25,6 +25,10 @@ Decisions:
     clipped to [-1, 1].
   * Passing a correlation matrix instead of a covariance gives the same
     order (it is a covariance with unit variances).
+  * A layer whose channels a grouped convolution splits into ``blocks``
+    (``Group.blocks``) keeps ``k / blocks`` in each block: the removal order
+    is walked from its end, taking a filter while its block has room
+    (:func:`balanced`). The order itself is the layer's, unchanged.
 """
 
 import zlib
@@ -134,8 +138,38 @@ def removal_order(
   return np.concatenate([inactive, active[order]]).astype(np.int64)
 
 
-def keep_indices(order: np.ndarray, k: int) -> np.ndarray:
+def balanced(ranking, k: int, blocks: int = 1) -> np.ndarray:
+  """Sorted first ``k`` of ``ranking`` (best first), ``k / blocks`` per block.
+
+  Block ``b`` holds indices ``b C / blocks .. (b + 1) C / blocks``, where
+  ``C = len(ranking)``; every block's best ``k / blocks`` are kept.
+
+  Raises:
+    ValueError: if ``k`` is not in [0, C] or not a multiple of ``blocks``.
+  """
+  ranking = np.asarray(ranking)
+  c, k, blocks = ranking.size, int(k), int(blocks)
+  if not 0 <= k <= c:
+    raise ValueError(f'Cannot keep {k} of {c} units.')
+  if k % blocks or c % blocks:
+    raise ValueError(
+      f'Cannot keep {k} of {c} units in {blocks} equal blocks: both must be '
+      f'multiples of {blocks}.'
+    )
+  block = ranking // (c // blocks)
+  # Position of each entry among its block's entries, in ranking order.
+  nth = np.empty(c, np.int64)
+  for b in range(blocks):
+    where = block == b
+    nth[where] = np.arange(int(where.sum()))
+  return np.sort(ranking[nth < k // blocks]).astype(np.int64)
+
+
+def keep_indices(order: np.ndarray, k: int, blocks: int = 1) -> np.ndarray:
   """Returns the sorted indices kept when the first C - k of ``order`` go.
+
+  With ``blocks > 1``, ``k / blocks`` are kept in each block
+  (:func:`balanced` over the reversed order).
 
   Raises:
     ValueError: if k is not in [0, C].
@@ -145,6 +179,8 @@ def keep_indices(order: np.ndarray, k: int) -> np.ndarray:
   k = int(k)
   if not 0 <= k <= c:
     raise ValueError(f'Cannot keep {k} of {c} units.')
+  if blocks > 1:
+    return balanced(order[::-1], k, blocks)
   return np.sort(order[c - k :]).astype(np.int64)
 
 
@@ -156,9 +192,13 @@ def removal_orders(
 
 
 def keep_sets(
-  orders: Mapping[str, np.ndarray], widths: Mapping[str, int]
+  orders: Mapping[str, np.ndarray],
+  widths: Mapping[str, int],
+  blocks: Mapping[str, int] | None = None,
 ) -> dict[str, np.ndarray]:
   """Returns layer -> sorted kept indices for the given widths.
+
+  ``blocks``: layer -> equal blocks that keep as many each (default 1).
 
   Raises:
     ValueError: if the layer names differ (naming missing/extra layers) or a
@@ -168,7 +208,7 @@ def keep_sets(
   out = {}
   for k, order in orders.items():
     try:
-      out[k] = keep_indices(order, widths[k])
+      out[k] = keep_indices(order, widths[k], (blocks or {}).get(k, 1))
     except ValueError as e:
       raise ValueError(f'layer {k!r}: {e}') from e
   return out
@@ -178,6 +218,7 @@ def random_keep_sets(
   widths_full: Mapping[str, int],
   widths: Mapping[str, int],
   rng: np.random.Generator | int,
+  blocks: Mapping[str, int] | None = None,
 ) -> dict[str, np.ndarray]:
   """Random-selection baseline: a sorted uniform random subset per layer.
 
@@ -188,6 +229,8 @@ def random_keep_sets(
       With an int seed each layer uses its own stream seeded by
       ``(seed, crc32(name))``, so a layer's subset does not depend on which
       other layers are present.
+    blocks: layer -> equal blocks that keep as many each (default 1): a
+      uniform random subset of each block.
 
   Returns:
     layer -> sorted int64 indices.
@@ -202,5 +245,9 @@ def random_keep_sets(
       g = rng
     else:
       g = np.random.default_rng([int(rng), zlib.crc32(name.encode())])
-    out[name] = np.sort(g.choice(c, size=k, replace=False)).astype(np.int64)
+    b = (blocks or {}).get(name, 1)
+    if b > 1:
+      out[name] = balanced(g.permutation(c), k, b)
+    else:
+      out[name] = np.sort(g.choice(c, size=k, replace=False)).astype(np.int64)
   return {name: out[name] for name in widths_full}

@@ -43,6 +43,11 @@ class Edit:
   per spatial position for a consumer after a concatenation or a flatten).
   Positions the group does not own are left alone: two groups concatenated
   into one consumer edit disjoint rows of its kernel (:func:`merged`).
+
+  ``blocks > 1``: the input axis of a grouped conv's kernel
+  ``[..., C / blocks, O]``. ``index`` and ``owned`` then count the group's
+  ``C`` channels, and output block ``b`` keeps the rows of its own input
+  block's kept channels (:func:`take`).
   """
 
   collection: str
@@ -50,6 +55,7 @@ class Edit:
   axis: int
   index: np.ndarray  # int, sorted, a subset of owned
   owned: np.ndarray  # int, sorted
+  blocks: int = 1
 
 
 def check_keep(model: nn.Module, keep: Mapping) -> dict[str, np.ndarray]:
@@ -97,8 +103,41 @@ def check_keep(model: nn.Module, keep: Mapping) -> dict[str, np.ndarray]:
         f'Layer {name!r}: keep-set must be strictly increasing ({kind} '
         'indices found).'
       )
+    blocks = s.group(name).blocks
+    if blocks > 1:
+      counts = np.bincount(arr // (width // blocks), minlength=blocks)
+      if np.any(counts != counts[0]):
+        raise ValueError(
+          f'Layer {name!r}: a grouped convolution splits its {width} '
+          f'channels into {blocks} blocks of {width // blocks}, and a '
+          'keep-set must keep as many in each; this one keeps '
+          f'{counts.tolist()}.'
+        )
     out[name] = arr.astype(np.int64)
   return out
+
+
+def _local(idx, width: int, blocks: int) -> np.ndarray:
+  """``[blocks, k]``: each block's kept channels, counted in the block."""
+  size = width // blocks
+  idx = np.asarray(idx)
+  return (idx - idx // size * size).reshape(blocks, -1)
+
+
+def _blocked(x, blocks: int):
+  """A grouped kernel ``[..., rows, O]`` as ``[..., rows, blocks, O / b]``."""
+  return x.reshape(*x.shape[:-1], blocks, x.shape[-1] // blocks)
+
+
+def take(x, e: Edit) -> np.ndarray:
+  """``x`` with edit ``e`` applied: the kept positions along its axis."""
+  x = np.asarray(x)
+  if e.blocks == 1:
+    return np.take(x, e.index, axis=e.axis)
+  local = _local(e.index, len(e.owned), e.blocks)
+  x4 = _blocked(x, e.blocks)
+  out = np.stack([x4[..., r, b, :] for b, r in enumerate(local)], axis=-2)
+  return out.reshape(*x.shape[:-2], local.shape[1], x.shape[-1])
 
 
 def _flat(variables, collection):
@@ -164,6 +203,16 @@ def leaf_edits(model: nn.Module, variables, keep: Mapping) -> list[Edit]:
       if path not in flat['params']:
         raise ValueError(f'Layer {name!r}: consumer kernel {path!r} missing.')
       rows = flat['params'][path].shape[-2]
+      if cons.blocks > 1:
+        if rows * cons.blocks != width:
+          raise ValueError(
+            f'Layer {name!r}: grouped convolution {cons.path!r} has {rows} '
+            f'inputs per group, not {width} channels in {cons.blocks} '
+            'groups.'
+          )
+        owned = np.arange(width)
+        edits.append(Edit('params', path, -2, idx, owned, cons.blocks))
+        continue
       index = _consumer_rows(name, cons, rows, width, idx)
       owned = _consumer_rows(name, cons, rows, width, np.arange(width))
       edits.append(Edit('params', path, -2, index, owned))
@@ -172,9 +221,18 @@ def leaf_edits(model: nn.Module, variables, keep: Mapping) -> list[Edit]:
 
 def merged(edits: list[Edit], variables) -> list[Edit]:
   """One edit per leaf axis: every position kept unless a group drops it."""
-  drop, order = {}, []
+  drop, order, whole = {}, [], {}
   for e in edits:
     key = (e.collection, e.path, e.axis)
+    if e.blocks > 1 or key in whole:
+      if key in whole or key in drop:
+        raise ValueError(
+          f'{e.collection}/{e.path}: a grouped convolution reads one group '
+          f'only, on its axis {e.axis}.'
+        )
+      whole[key] = e
+      order.append(key)
+      continue
     if key not in drop:
       drop[key] = set()
       order.append(key)
@@ -182,6 +240,9 @@ def merged(edits: list[Edit], variables) -> list[Edit]:
   flat = {c: _flat(variables, c) for c in _COLLECTIONS}
   out = []
   for c, path, axis in order:
+    if (c, path, axis) in whole:
+      out.append(whole[c, path, axis])
+      continue
     n = np.shape(flat[c][path])[axis]
     index = np.setdiff1d(np.arange(n), np.fromiter(drop[c, path, axis], int))
     out.append(Edit(c, path, axis, index, np.arange(n)))
@@ -262,13 +323,16 @@ def apply_folds(model: nn.Module, variables, plan) -> dict:
     for cons in map(structure_lib.as_consumer, group.consumers):
       path = f'{cons.path}/kernel'
       w = np.array(flat['params'][path], np.float64)
-      rows_k = _consumer_rows(name, cons, w.shape[-2], width, kept)
-      rows_r = _consumer_rows(name, cons, w.shape[-2], width, removed)
-      repeat = len(rows_k) // len(kept)
-      wk = w[..., rows_k, :].reshape(*w.shape[:-2], repeat, len(kept), -1)
-      wr = w[..., rows_r, :].reshape(*w.shape[:-2], repeat, len(removed), -1)
-      wk = wk + np.einsum('rk,...ro->...ko', matrix, wr)
-      w[..., rows_k, :] = wk.reshape(*w.shape[:-2], len(rows_k), -1)
+      if cons.blocks > 1:
+        wr = _fold_blocks(name, cons, w, width, kept, matrix)
+      else:
+        rows_k = _consumer_rows(name, cons, w.shape[-2], width, kept)
+        rows_r = _consumer_rows(name, cons, w.shape[-2], width, removed)
+        repeat = len(rows_k) // len(kept)
+        wk = w[..., rows_k, :].reshape(*w.shape[:-2], repeat, len(kept), -1)
+        wr = w[..., rows_r, :].reshape(*w.shape[:-2], repeat, len(removed), -1)
+        wk = wk + np.einsum('rk,...ro->...ko', matrix, wr)
+        w[..., rows_k, :] = wk.reshape(*w.shape[:-2], len(rows_k), -1)
       dtype = np.asarray(flat['params'][path]).dtype
       flat['params'][path] = w.astype(dtype)
       if offset is not None:
@@ -293,6 +357,34 @@ def apply_folds(model: nn.Module, variables, plan) -> dict:
   return out
 
 
+def _fold_blocks(name, cons, w, width, kept, matrix):
+  """Folds into a grouped kernel ``w`` in place, each block into its own.
+
+  Returns the removed rows as a dense-layout ``[..., removed, O]`` (zero
+  where a removed channel's block differs from the output's), for the
+  offset.
+  """
+  blocks, size = cons.blocks, width // cons.blocks
+  removed = np.setdiff1d(np.arange(width), kept)
+  kb, rb = kept // size, removed // size
+  if np.any(matrix[rb[:, None] != kb[None, :]]):
+    raise ValueError(
+      f'Layer {name!r}: the fold carries channels across the {blocks} '
+      f'blocks that grouped convolution {cons.path!r} reads apart; fit it '
+      'block by block (compensation.ls_fold(..., blocks=...)).'
+    )
+  w4 = _blocked(w, blocks)
+  wr = np.zeros((*w4.shape[:-3], len(removed), blocks, w4.shape[-1]))
+  for b in range(blocks):
+    k, r = np.flatnonzero(kb == b), np.flatnonzero(rb == b)
+    rows_r = w4[..., removed[r] - b * size, b, :]
+    w4[..., kept[k] - b * size, b, :] += np.einsum(
+      'rk,...ro->...ko', matrix[np.ix_(r, k)], rows_r
+    )
+    wr[..., r, b, :] = rows_r
+  return wr.reshape(*wr.shape[:-2], -1)
+
+
 def prune(model: nn.Module, variables, plan):
   """Slices ``model`` and ``variables`` to the plan's kept channels.
 
@@ -313,9 +405,7 @@ def prune(model: nn.Module, variables, plan):
   variables = apply_folds(model, variables, plan)
   flat = {c: _flat(variables, c) for c in _COLLECTIONS}
   for e in merged(leaf_edits(model, variables, keep), variables):
-    flat[e.collection][e.path] = np.take(
-      np.asarray(flat[e.collection][e.path]), e.index, axis=e.axis
-    )
+    flat[e.collection][e.path] = take(flat[e.collection][e.path], e)
   widths = structure_lib.widths_of(model)
   widths.update({n: len(i) for n, i in keep.items()})
   pruned = structure_lib.with_widths(model, widths)
@@ -376,6 +466,12 @@ def masks(model: nn.Module, variables, plan) -> dict:
     if e.collection != 'params':
       continue  # BN running stats need no mask: scale and offset are zeroed.
     m = flat[e.path]
+    if e.blocks > 1:
+      m4 = _blocked(m, e.blocks)
+      for b, kept in enumerate(_local(e.index, len(e.owned), e.blocks)):
+        m4[..., np.setdiff1d(np.arange(m.shape[-2]), kept), b, :] = 0.0
+      flat[e.path] = m4.reshape(m.shape)
+      continue
     removed = np.setdiff1d(np.arange(m.shape[e.axis]), e.index)
     sl = [slice(None)] * m.ndim
     sl[e.axis] = removed
@@ -422,7 +518,7 @@ def scatter(model: nn.Module, pruned_variables, plan, like) -> dict:
   small = {c: _flat(pruned_variables, c) for c in _COLLECTIONS}
   index = {}
   for e in merged(leaf_edits(model, like, keep), like):
-    index.setdefault((e.collection, e.path), []).append((e.axis, e.index))
+    index.setdefault((e.collection, e.path), []).append(e)
   out = {}
   for c in _COLLECTIONS:
     if c not in like:
@@ -432,16 +528,27 @@ def scatter(model: nn.Module, pruned_variables, plan, like) -> dict:
       base = (
         np.zeros_like(np.asarray(full)) if c == 'params' else np.array(full)
       )
-      sl = [slice(None)] * base.ndim
-      for axis, idx in index.get((c, path), []):
-        sl[axis] = idx
-      grid = np.ix_(
-        *[
-          np.arange(base.shape[a]) if isinstance(x, slice) else x
-          for a, x in enumerate(sl)
-        ]
-      )
-      base[grid] = np.asarray(small[c][path])
+      value = np.asarray(small[c][path])
+      sl = [np.arange(n) for n in base.shape]
+      grouped = None
+      for e in index.get((c, path), []):
+        if e.blocks > 1:
+          grouped = e
+        else:
+          sl[e.axis] = e.index
+      if grouped is None:
+        base[np.ix_(*sl)] = value
+      else:
+        # The plain axes first, then each block's rows into its own block.
+        sl[-2] = np.arange(value.shape[-2])
+        inner = np.zeros(
+          (*base.shape[:-2], *value.shape[-2:-1], base.shape[-1])
+        )
+        inner[np.ix_(*sl)] = value
+        e, base4 = grouped, _blocked(base, grouped.blocks)
+        inner4 = _blocked(inner, e.blocks)
+        for b, kept in enumerate(_local(e.index, len(e.owned), e.blocks)):
+          base4[..., kept, b, :] = inner4[..., :, b, :]
       leaves[path] = base
     out[c] = traverse_util.unflatten_dict(leaves, sep='/')
   if _CONSTS in like:

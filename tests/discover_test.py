@@ -940,8 +940,6 @@ class _Pinned(nn.Module):
       h = nn.LayerNorm(name='ln')(h)
     elif self.middle == 'groupnorm':
       h = nn.GroupNorm(num_groups=2, name='gn')(h)
-    elif self.middle == 'grouped_conv':
-      h = nn.Conv(6, (3, 3), feature_group_count=2, name='g')(h)
     elif self.middle == 'channel_slice':
       h = jnp.concatenate([h[..., :3], h[..., :3]], axis=-1)
     elif self.middle == 'sort':
@@ -965,22 +963,37 @@ class _Pinned(nn.Module):
 
 
 class _Sized(nn.Module):
-  """conv 'a' -> ``middle`` (2 groups) -> 'back' added -> conv 'b'."""
+  """conv 'a' -> GroupNorm(2) -> 'back' added -> conv 'b'."""
 
   widths: tuple[int, ...] = (6, 4)
-  middle: str = 'groupnorm'
   num_classes: int = 2
 
   @nn.compact
   def __call__(self, x, train=False):
     h = _conv(self.widths[0], 'a')(x)
-    if self.middle == 'groupnorm':
-      h = nn.GroupNorm(num_groups=2, name='gn')(h)
-    else:
-      h = nn.Conv(self.widths[0], (3, 3), feature_group_count=2, name='g')(h)
+    h = nn.GroupNorm(num_groups=2, name='gn')(h)
     h = h + _conv(self.widths[0], 'back')(nn.relu(h))
     h = nn.relu(_conv(self.widths[1], 'b')(nn.relu(h)))
     return nn.Dense(self.num_classes, name='out')(jnp.mean(h, (1, 2)))
+
+
+class _TwoGroups(nn.Module):
+  """conv 'a' -> conv 'g' of 2 fixed groups, 'back' added -> conv 'b'."""
+
+  widths: tuple[int, ...] = (6, 6, 4)
+  num_classes: int = 2
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    w = self.widths
+    h = _conv(w[0], 'a')(x)
+    h = nn.Conv(w[1], (3, 3), feature_group_count=2, name='g')(h)
+    h = h + _conv(w[1], 'back')(nn.relu(h))
+    h = nn.relu(_conv(w[2], 'b')(nn.relu(h)))
+    return nn.Dense(self.num_classes, name='out')(jnp.mean(h, (1, 2)))
+
+  def structure(self):
+    return _discovered(self)
 
 
 class _RootGain(nn.Module):
@@ -1023,7 +1036,6 @@ class PinnedTest(parameterized.TestCase):
   @parameterized.named_parameters(
     ('layernorm', 'layernorm', 'a', 'reduced over by'),
     ('groupnorm', 'groupnorm', 'a', 'split or regrouped by a reshape'),
-    ('grouped_conv', 'grouped_conv', 'a', 'grouped convolution'),
     ('channel_slice', 'channel_slice', 'a', 'channels sliced'),
     ('sort', 'sort', 'a', "unsupported primitive 'sort'"),
     ('cumsum', 'cumsum', 'a', "combined by 'cumsum'"),
@@ -1045,13 +1057,13 @@ class PinnedTest(parameterized.TestCase):
     self.assertNotIn(group, found.structure.names)
     self.assertIn('out', found.pinned)  # the model output
 
-  @parameterized.product(middle=('groupnorm', 'grouped_conv'), width=(2, 6))
-  def test_two_groups_stay_pinned_at_any_width(self, middle, width):
-    # At 2 channels, 2 groups look per-channel in the jaxpr; pruning one
-    # would break the layer, so the trace at twice the widths pins it. The
-    # residual 'back' writes after the layer: that stream must not become a
-    # group of its own beginning at the norm's bias (it did).
-    found = discover.discover(_Sized(widths=(width, 4), middle=middle), SHAPE)
+  @parameterized.parameters(2, 6)
+  def test_two_groups_stay_pinned_at_any_width(self, width):
+    # At 2 channels, a GroupNorm's 2 groups look per-channel in the jaxpr;
+    # pruning one would break the layer, so the trace at twice the widths
+    # pins it. The residual 'back' writes after the norm: that stream must
+    # not become a group of its own beginning at the norm's bias (it did).
+    found = discover.discover(_Sized(widths=(width, 4)), SHAPE)
     self.assertEqual(found.structure.names, ('b',))
     self.assertEqual(found.pinned.pop('out'), 'the model output')
     self.assertIn('stream1', found.pinned)  # the layer's output, with 'back'
@@ -1059,6 +1071,29 @@ class PinnedTest(parameterized.TestCase):
     for reason in found.pinned.values():
       self.assertTrue(reason.endswith(suffix), found.pinned)
       self.assertIn('group', reason)
+
+  @parameterized.parameters(2, 6)
+  def test_two_fixed_conv_groups_are_blocks_at_any_width(self, width):
+    # A conv of 2 fixed groups on 2 channels traces like a depthwise conv
+    # (it was pinned as one at twice the widths); at both widths 'a' and the
+    # conv's stream are prunable in 2 blocks, and slice like the masked net.
+    model = _TwoGroups(widths=(width, width, 4))
+    found = discover.discover(model, SHAPE)
+    s = found.structure
+    self.assertEqual(s.names, ('a', 'stream1', 'b'))
+    self.assertEqual([g.blocks for g in s.groups], [2, 2, 1])
+    self.assertEqual(
+      s.group('a').consumers, (structure_lib.Consumer('g', blocks=2),)
+    )
+    self.assertEqual(found.pinned, {'out': 'the model output'})
+    if width == 6:
+      variables, x = _init(model)
+      keep = {'a': np.array([1, 3]), 'stream1': np.array([0, 2, 4, 5])}
+      pm, pv = slicing.prune(model, variables, keep)
+      mm, mv = slicing.mask(model, variables, keep)
+      np.testing.assert_allclose(
+        pm.apply(pv, x), mm.apply(mv, x), rtol=1e-5, atol=1e-6
+      )
 
   def test_a_root_parameter_is_its_own_producer(self):
     model = _RootGain()

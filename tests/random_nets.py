@@ -3,7 +3,8 @@
 A net is a *spec*: a tuple of ops, each reading earlier tensors by index
 (tensor 0 is the image), interpreted by :class:`RandomNet`. The ops are the
 wirings users write: convs with or without bias and with BN before or after
-the ReLU, depthwise convs, residual adds into a stream and projection
+the ReLU, depthwise convs, grouped convs of 2 or 3 fixed groups, residual
+adds into a stream and projection
 shortcuts, channel concatenations, separate BN modules (also over a
 concatenation), pooling, transposed convs, per-position Dense layers,
 squeeze-excitation gates, blocks with a layer scale, root-level parameters,
@@ -16,6 +17,7 @@ what :mod:`pfa_jax.discover` finds in the jaxpr.
 """
 
 import dataclasses
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -79,6 +81,12 @@ class RandomNet(nn.Module):
         src, g, relu = a
         y = nn.Dense(w[g], name=f'dense{i}')(ts[src])
         y = nn.relu(y) if relu else y
+      elif kind == 'gconv':  # fixed groups: blocks of the widths it touches
+        src, g, groups, post = a
+        y = nn.Conv(w[g], (3, 3), feature_group_count=groups, name=f'gconv{i}')(
+          ts[src]
+        )
+        y = _post(y, post, f'bn{i}', train)
       elif kind == 'dw':
         src, post = a
         c = ts[src].shape[-1]
@@ -181,14 +189,15 @@ def spec(seed: int, n_ops: int = 7) -> tuple[tuple, tuple[int, ...]]:
           'gain',
           'gn',
           'up',
+          'gconv',
         ],
         p=[
-          0.11,
           0.1,
-          0.08,
-          0.06,
           0.1,
-          0.11,
+          0.07,
+          0.05,
+          0.09,
+          0.1,
           0.1,
           0.08,
           0.08,
@@ -196,6 +205,7 @@ def spec(seed: int, n_ops: int = 7) -> tuple[tuple, tuple[int, ...]]:
           0.05,
           0.04,
           0.03,
+          0.05,
         ],
       )
     )
@@ -230,6 +240,15 @@ def spec(seed: int, n_ops: int = 7) -> tuple[tuple, tuple[int, ...]]:
       g = new_width()
       ops.append(('dense4d', src, g, bool(rng.random() < 0.5)))
       ts.append(_Tensor(ts[src].size, (g,)))
+    elif kind == 'gconv':
+      groups = int(rng.choice([2, 3]))
+      src = pick(lambda t, n=groups: single(t) and widths[t.parts[0]] % n == 0)
+      if src is None:
+        continue
+      widths.append(groups * int(rng.choice([1, 2])))
+      post = str(rng.choice(POSTS))
+      ops.append(('gconv', src, len(widths) - 1, groups, post))
+      ts.append(_Tensor(ts[src].size, (len(widths) - 1,)))
     elif kind == 'dw':  # on a concatenation too: its BN holds several groups
       src = pick(grouped)
       ops.append(('dw', src, str(rng.choice(POSTS))))
@@ -282,6 +301,7 @@ class Group:
   consumers: set = dataclasses.field(default_factory=set)
   concat_producers: set = dataclasses.field(default_factory=set)
   writers: int = 0  # convs and dense layers writing it
+  blocks: int = 1  # the lcm of the groups of grouped convs touching it
 
   def normal(self) -> dict[str, Any]:
     return {
@@ -289,6 +309,7 @@ class Group:
       'consumers': sorted(self.consumers),
       'concat_producers': sorted(self.concat_producers),
       'stream': self.writers > 1,
+      'blocks': self.blocks,
     }
 
 
@@ -306,12 +327,13 @@ def expected(spec_: tuple, widths: tuple[int, ...]):
       readers[s] += 1
   bn_after, pinned = set(), set()
 
-  def read(src, path):
+  def read(src, path, blocks=1):
     p = parts[src]
     offset = 0
     for g in p:
       span = None if len(p) == 1 else sum(widths[q] for q in p)
-      groups[g].consumers.add((path, offset, span))
+      groups[g].consumers.add((path, offset, span, blocks))
+      groups[g].blocks = math.lcm(groups[g].blocks, blocks)
       offset += widths[g]
 
   def hold(path, p):  # a module holding a tensor's channels, last axis
@@ -339,6 +361,15 @@ def expected(spec_: tuple, widths: tuple[int, ...]):
       post(i, (g,), f'conv{i}', p)
       out_parts = (g,)
       out_writer = f'conv{i}' if p == 'none' else None
+    elif kind == 'gconv':
+      src, g, n, p = a
+      read(src, f'gconv{i}', n)
+      groups[g].producers.add(f'gconv{i}')
+      groups[g].writers += 1
+      groups[g].blocks = math.lcm(groups[g].blocks, n)
+      post(i, (g,), f'gconv{i}', p)
+      out_parts = (g,)
+      out_writer = f'gconv{i}' if p == 'none' else None
     elif kind == 'dw':
       src, p = a
       hold(f'dw{i}', parts[src])
@@ -374,7 +405,7 @@ def expected(spec_: tuple, widths: tuple[int, ...]):
       read(src, f'se_down{i}')
       groups[g].producers.add(f'se_down{i}')
       groups[g].writers += 1
-      groups[g].consumers.add((f'se_up{i}', 0, None))
+      groups[g].consumers.add((f'se_up{i}', 0, None, 1))
       groups[s].producers.add(f'se_up{i}')
       groups[s].writers += 1
       out_parts = parts[src]
@@ -383,9 +414,9 @@ def expected(spec_: tuple, widths: tuple[int, ...]):
       (t,) = parts[src]
       b = f'block{i}'
       groups[g].producers.add(f'{b}/Conv_0')
-      groups[g].consumers.add((f'{b}/Conv_1', 0, None))
+      groups[g].consumers.add((f'{b}/Conv_1', 0, None, 1))
       groups[t].producers |= {f'{b}/Conv_1', f'{b}/gain'}
-      groups[t].consumers.add((f'{b}/Conv_0', 0, None))
+      groups[t].consumers.add((f'{b}/Conv_0', 0, None, 1))
       groups[g].writers += 1
       groups[t].writers += 1
       out_parts = parts[src]
@@ -405,7 +436,7 @@ def expected(spec_: tuple, widths: tuple[int, ...]):
         read(src, 'fc')
         groups[hidden].producers.add('fc')
         groups[hidden].writers += 1
-        groups[hidden].consumers.add(('out', 0, None))
+        groups[hidden].consumers.add(('out', 0, None, 1))
       else:
         read(src, 'out')
       break
@@ -422,12 +453,15 @@ def found(structure) -> dict[int, dict[str, Any]]:
     out[g.index] = {
       'producers': sorted(g.producers),
       'consumers': sorted(
-        (c, 0, None) if isinstance(c, str) else (c.path, c.offset, c.span)
+        (c, 0, None, 1)
+        if isinstance(c, str)
+        else (c.path, c.offset, c.span, c.blocks)
         for c in g.consumers
       ),
       'concat_producers': sorted(
         (p.path, p.offset, p.span) for p in g.concat_producers
       ),
       'stream': g.stream,
+      'blocks': g.blocks,
     }
   return out

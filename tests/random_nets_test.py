@@ -84,20 +84,25 @@ def _batches(seed):
   ]
 
 
+def _draw(rng, width, blocks):
+  """A random keep-set with as many channels in each of ``blocks``."""
+  size = width // blocks
+  k = int(rng.integers(1, size + 1))
+  return np.sort(
+    np.concatenate(
+      [b * size + rng.choice(size, k, False) for b in range(blocks)]
+    )
+  )
+
+
 def _check_slicing(test, seed, n_ops=7):
   spec, widths = rn.spec(seed, n_ops)
   model = rn.RandomNet(spec, widths)
   variables, x = _init(model, seed)
   groups = model.structure().groups
+  blocks = {i: g['blocks'] for i, g in _want(spec, widths)[0].items()}
   rng = np.random.default_rng(seed)
-  keep = {
-    g.name: np.sort(
-      rng.choice(
-        widths[g.index], int(rng.integers(1, widths[g.index] + 1)), False
-      )
-    )
-    for g in groups
-  }
+  keep = {g.name: _draw(rng, widths[g.index], blocks[g.index]) for g in groups}
   msg = f'seed {seed}: {spec} {widths}'
   pm, pv = slicing.prune(model, variables, keep)
   mm, mv = slicing.mask(model, variables, keep)
@@ -139,9 +144,9 @@ class StructureTest(parameterized.TestCase):
     )
     want, bn_after, _ = _want(spec, (3, 4, 2))
     self.assertEqual(want[0]['producers'], ['bn3', 'conv0'])
-    self.assertEqual(want[0]['consumers'], [('conv4', 0, 7)])
-    self.assertEqual(want[1]['consumers'], [('conv4', 3, 7)])
-    self.assertEqual(want[2]['consumers'], [('out', 0, None)])
+    self.assertEqual(want[0]['consumers'], [('conv4', 0, 7, 1)])
+    self.assertEqual(want[1]['consumers'], [('conv4', 3, 7, 1)])
+    self.assertEqual(want[2]['consumers'], [('out', 0, None, 1)])
     self.assertEqual(bn_after, set())
     _check_structure(self, spec, (3, 4, 2))
     # Read once, conv0's output gives the pair.
@@ -168,14 +173,15 @@ def _methods_on(test, seed):
   s = model.structure()
   unread = sorted(g.name for g in s.groups if not g.consumers)
   inner = [g.name for g in s.groups if not g.stream]
+  pairable = [n for n in inner if s.group(n).blocks == 1]  # CF and FCP
   msg = f'seed {seed}: {spec} {widths}'
   batches = _batches(seed)
   cases = [
     ('l1', dict(recipe='keep:0.5', compensation='ls')),
     ('random', dict(recipe='keep:0.5', rng=seed)),
     ('pfa', dict(recipe='energy:0.9')),
-    ('cf', dict(recipe='prune:0.5', groups=inner)),
-    ('fcp', dict(recipe='prune:0.5', groups=inner)),
+    ('cf', dict(recipe='prune:0.5', groups=pairable)),
+    ('fcp', dict(recipe='prune:0.5', groups=pairable)),
   ]
   for name, kw in cases:
     if kw.get('groups') == []:

@@ -40,6 +40,7 @@ import numpy as np
 
 from pfa_jax import costs
 from pfa_jax import plan as plan_lib
+from pfa_jax import select
 from pfa_jax.models import structure
 
 KINDS = (
@@ -189,16 +190,21 @@ class Context:
   def full_widths(self) -> dict[str, int]:
     return {n: structure.widths_of(self.model)[n] for n in self.groups}
 
+  def blocks(self) -> dict[str, int]:
+    """``{group: equal blocks}`` (``Group.blocks``; 1 but for grouped convs)."""
+    s = self.model.structure()
+    return {n: s.group(n).blocks for n in self.groups}
+
   def finalize(self, widths: Mapping[str, float]) -> dict[str, int]:
-    """Clamps to [min_width, C] and rounds up to ``round_to`` (capped at C)."""
-    full = self.full_widths()
+    """Clamps to [min_width, C] and rounds up to a multiple of ``round_to``
+    and of the group's blocks (capped at C)."""
+    full, blocks = self.full_widths(), self.blocks()
     out = {}
     for n, w in widths.items():
       c = full[n]
       w = max(int(math.ceil(w - 1e-9)), int(self.min_width.get(n, 1)), 1)
-      if self.round_to > 1:
-        w = int(math.ceil(w / self.round_to) * self.round_to)
-      out[n] = min(w, c)
+      step = math.lcm(self.round_to, blocks[n])
+      out[n] = min(int(math.ceil(w / step) * step), c)
     return out
 
   def cost(self, kind: str) -> Callable[[Mapping[str, int]], int]:
@@ -304,10 +310,15 @@ def uniform_widths(ctx: Context, recipe: Recipe) -> dict[str, int] | None:
         f'Recipe widths name layer(s) {unknown} that are not pruned; pruned '
         f'layers: {", ".join(full)}.'
       )
-    out = dict(full)
+    out, blocks = dict(full), ctx.blocks()
     for n, w in recipe.value.items():
       if w > full[n]:
         raise ValueError(f'Layer {n!r}: width {w} exceeds its {full[n]} units.')
+      if w % blocks[n]:
+        raise ValueError(
+          f'Layer {n!r}: a grouped convolution splits it into {blocks[n]} '
+          f'blocks, so its width must be a multiple of {blocks[n]}, got {w}.'
+        )
       out[n] = w
     return out
   return None
@@ -357,16 +368,17 @@ def full_keep(widths: Mapping[str, int]) -> dict[str, np.ndarray]:
   return {n: np.arange(w) for n, w in widths.items()}
 
 
-def top_k(scores: np.ndarray, k: int) -> np.ndarray:
-  """Sorted indices of the k largest scores (ties: the lower index)."""
+def top_k(scores: np.ndarray, k: int, blocks: int = 1) -> np.ndarray:
+  """Sorted indices of the k largest scores (ties: the lower index);
+  ``k / blocks`` from each of ``blocks`` equal blocks."""
   order = np.argsort(-np.asarray(scores), kind='stable')
-  return np.sort(order[:k]).astype(np.int64)
+  return select.balanced(order, k, blocks)
 
 
 def score_plan(ctx: Context, scores, widths, solved) -> plan_lib.Plan:
   """The plan that keeps each layer's ``widths[n]`` highest-scoring units."""
   return plan_lib.Plan(
-    keep={n: top_k(scores[n], widths[n]) for n in ctx.groups},
+    keep={n: top_k(scores[n], widths[n], b) for n, b in ctx.blocks().items()},
     report={
       **solved,
       'widths': widths,

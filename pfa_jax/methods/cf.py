@@ -324,6 +324,13 @@ def _check_groups(model, groups):
         f'Layer {name!r} is a residual stream: CF prunes single layers whose '
         "next layer has weights to fold into; use groups='inner'."
       )
+    if s.group(name).blocks > 1:
+      raise ValueError(
+        f'Layer {name!r}: a grouped convolution splits its channels into '
+        f"{s.group(name).blocks} blocks that must keep as many each; CF's "
+        'central filters do not, so name the groups to prune without it '
+        '(l1, slim, random and pfa keep blocks balanced).'
+      )
   return s
 
 

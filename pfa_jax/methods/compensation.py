@@ -53,6 +53,7 @@ Decisions:
 """
 
 import functools
+import math
 from collections.abc import Callable, Iterable, Sequence
 
 import flax.linen as nn
@@ -231,7 +232,14 @@ def second_moment(cov, mean, count=None) -> np.ndarray:
 
 
 def ls_fold(
-  cov, mean, keep, ridge: float = 1e-3, *, intercept: bool = True, count=None
+  cov,
+  mean,
+  keep,
+  ridge: float = 1e-3,
+  *,
+  intercept: bool = True,
+  count=None,
+  blocks: int = 1,
 ):
   """Least-squares fold ``x_r ≈ B x_k + c`` from covariance and mean.
 
@@ -246,6 +254,9 @@ def ls_fold(
       bias nor a BN to take one.
     count: samples behind the unbiased ``cov``, for the second moments
       (:func:`second_moment`); unused with ``intercept``.
+    blocks: fit each of this many equal, contiguous blocks of channels on
+      its own, so ``B`` is block-diagonal: a grouped convolution reads the
+      group, and a fold must not carry a channel into another block.
 
   Returns:
     ``Fold(matrix=B [n_r, n_k], offset=c [n_r] or None)`` (float64).
@@ -262,6 +273,10 @@ def ls_fold(
   if not ridge >= 0:
     raise ValueError(f'ridge must be >= 0, got {ridge}.')
   keep, removed = _removed(c, keep)
+  if blocks > 1:
+    return _block_fold(
+      cov, mean, keep, removed, ridge, intercept, count, blocks
+    )
   m = cov if intercept else second_moment(cov, mean, count)
   a_kk = m[np.ix_(keep, keep)]
   a_rk = m[np.ix_(removed, keep)]
@@ -276,6 +291,35 @@ def ls_fold(
   if not intercept:
     return plan_lib.Fold(matrix=b)
   return plan_lib.Fold(matrix=b, offset=mean[removed] - b @ mean[keep])
+
+
+def _block_fold(cov, mean, keep, removed, ridge, intercept, count, blocks):
+  """:func:`ls_fold` of each block on its own, as one block-diagonal fold."""
+  size = cov.shape[0] // blocks
+  matrix = np.zeros((len(removed), len(keep)))
+  offset = np.zeros(len(removed))
+  for lo in range(0, cov.shape[0], size):
+    r = np.flatnonzero((removed >= lo) & (removed < lo + size))
+    k = np.flatnonzero((keep >= lo) & (keep < lo + size))
+    if not len(r):
+      continue
+    if not len(k):
+      raise ValueError(
+        f'Block {lo // size} of {blocks} keeps no channel to fold into.'
+      )
+    part = slice(lo, lo + size)
+    fold = ls_fold(
+      cov[part, part],
+      mean[part],
+      keep[k] - lo,
+      ridge,
+      intercept=intercept,
+      count=count,
+    )
+    matrix[np.ix_(r, k)] = fold.matrix
+    if intercept:
+      offset[r] = fold.offset
+  return plan_lib.Fold(matrix=matrix, offset=offset if intercept else None)
 
 
 def explained(cov, keep, fold: plan_lib.Fold, mean=None, count=None) -> float:
@@ -349,7 +393,8 @@ def compensate(
       plan prunes that some layer reads (streams and unread groups are
       skipped and listed in the report). A group with a consumer that has
       neither a bias nor a BN after it is fitted without intercept
-      (:func:`ls_fold`).
+      (:func:`ls_fold`); one that a grouped convolution reads, block by
+      block (``blocks``).
     ridge: relative ridge of :func:`ls_fold`.
     sequential: re-collect each group's statistics after the upstream
       folds (see the module docstring); default one-shot.
@@ -363,6 +408,13 @@ def compensate(
   slicing.check_keep(model, plan.keep)
   names, skipped, unread = _groups_to_fold(model, plan, groups)
   intercept = {n: not slicing.offset_free(model, variables, n) for n in names}
+  s = model.structure()
+  blocks = {
+    n: math.lcm(
+      *(c.blocks for c in map(structure_lib.as_consumer, s.group(n).consumers))
+    )
+    for n in names
+  }
   stats_fn = stats_fn or input_stats
   folds = dict(plan.folds)
   per_group = {}
@@ -376,13 +428,13 @@ def compensate(
       # All groups each pass: one compiled step serves every pass.
       st = stats_fn(model, masked, batches, names)[name]
       folds[name], per_group[name] = _fold_one(
-        name, st, plan, ridge, intercept[name]
+        name, st, plan, ridge, intercept[name], blocks[name]
       )
   else:
     states = stats_fn(model, variables, batches, names) if names else {}
     for name in names:
       folds[name], per_group[name] = _fold_one(
-        name, states[name], plan, ridge, intercept[name]
+        name, states[name], plan, ridge, intercept[name], blocks[name]
       )
   report = dict(plan.report)
   report['compensation_detail'] = {
@@ -396,14 +448,20 @@ def compensate(
   return plan_lib.Plan(keep=plan.keep, folds=folds, report=report)
 
 
-def _fold_one(name, state, plan, ridge, intercept):
+def _fold_one(name, state, plan, ridge, intercept, blocks):
   cov = stats.covariance(state, name=name)
   mean = stats.mean(state, name=name)
   n = stats.count(state)
   fold = ls_fold(
-    cov, mean, plan.keep[name], ridge, intercept=intercept, count=n
+    cov,
+    mean,
+    plan.keep[name],
+    ridge,
+    intercept=intercept,
+    count=n,
+    blocks=blocks,
   )
-  info = {'samples': n, 'intercept': intercept}
+  info = {'samples': n, 'intercept': intercept, 'blocks': blocks}
   key = 'explained_variance' if intercept else 'explained_second_moment'
   info[key] = explained(cov, plan.keep[name], fold, mean, n)
   return fold, info

@@ -114,11 +114,18 @@ def pair_regularizer(kernel, pairs: Sequence[tuple[int, int]], lam: float):
   return lam * jnp.sum(1.0 - corr)
 
 
-def _check_not_stream(group) -> None:
+def _check_pairable(group) -> None:
   if group.stream:
     raise ValueError(
       f'Layer {group.name!r} is a residual stream; FCP pairs the filters of '
       "one layer and folds into next-layer weights: use groups='inner'."
+    )
+  if group.blocks > 1:
+    raise ValueError(
+      f'Layer {group.name!r}: a grouped convolution splits its channels into '
+      f"{group.blocks} blocks that must keep as many each; FCP's pairs do "
+      'not, so name the groups to prune without it (l1, slim, random and '
+      'pfa keep blocks balanced).'
     )
 
 
@@ -134,9 +141,10 @@ def filter_key(flat: Mapping[str, jax.Array], group) -> str:
   module it is named after) is then the one.
 
   Raises:
-    ValueError: for a residual stream, or a group with no such kernel.
+    ValueError: for a residual stream, a grouped-conv group, or a group with
+      no such kernel.
   """
-  _check_not_stream(group)
+  _check_pairable(group)
   kernels = {
     k: v
     for prod in group.producers
@@ -167,7 +175,7 @@ def regularizer(model, pairs: Mapping[str, Sequence], lam: float):
   s = model.structure()
   groups = {name: s.group(name) for name in pairs}
   for g in groups.values():
-    _check_not_stream(g)
+    _check_pairable(g)
 
   def fn(params):
     flat = traverse_util.flatten_dict(params, sep='/')
@@ -253,7 +261,7 @@ def collect(model, variables, batches, groups, hparams):
   del hparams
   struct = model.structure()
   for name in groups:
-    _check_not_stream(struct.group(name))
+    _check_pairable(struct.group(name))
     if not struct.group(name).consumers:
       raise ValueError(
         f'Layer {name!r} has no consumer layer (nothing reads its channels):'

@@ -133,7 +133,7 @@ def widths_for(ctx: base.Context, spectra) -> tuple[dict[str, int], dict]:
 def plan(ctx: base.Context) -> plan_lib.Plan:
   widths, solved = widths_for(ctx, ctx.stats['spectra'])
   orders = {n: ctx.stats['orders'][n] for n in ctx.groups}
-  keep = select.keep_sets(orders, widths)
+  keep = select.keep_sets(orders, widths, ctx.blocks())
   return plan_lib.Plan(
     keep=keep,
     report={

@@ -59,9 +59,11 @@ def plan(ctx: base.Context) -> plan_lib.Plan:
     widths = base.uniform_widths(ctx, r)
   if ctx.hparams['select'] == 'pfa':
     orders = {n: ctx.stats['orders'][n] for n in ctx.groups}
-    keep = select.keep_sets(orders, widths)
+    keep = select.keep_sets(orders, widths, ctx.blocks())
   else:
-    keep = select.random_keep_sets(ctx.full_widths(), widths, seed)
+    keep = select.random_keep_sets(
+      ctx.full_widths(), widths, seed, ctx.blocks()
+    )
   return plan_lib.Plan(
     keep=keep,
     report={**solved, 'widths': widths, 'seed': seed},

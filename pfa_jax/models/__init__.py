@@ -146,7 +146,8 @@ def get_model(
     num_classes: size of the classifier output.
     widths: per-group widths, as a layer tree ``{name: width}`` (unnamed
       groups keep their default) or a full tuple in structure order.
-    width_mult: scales every default width (rounded, at least 1), for
+    width_mult: scales every default width (rounded, at least 1; a
+      multiple of its group's blocks where a grouped conv splits it), for
       narrower variants such as the CPU demo's.
     **kw: other module fields (``tap``, ``conv_impl``, ``dropout``, ...).
       ``conv_impl='auto'`` (the configs' default: the best path there is)
@@ -198,7 +199,13 @@ def get_model(
       )
     model = model.clone(widths=model.default_widths())
   if width_mult != 1.0:
-    scaled = tuple(max(1, round(w * width_mult)) for w in model.widths)
+    # A width a grouped conv splits into blocks stays a multiple of them.
+    step = [1] * len(model.widths)
+    for g in model.structure().groups:
+      step[g.index] = g.blocks
+    scaled = tuple(
+      s * max(1, round(w * width_mult / s)) for w, s in zip(model.widths, step)
+    )
     model = model.clone(widths=scaled)
   if widths:
     model = structure.with_widths(model, widths)

@@ -52,11 +52,17 @@ class Consumer:
     span: input rows per spatial position (the concatenated width); ``None``
       means the group's own width. A channel-last flatten repeats the block
       ``rows / span`` times; the slicer infers that repeat from the kernel.
+    blocks: the feature groups of a grouped convolution (``1``: a plain
+      kernel). Its kernel ``[H, W, C / blocks, O]`` reads block ``b`` of the
+      group's channels (``b C / blocks ..``) into block ``b`` of its
+      outputs, so the slicer gathers each output block's rows from its own
+      input block, and a keep-set keeps as many channels in every block.
   """
 
   path: str
   offset: int = 0
   span: int | None = None
+  blocks: int = 1
 
 
 def holds(key: str, path: str) -> bool:
@@ -97,6 +103,10 @@ class Group:
     stream: True for a residual stream shared by several producers.
     concat_producers: :class:`Producer` entries: modules that hold these
       channels at an offset of a concatenation's channels (sliced there).
+    blocks: a keep-set keeps the same number of channels in each of this
+      many equal, contiguous blocks (a grouped convolution writes or reads
+      them; the least common multiple of its groups' counts). Widths are
+      multiples of it.
   """
 
   name: str
@@ -105,6 +115,7 @@ class Group:
   consumers: tuple[str | Consumer, ...]
   stream: bool = False
   concat_producers: tuple[Producer, ...] = ()
+  blocks: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,5 +184,11 @@ def with_widths(model, widths) -> object:
     w = int(w)
     if w < 1:
       raise ValueError(f'Layer {name!r}: width must be >= 1, got {w}.')
+    blocks = s.group(name).blocks
+    if w % blocks:
+      raise ValueError(
+        f'Layer {name!r}: a grouped convolution splits it into {blocks} '
+        f'blocks, so its width must be a multiple of {blocks}, got {w}.'
+      )
     new[s.group(name).index] = w
   return model.clone(widths=tuple(new))
