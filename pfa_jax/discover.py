@@ -98,7 +98,7 @@ class _Node:
   leaf: tuple[str, int] | None = None  # (collection/path, axis)
   written: bool = False  # a layer, a channel map or the input writes it
   stream: bool = False  # an elementwise op joins two written spaces
-  pins: list = dataclasses.field(default_factory=list)
+  pins: list = dataclasses.field(default_factory=list)  # (order, reason)
   # (kernel path, offset, span) for reads through a concat or a flatten.
   reads: list = dataclasses.field(default_factory=list)
   # Equal blocks a grouped conv writes or reads (the lcm of its counts).
@@ -141,6 +141,7 @@ class _Spaces:
     # Grouped convs: (space, kernel leaf key, groups) for each read, and
     # {kernel leaf key: groups} to compare across widths.
     self.grouped: list[tuple[int, str, int]] = []
+    self.pinned: list[str] = []  # every pin, in trace order
     self.group_counts: dict[str, int] = {}
 
   def new(self, size, leaf=None) -> int:
@@ -161,7 +162,9 @@ class _Spaces:
 
   def pin(self, label, reason: str):
     if isinstance(label, int):
-      self.nodes[self.find(label)].pins.append(reason)
+      # Numbered, so a space reports the first pin of the forward pass.
+      self.nodes[self.find(label)].pins.append((len(self.pinned), reason))
+      self.pinned.append(reason)
     elif isinstance(label, (_Cat, _Flat)):
       for part, _ in label.parts:
         self.pin(part, reason)
@@ -1000,7 +1003,7 @@ def _spaces_found(spaces, leaves) -> list[_Found]:
   found, streams = [], 0
   for root, writes in writers.items():
     node = spaces.nodes[root]
-    prods, cons, pins = set(), [], list(node.pins)
+    prods, cons, pins = set(), [], [r for _, r in sorted(node.pins)]
     for key, axis in members.get(root, []):
       coll = key.split('/', 1)[0]
       if coll == structure_lib.CONSTS:

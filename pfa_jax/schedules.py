@@ -146,8 +146,10 @@ def fcp_round_steps(
   """FCP's rounds until the params/FLOPs target (module doc).
 
   Round k drops ``min(n, C_k // 2)`` filters of every layer (C_k its width
-  before the round), with n = ``num_pairs`` except in the last round, where
-  n is the smallest count that meets the target.
+  before the round; a layer a grouped conv splits into blocks drops
+  ``ceil(n / blocks)`` in each, :func:`fcp.round_count`), with n =
+  ``num_pairs`` except in the last round, where n is the smallest count
+  that meets the target.
 
   Raises:
     ValueError: a recipe that is not ``params:``/``flops:``, ``num_pairs <
@@ -169,6 +171,7 @@ def fcp_round_steps(
   target = r.value * full_cost if r.value <= 1 else r.value
   cost = costs.cost_fn(model, shape, r.kind)
   widths = {n: structure.widths_of(model)[n] for n in names}
+  blocks = {n: model.structure().group(n).blocks for n in names}
   steps = []
   while cost(widths) > target:
     if len(steps) >= int(max_rounds):
@@ -178,7 +181,9 @@ def fcp_round_steps(
       )
 
     def after(n, widths=widths):
-      return {g: w - min(n, w // 2) for g, w in widths.items()}
+      return {
+        g: w - fcp.round_count(w, n, blocks[g]) for g, w in widths.items()
+      }
 
     if after(int(num_pairs)) == widths:
       raise ValueError(

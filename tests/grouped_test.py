@@ -25,7 +25,9 @@ from pfa_jax import plan as plan_lib
 from pfa_jax import sampling
 from pfa_jax import select
 from pfa_jax import slicing
+from pfa_jax.methods import cf
 from pfa_jax.methods import compensation
+from pfa_jax.methods import fcp
 from pfa_jax.models import structure as structure_lib
 
 SHAPE = (8, 8, 3)
@@ -306,35 +308,96 @@ class SelectionTest(parameterized.TestCase):
         counts = _counts(keep[n], full[n], s.group(n).blocks)
         self.assertTrue(np.all(counts == width // s.group(n).blocks), n)
 
-  def test_cf_and_fcp_refuse_a_blocked_group_before_reading_data(self):
-    model = NeXt()
-    variables, _ = _init(model)
-    drawn = []
-
-    def batches():  # records how far each pass reads
-      drawn.append(0)
-      for b in _batches():
-        drawn[-1] += 1
-        yield b
-
-    for name in ('cf', 'fcp'):
-      drawn.clear()
-      with self.assertRaisesRegex(ValueError, "Layer 'a': a grouped conv"):
-        methods.prune(
-          name, model, variables, recipe='prune:0.5', batches=batches
-        )
-      self.assertLessEqual(max(drawn, default=0), 1, name)  # a shape peek
-    # Without the blocked groups both run.
+  def test_cf_and_fcp_remove_and_fold_inside_blocks(self):
+    # Channel 1 of 'a' duplicates channel 0 (block 0), channel 3 channel 2
+    # (block 1). Both methods remove one filter per block, the duplicate,
+    # and fold it into its twin: the pruned network is the full one.
+    model = Linear()
+    variables, x = _init(model)
+    params = jax.tree.map(np.array, variables['params'])
+    k, b = params['a']['kernel'], params['a']['bias']
+    k[..., 1], b[1] = k[..., 0], b[0]
+    k[..., 3], b[3] = k[..., 2], b[2]
+    variables = {'params': params}
+    full = model.apply(variables, x)
     for name in ('cf', 'fcp'):
       out = methods.prune(
         name,
         model,
         variables,
         recipe='prune:0.5',
-        groups=['stem'],
-        batches=_batches(),
+        groups=['a'],
+        batches=_batches(n=4),
       )
-      self.assertLess(len(out.plan.keep['stem']), 6)
+      keep = out.plan.keep['a']
+      self.assertEqual(_counts(keep, 4, 2).tolist(), [1, 1], name)
+      self.assertLen(set(keep.tolist()) & {0, 1}, 1, name)
+      np.testing.assert_allclose(
+        out.model.apply(out.variables, x), full, rtol=1e-4, atol=1e-4
+      )
+
+  def test_cf_and_fcp_keep_blocks_balanced_on_the_bottleneck(self):
+    model = NeXt()
+    variables, x = _init(model)
+    s = model.structure()
+    for name in ('cf', 'fcp'):
+      out = methods.prune(
+        name, model, variables, recipe='prune:0.5', batches=_batches()
+      )
+      for g, kept in out.plan.keep.items():
+        counts = _counts(
+          kept, model.widths[s.group(g).index], s.group(g).blocks
+        )
+        self.assertLen(set(counts.tolist()), 1, f'{name} {g}')
+      mm, mv = slicing.mask(model, variables, out.plan)
+      np.testing.assert_allclose(
+        out.model.apply(out.variables, x), mm.apply(mv, x), rtol=1e-4, atol=1e-5
+      )
+
+  def test_block_pairs_and_centres_stay_in_their_block(self):
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(9, 12))
+    r = fcp.filter_correlation(w)
+    pairs = fcp.block_pairs(r, 4, blocks=4)
+    self.assertEqual(sorted(a // 3 for a, _ in pairs), [0, 1, 2, 3])
+    for a, b in pairs:
+      self.assertEqual(a // 3, b // 3)
+      # Inside its block, the pair is the block's most correlated one.
+      lo = a // 3 * 3
+      block = [(i, j) for i in range(lo, lo + 3) for j in range(i + 1, lo + 3)]
+      best = max(block, key=lambda p: (r[p], -p[0], -p[1]))
+      self.assertEqual(sorted((a, b)), list(best))
+    d = np.abs(rng.normal(size=(12, 12)))
+    keep, delegates, report = cf.central_filter_blocks(d + d.T, 8, blocks=4)
+    self.assertEqual(_counts(keep, 12, 4).tolist(), [1, 1, 1, 1])
+    self.assertLen(report['blocks'], 4)
+    for removed, centre in delegates.items():
+      self.assertEqual(removed // 3, centre // 3)
+      self.assertIn(centre, keep)
+
+  def test_fcp_round_count(self):
+    # ceil(n / blocks) per block, at most half of each block.
+    self.assertEqual(fcp.round_count(12, 1, 4), 4)
+    self.assertEqual(fcp.round_count(12, 5, 4), 4)  # blocks of 3: one each
+    self.assertEqual(fcp.round_count(16, 5, 2), 6)
+    self.assertEqual(fcp.round_count(7, 5), 3)
+    self.assertEqual(fcp.round_count(16, 3), 3)
+
+  def test_given_pairs_must_stay_in_blocks(self):
+    model = Linear()
+    variables, _ = _init(model)
+    with self.assertRaisesRegex(
+      ValueError, "Layer 'a': .* 2 blocks of 2; pairs must lie inside one"
+    ):
+      methods.prune(
+        'fcp',
+        model,
+        variables,
+        recipe='prune:0.5',
+        groups=['a'],
+        batches=_batches(),
+        pairs={'a': [[0, 2], [1, 3]]},
+      )
 
 
 class CompensationTest(parameterized.TestCase):

@@ -258,6 +258,41 @@ def central_filter(d, num_remove: int):
   return keep, delegates, report
 
 
+def central_filter_blocks(d, num_remove: int, blocks: int = 1):
+  """:func:`central_filter` in each of ``blocks`` equal blocks on its own.
+
+  A grouped convolution splits the layer's channels into blocks, which must
+  keep as many each, and a fold must stay inside one (its consumer reads
+  each block apart). Each block removes ``num_remove / blocks`` filters,
+  delegated to centres of its own block's graph. The report lists each
+  block's, under ``'blocks'``.
+  """
+  if blocks == 1:
+    return central_filter(d, num_remove)
+  d = _check_square(d)
+  c = d.shape[0]
+  if c % blocks or num_remove % blocks:
+    raise ValueError(
+      f'{c} filters and {num_remove} removed must both be multiples of the '
+      f'{blocks} blocks.'
+    )
+  size = c // blocks
+  keep, delegates, reports = [], {}, []
+  for lo in range(0, c, size):
+    part = d[lo : lo + size, lo : lo + size]
+    k, dl, rep = central_filter(part, num_remove // blocks)
+    keep.append(k + lo)
+    delegates.update({a + lo: b + lo for a, b in dl.items()})
+    reports.append(rep)
+  report = {
+    'num_filters': c,
+    'num_remove': int(num_remove),
+    'shortfall': sum(r['shortfall'] for r in reports),
+    'blocks': reports,
+  }
+  return np.concatenate(keep), delegates, report
+
+
 def _fallback(d, centres, delegates, num_remove):
   """Removes the kept non-centres most similar to a centre (in place)."""
   added = []
@@ -323,13 +358,6 @@ def _check_groups(model, groups):
       raise ValueError(
         f'Layer {name!r} is a residual stream: CF prunes single layers whose '
         "next layer has weights to fold into; use groups='inner'."
-      )
-    if s.group(name).blocks > 1:
-      raise ValueError(
-        f'Layer {name!r}: a grouped convolution splits its channels into '
-        f"{s.group(name).blocks} blocks that must keep as many each; CF's "
-        'central filters do not, so name the groups to prune without it '
-        '(l1, slim, random and pfa keep blocks balanced).'
       )
   return s
 
@@ -459,8 +487,8 @@ def plan(ctx: base.Context) -> plan_lib.Plan:
   full = ctx.full_widths()
   keep, folds, reports = {}, {}, {}
   for name in ctx.groups:
-    k, delegates, rep = central_filter(
-      ctx.stats[name], full[name] - widths[name]
+    k, delegates, rep = central_filter_blocks(
+      ctx.stats[name], full[name] - widths[name], ctx.blocks()[name]
     )
     keep[name] = k
     if delegates:

@@ -103,6 +103,35 @@ def select_pairs(r, n: int, scores=None) -> list[tuple[int, int]]:
   return pairs
 
 
+def block_pairs(r, n: int, blocks: int = 1, scores=None):
+  """:func:`select_pairs` in each of ``blocks`` equal blocks on its own:
+  ``n / blocks`` pairs inside each, so both filters of a pair, and the fold
+  between them, stay in the block a grouped convolution reads."""
+  r = np.asarray(r, np.float64)
+  o = r.shape[0]
+  if blocks == 1:
+    return select_pairs(r, n, scores)
+  if o % blocks or n % blocks:
+    raise ValueError(
+      f'{o} filters and {n} pairs must both be multiples of the {blocks} '
+      'blocks.'
+    )
+  size, pairs = o // blocks, []
+  for lo in range(0, o, size):
+    part = slice(lo, lo + size)
+    sub = None if scores is None else np.asarray(scores)[part]
+    for a, b in select_pairs(r[part, part], n // blocks, sub):
+      pairs.append((a + lo, b + lo))
+  return pairs
+
+
+def round_count(width: int, n: int, blocks: int = 1) -> int:
+  """Pairs one FCP round drops from a layer: ``min(n, C // 2)``, or with
+  blocks, ``ceil(n / blocks)`` in each (at most half of it)."""
+  size = width // blocks
+  return blocks * min(-(-int(n) // blocks), size // 2)
+
+
 def pair_regularizer(kernel, pairs: Sequence[tuple[int, int]], lam: float):
   """``lam · Σ_pairs (1 − corr)`` of one layer's kernel (differentiable)."""
   if not pairs:
@@ -119,13 +148,6 @@ def _check_pairable(group) -> None:
     raise ValueError(
       f'Layer {group.name!r} is a residual stream; FCP pairs the filters of '
       "one layer and folds into next-layer weights: use groups='inner'."
-    )
-  if group.blocks > 1:
-    raise ValueError(
-      f'Layer {group.name!r}: a grouped convolution splits its channels into '
-      f"{group.blocks} blocks that must keep as many each; FCP's pairs do "
-      'not, so name the groups to prune without it (l1, slim, random and '
-      'pfa keep blocks balanced).'
     )
 
 
@@ -245,14 +267,13 @@ def round_pairs(model, variables, groups, num_pairs: int) -> dict:
   The edge trains with :func:`regularizer` on these pairs and then passes
   them as the ``pairs`` hyperparameter, so the round drops what it trained.
   """
-  widths = {
-    g.name: int(model.widths[g.index]) for g in model.structure().groups
-  }
+  s = model.structure()
   out = {}
   for name in groups:
+    g = s.group(name)
     r = filter_correlation(_kernel(model, variables, name))
-    n = min(int(num_pairs), widths[name] // 2)
-    out[name] = [list(p) for p in select_pairs(r, n)]
+    n = round_count(int(model.widths[g.index]), num_pairs, g.blocks)
+    out[name] = [list(p) for p in block_pairs(r, n, g.blocks)]
   return out
 
 
@@ -289,19 +310,20 @@ def plan(ctx: base.Context) -> plan_lib.Plan:
   else:
     widths = base.uniform_widths(ctx, r)
   keep, folds, pairs, capped = {}, {}, {}, {}
-  for name in ctx.groups:
+  for name, blocks in ctx.blocks().items():
     c = full[name]
     n = c - widths[name]
-    if n > c // 2:
+    half = c // blocks // 2 * blocks  # at most half of every block
+    if n > half:
       capped[name] = n
-      n = c // 2
+      n = half
     cov, mean, count = ctx.stats[name]
     given = (ctx.hparams['pairs'] or {}).get(name)
     if given is not None:
-      pairs[name] = _orient(name, given, c, np.diag(cov))
+      pairs[name] = _orient(name, given, c, np.diag(cov), blocks)
     else:
       rr = filter_correlation(_kernel(ctx.model, ctx.variables, name))
-      pairs[name] = select_pairs(rr, n, scores=np.diag(cov))
+      pairs[name] = block_pairs(rr, n, blocks, scores=np.diag(cov))
     drops = {d for _, d in pairs[name]}
     keep[name] = np.array([i for i in range(c) if i not in drops], np.int64)
     if drops:
@@ -325,13 +347,23 @@ def plan(ctx: base.Context) -> plan_lib.Plan:
   )
 
 
-def _orient(name, given, c, scores):
-  """Validates explicit pairs (disjoint, in range) and orients them."""
+def _orient(name, given, c, scores, blocks=1):
+  """Validates explicit pairs (disjoint, in range, inside blocks, as many
+  in each) and orients them."""
   flat = [int(i) for p in given for i in p]
   if any(len(p) != 2 for p in given) or len(set(flat)) != len(flat):
     raise ValueError(f'Layer {name!r}: pairs must be disjoint [a, b] pairs.')
   if flat and not (0 <= min(flat) and max(flat) < c):
     raise ValueError(f'Layer {name!r}: pair indices must lie in [0, {c}).')
+  size = c // blocks
+  per = np.bincount([int(a) // size for a, _ in given], minlength=blocks)
+  if any(int(a) // size != int(b) // size for a, b in given) or np.any(
+    per != per[0]
+  ):
+    raise ValueError(
+      f'Layer {name!r}: a grouped convolution splits it into {blocks} '
+      f'blocks of {size}; pairs must lie inside one block, as many in each.'
+    )
   out = []
   for a, b in given:
     a, b = int(a), int(b)
