@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import random_nets as rn
 from absl.testing import absltest
 from absl.testing import parameterized
 
@@ -100,27 +101,6 @@ def _init(model, seed=0):
   return variables, x
 
 
-def _batches(seed=0, n=2):
-  rng = np.random.default_rng(seed)
-  return [
-    {
-      'image': rng.normal(size=(16, *SHAPE)).astype(np.float32),
-      'label': np.zeros(16, np.int32),
-      'mask': np.ones(16, bool),
-    }
-    for _ in range(n)
-  ]
-
-
-def _draw(rng, width, blocks, k):
-  size = width // blocks
-  return np.sort(
-    np.concatenate(
-      [b * size + rng.choice(size, k, False) for b in range(blocks)]
-    )
-  )
-
-
 def _counts(keep, width, blocks):
   return np.bincount(np.asarray(keep) // (width // blocks), minlength=blocks)
 
@@ -176,7 +156,7 @@ class SlicingTest(parameterized.TestCase):
     rng = np.random.default_rng(seed)
     s = model.structure()
     keep = {
-      g.name: _draw(
+      g.name: rn.balanced_keep(
         rng,
         model.widths[g.index],
         g.blocks,
@@ -258,7 +238,7 @@ class SelectionTest(parameterized.TestCase):
     model = NeXt()
     variables, _ = _init(model)
     s = model.structure()
-    batches = _batches()
+    batches = rn.batches()
     cases = [
       ('l1', 'keep:0.5', {}),
       ('l1', 'params:0.5', {}),
@@ -327,7 +307,7 @@ class SelectionTest(parameterized.TestCase):
         variables,
         recipe='prune:0.5',
         groups=['a'],
-        batches=_batches(n=4),
+        batches=rn.batches(n=4),
       )
       keep = out.plan.keep['a']
       self.assertEqual(_counts(keep, 4, 2).tolist(), [1, 1], name)
@@ -342,7 +322,7 @@ class SelectionTest(parameterized.TestCase):
     s = model.structure()
     for name in ('cf', 'fcp'):
       out = methods.prune(
-        name, model, variables, recipe='prune:0.5', batches=_batches()
+        name, model, variables, recipe='prune:0.5', batches=rn.batches()
       )
       for g, kept in out.plan.keep.items():
         counts = _counts(
@@ -395,7 +375,7 @@ class SelectionTest(parameterized.TestCase):
         variables,
         recipe='prune:0.5',
         groups=['a'],
-        batches=_batches(),
+        batches=rn.batches(),
         pairs={'a': [[0, 2], [1, 3]]},
       )
 
@@ -429,7 +409,7 @@ class CompensationTest(parameterized.TestCase):
     k[..., 3], b[3] = 2.0 * k[..., 2], 2.0 * b[2] - 0.1
     variables = {'params': params}
     keep = {'a': np.array([0, 2])}
-    batches = _batches(n=4)
+    batches = rn.batches(n=4)
     plan = compensation.compensate(model, variables, keep, batches, ridge=0.0)
     detail = plan.report['compensation_detail']['groups']['a']
     self.assertEqual(detail['blocks'], 2)
@@ -466,7 +446,7 @@ class CompensationTest(parameterized.TestCase):
       variables,
       recipe='keep:0.5',
       compensation='ls',
-      batches=_batches(),
+      batches=rn.batches(),
     )
     mm, mv = slicing.mask(model, variables, out.plan)
     np.testing.assert_allclose(

@@ -446,6 +446,30 @@ def expected(spec_: tuple, widths: tuple[int, ...]):
   return groups, bn_after, pinned
 
 
+def batches(n: int = 2, seed: int = 0) -> list[dict[str, np.ndarray]]:
+  """``n`` batches of 16 normal images of the nets' size, all unmasked."""
+  rng = np.random.default_rng(seed)
+  return [
+    {
+      'image': rng.normal(size=(16, SIZE, SIZE, 3)).astype(np.float32),
+      'label': np.zeros(16, np.int32),
+      'mask': np.ones(16, bool),
+    }
+    for _ in range(n)
+  ]
+
+
+def balanced_keep(rng, width: int, blocks: int = 1, k: int | None = None):
+  """A random sorted keep-set of ``k`` (random if None) per block."""
+  size = width // blocks
+  k = int(rng.integers(1, size + 1)) if k is None else k
+  return np.sort(
+    np.concatenate(
+      [b * size + rng.choice(size, k, False) for b in range(blocks)]
+    )
+  )
+
+
 def found(structure) -> dict[int, dict[str, Any]]:
   """A discovered structure in :meth:`Group.normal`'s form, by index."""
   out = {}

@@ -72,29 +72,6 @@ def _rel_err(a, b):
   return float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-30))
 
 
-def _batches(seed):
-  rng = np.random.default_rng(seed)
-  return [
-    {
-      'image': rng.normal(size=(16, *SHAPE)).astype(np.float32),
-      'label': np.zeros(16, np.int32),
-      'mask': np.ones(16, bool),
-    }
-    for _ in range(2)
-  ]
-
-
-def _draw(rng, width, blocks):
-  """A random keep-set with as many channels in each of ``blocks``."""
-  size = width // blocks
-  k = int(rng.integers(1, size + 1))
-  return np.sort(
-    np.concatenate(
-      [b * size + rng.choice(size, k, False) for b in range(blocks)]
-    )
-  )
-
-
 def _check_slicing(test, seed, n_ops=7):
   spec, widths = rn.spec(seed, n_ops)
   model = rn.RandomNet(spec, widths)
@@ -102,7 +79,10 @@ def _check_slicing(test, seed, n_ops=7):
   groups = model.structure().groups
   blocks = {i: g['blocks'] for i, g in _want(spec, widths)[0].items()}
   rng = np.random.default_rng(seed)
-  keep = {g.name: _draw(rng, widths[g.index], blocks[g.index]) for g in groups}
+  keep = {
+    g.name: rn.balanced_keep(rng, widths[g.index], blocks[g.index])
+    for g in groups
+  }
   msg = f'seed {seed}: {spec} {widths}'
   pm, pv = slicing.prune(model, variables, keep)
   mm, mv = slicing.mask(model, variables, keep)
@@ -195,7 +175,7 @@ def _methods_on(test, seed):
   unread = sorted(g.name for g in s.groups if not g.consumers)
   inner = [g.name for g in s.groups if not g.stream]
   msg = f'seed {seed}: {spec} {widths}'
-  batches = _batches(seed)
+  batches = rn.batches(seed=seed)
   cases = [
     ('l1', dict(recipe='keep:0.5', compensation='ls')),
     ('random', dict(recipe='keep:0.5', rng=seed)),
@@ -246,7 +226,7 @@ class MethodsTest(parameterized.TestCase):
     model = rn.RandomNet(spec, (4, 3, 5))
     variables, _ = _init(model, 0)
     self.assertEqual(model.structure().group('conv1').consumers, ())
-    kw = dict(recipe='keep:0.5', batches=_batches(0))
+    kw = dict(recipe='keep:0.5', batches=rn.batches(seed=0))
     out = methods.prune('l1', model, variables, compensation='ls', **kw)
     detail = out.report['compensation_detail']
     self.assertEqual(detail['skipped_unread'], ['conv1'])
@@ -260,7 +240,7 @@ class MethodsTest(parameterized.TestCase):
 
     def batches():  # records how far each pass reads
       drawn.append(0)
-      for b in _batches(0):
+      for b in rn.batches(seed=0):
         drawn[-1] += 1
         yield b
 
