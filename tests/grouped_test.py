@@ -24,6 +24,7 @@ from pfa_jax import methods
 from pfa_jax import models
 from pfa_jax import plan as plan_lib
 from pfa_jax import sampling
+from pfa_jax import schedules
 from pfa_jax import select
 from pfa_jax import slicing
 from pfa_jax.methods import cf
@@ -362,6 +363,23 @@ class SelectionTest(parameterized.TestCase):
     self.assertEqual(fcp.round_count(16, 5, 2), 6)
     self.assertEqual(fcp.round_count(7, 5), 3)
     self.assertEqual(fcp.round_count(16, 3), 3)
+
+  def test_fcp_rounds_drop_whole_blocks(self):
+    # One pair per round: a plain layer drops 1, a layer of 4 blocks 4 (one
+    # in each), until a block is down to one channel.
+    model = NeXt()
+    steps = schedules.fcp_round_steps(
+      model, 'params:0.3', groups='all', num_pairs=1, input_shape=SHAPE
+    )
+    s = model.structure()
+    widths = structure_lib.widths_of(model)
+    for step in steps:
+      for g, w in step.widths.items():
+        blocks = s.group(g).blocks
+        self.assertEqual(w % blocks, 0, g)
+        self.assertEqual(w, widths[g] - fcp.round_count(widths[g], 1, blocks))
+      widths = {**widths, **step.widths}
+    self.assertGreater(len(steps), 1)
 
   def test_given_pairs_must_stay_in_blocks(self):
     model = Linear()
