@@ -5,7 +5,8 @@ indices}`` tree) names keep-sets over the groups of ``model.structure()``
 and, optionally, next-layer folds.
 
 * :func:`prune` applies the folds, then slices every producer leaf (last
-  axis) and every consumer kernel (axis -2), and rewrites the index maps in
+  axis) and every consumer kernel (axis -2; a grouped conv's kernel block by
+  block, :func:`take`), and rewrites the index maps in
   ``variables['consts']``. It returns the same model class with smaller
   ``widths``: a genuinely smaller network.
 * :func:`mask` applies the same folds and expresses the keep-sets as zeros

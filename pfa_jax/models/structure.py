@@ -17,7 +17,11 @@ Each group names
   ``-2`` (the input-channel axis of conv ``HWIO`` and dense ``[I, O]``
   kernels). A dense layer after a channel-last flatten reads each channel at
   ``I / C`` positions; the slicer infers that repeat from the kernel shape.
+  A grouped conv (``Consumer.blocks``) reads each block of the channels into
+  its own block of outputs.
 * ``index``: its position in the model's ``widths`` tuple.
+* ``blocks``: equal blocks that must keep as many channels each (a grouped
+  conv writes or reads the group); 1 otherwise.
 
 ``index_maps`` describe parameter-free channel maps between groups, such as
 ResNet-56's zero-padding ("option A") shortcut. They are *data*: an int32
