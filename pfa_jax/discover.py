@@ -33,6 +33,7 @@ to the groups by 2 log2(n) abstract inits with some widths doubled.
 import collections
 import dataclasses
 import functools
+import itertools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -141,7 +142,7 @@ class _Spaces:
     # Grouped convs: (space, kernel leaf key, groups) for each read, and
     # {kernel leaf key: groups} to compare across widths.
     self.grouped: list[tuple[int, str, int]] = []
-    self.pinned: list[str] = []  # every pin, in trace order
+    self.order = itertools.count()  # pins, numbered in trace order
     self.group_counts: dict[str, int] = {}
 
   def new(self, size, leaf=None) -> int:
@@ -163,8 +164,7 @@ class _Spaces:
   def pin(self, label, reason: str):
     if isinstance(label, int):
       # Numbered, so a space reports the first pin of the forward pass.
-      self.nodes[self.find(label)].pins.append((len(self.pinned), reason))
-      self.pinned.append(reason)
+      self.nodes[self.find(label)].pins.append((next(self.order), reason))
     elif isinstance(label, (_Cat, _Flat)):
       for part, _ in label.parts:
         self.pin(part, reason)
@@ -539,24 +539,26 @@ class _Tracer:
     if groups == 1:
       self._consume(lhs[lf], rhs[ri], 'conv', shapes[1][ri])
     else:
-      self._grouped(lhs[lf], rhs, ri, ro, groups)
+      self._grouped(lhs[lf], rhs[ro], leaf, groups)
     out[of] = rhs[ro]
     if isinstance(rhs[ro], int):
       self.s.writers.append(rhs[ro])
       self.s.write(rhs[ro])
     return out
 
-  def _grouped(self, act, rhs, ri, ro, groups):
-    """A grouped conv: block b of ``act`` feeds block b of its outputs."""
+  def _grouped(self, act, out, leaf, groups):
+    """A grouped conv: block b of ``act`` feeds block b of ``out``.
+
+    ``leaf``: ``(key, axis)`` of the kernel's input axis, if a variable.
+    """
     why = f'grouped convolution ({groups} groups)'
-    leaf = self.s.nodes[rhs[ri]].leaf if isinstance(rhs[ri], int) else None
     if leaf is None or not leaf[0].endswith('/kernel') or leaf[1] != -2:
       self.s.pin(act, f'{why} of a kernel that is not a variable')
-      self.s.pin(rhs[ro], f'{why} of a kernel that is not a variable')
+      self.s.pin(out, f'{why} of a kernel that is not a variable')
       return
     self.s.group_counts[leaf[0]] = groups
-    if isinstance(rhs[ro], int):
-      node = self.s.nodes[self.s.find(rhs[ro])]
+    if isinstance(out, int):
+      node = self.s.nodes[self.s.find(out)]
       node.blocks = math.lcm(node.blocks, groups)
     if not isinstance(act, int):
       self.s.pin(act, f'{why} over a concatenation or a flatten')
